@@ -1,0 +1,50 @@
+"""FastAPI dependencies as `Annotated` aliases, so handlers stay one-liners."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from .errors import Unauthorized
+from .jobs import JobService
+from .settings import GatewaySettings
+
+PUBLIC_OWNER = "public"
+
+
+def _settings(request: Request) -> GatewaySettings:
+    return request.app.state.settings
+
+
+def _jobs(request: Request) -> JobService:
+    return request.app.state.jobs
+
+
+def _owner(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    """Who is asking: with API_KEYS set, a digest of their key (jobs are visible to that key only)."""
+    valid_keys: list[str] = request.app.state.api_keys
+    if not valid_keys:
+        return PUBLIC_OWNER
+    scheme, _, presented = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        raise Unauthorized("missing 'Authorization: Bearer <key>' header")
+    # Compare against every key so the time taken does not tell which one nearly matched.
+    matched = False
+    for key in valid_keys:
+        matched |= hmac.compare_digest(presented.encode(), key.encode())
+    if not matched:
+        raise Unauthorized("invalid API key")
+    return hashlib.sha256(presented.encode()).hexdigest()[:32]
+
+
+def _request_id(request: Request) -> str | None:
+    return request.state.request_id
+
+
+SettingsDep = Annotated[GatewaySettings, Depends(_settings)]
+JobsDep = Annotated[JobService, Depends(_jobs)]
+OwnerDep = Annotated[str, Depends(_owner)]
+RequestIdDep = Annotated[str | None, Depends(_request_id)]

@@ -1,0 +1,229 @@
+"""Job submission, lookup, waiting and cancelling: everything the routers do with Redis and RQ."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+import uuid
+
+import anyio
+import redis
+import redis.asyncio as aioredis
+from rq import Queue
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job as RQJob
+from rq.serializers import JSONSerializer
+
+from llamaq_protocol import GenerationParams, Job, JobPayload, ModelCard, utc_now
+from llamaq_protocol import keys
+from llamaq_protocol.records import CANCEL_SCRIPT, EVENT_DONE, EVENT_STATUS, job_from_record, new_record
+
+from .errors import IdempotencyConflict, InvalidRequest, JobNotFound, NoReadyWorker, PromptTooLong, QueueFull
+from .prompt_tokens import PromptCounter
+from .settings import GatewaySettings
+
+logger = logging.getLogger(__name__)
+
+# Ids are ours (uuid4 hex); anything else cannot name a job, so it is a 404 before Redis is asked.
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A record outlives a job that is never finished (a lost worker) long enough to be diagnosed, not forever.
+UNFINISHED_RECORD_TTL_S = 7 * 24 * 3600
+# Longest single XREAD block, so a dropped connection is noticed.
+MAX_BLOCK_MS = 20_000
+
+
+class JobService:
+    def __init__(self, settings: GatewaySettings, aio: aioredis.Redis, sync: redis.Redis):
+        self.settings = settings
+        self.aio = aio
+        self.sync = sync
+        self.queue = Queue(settings.queue_name, connection=sync, serializer=JSONSerializer)
+        self._counters: dict[tuple[str, str], PromptCounter] = {}
+
+    # ---- readiness -------------------------------------------------------------------------------------------
+
+    async def ready_workers(self) -> list[str]:
+        fresh_since = time.time() - self.settings.worker_stale_s
+        names = await self.aio.zrangebyscore(keys.WORKERS, fresh_since, "+inf")
+        return [n.decode() if isinstance(n, bytes) else n for n in names]
+
+    async def served_model(self) -> ModelCard:
+        """The model card of a ready worker, or 503 when none is ready."""
+        for name in await self.ready_workers():
+            model_name = await self.aio.hget(keys.worker(name), "model")
+            if model_name:
+                card_json = await self.aio.hget(keys.model(model_name.decode()), "card")
+                if card_json:
+                    return ModelCard.model_validate_json(card_json)
+        raise NoReadyWorker("no worker has a model loaded and a fresh heartbeat")
+
+    async def _prompt_counter(self, card: ModelCard) -> PromptCounter:
+        cache_key = (card.name, card.tokenizer_digest)
+        counter = self._counters.get(cache_key)
+        if counter is None:
+            tokenizer_json = await self.aio.hget(keys.model(card.name), "tokenizer_json")
+            if tokenizer_json is None:
+                raise NoReadyWorker(f"model {card.name} has no published tokenizer yet")
+            counter = PromptCounter(card, tokenizer_json.decode())
+            self._counters = {cache_key: counter}
+        return counter
+
+    # ---- submit ----------------------------------------------------------------------------------------------
+
+    async def check_params(self, params: GenerationParams) -> int:
+        """Refuse before queueing what the model could not run; returns the prompt's token count."""
+        limit = self.settings.max_new_tokens_limit
+        if params.max_new_tokens > limit:
+            raise InvalidRequest(f"max_new_tokens: must be at most {limit}")
+        card = await self.served_model()
+        counter = await self._prompt_counter(card)
+        try:
+            prompt_tokens = await anyio.to_thread.run_sync(counter.count, params.chat_messages())
+        except Exception as exc:  # a template that refuses this conversation (e.g. roles out of order)
+            raise InvalidRequest(f"messages: the model's chat template rejected them: {exc}") from exc
+        if prompt_tokens > self.settings.max_prompt_tokens:
+            raise PromptTooLong(
+                f"prompt is {prompt_tokens} tokens; at most {self.settings.max_prompt_tokens} are accepted"
+            )
+        if prompt_tokens + params.max_new_tokens > card.context_length:
+            raise PromptTooLong(
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"the model's context of {card.context_length} tokens"
+            )
+        return prompt_tokens
+
+    async def submit(
+        self, params: GenerationParams, owner: str, request_id: str | None, idempotency_key: str | None = None
+    ) -> Job:
+        await self.check_params(params)
+        if idempotency_key:
+            existing = await self._idempotent_job(params, owner, idempotency_key)
+            if existing is not None:
+                return existing
+        job_id = uuid.uuid4().hex
+        created_at = utc_now()
+        payload = JobPayload(job_id=job_id, params=params, request_id=request_id)
+        await anyio.to_thread.run_sync(self._enqueue, payload, owner, created_at, request_id, idempotency_key)
+        logger.info("job queued", extra={"job_id": job_id, "request_id": request_id})
+        return await self.get(job_id, owner)
+
+    async def _idempotent_job(self, params: GenerationParams, owner: str, key: str) -> Job | None:
+        stored = await self.aio.get(keys.idempotency(owner, key))
+        if stored is None:
+            return None
+        job_id, _, digest = stored.decode().partition(":")
+        if digest != _digest(params):
+            raise IdempotencyConflict("Idempotency-Key was already used with a different body")
+        try:
+            return await self.get(job_id, owner)
+        except JobNotFound:
+            return None  # the earlier job expired: the key is free again
+
+    def _enqueue(
+        self,
+        payload: JobPayload,
+        owner: str,
+        created_at,
+        request_id: str | None,
+        idempotency_key: str | None,
+    ) -> None:
+        if self.queue.count >= self.settings.max_queue:
+            raise QueueFull(f"the queue holds {self.settings.max_queue} jobs already; retry later")
+        job_id = payload.job_id
+        if idempotency_key:
+            claimed = self.sync.set(
+                keys.idempotency(owner, idempotency_key),
+                f"{job_id}:{_digest(payload.params)}",
+                nx=True,
+                ex=self.settings.result_ttl_s,
+            )
+            if not claimed:
+                raise IdempotencyConflict("Idempotency-Key is in use by a request in flight; retry")
+        with self.sync.pipeline(transaction=True) as pipe:
+            pipe.multi()  # explicitly, before RQ sees the pipeline, so it queues into this same transaction
+            pipe.hset(keys.job(job_id), mapping=new_record(created_at, request_id, owner))
+            pipe.expire(keys.job(job_id), UNFINISHED_RECORD_TTL_S)
+            pipe.xadd(keys.events(job_id), {"event": EVENT_STATUS, "data": '{"status":"queued"}'})
+            pipe.expire(keys.events(job_id), UNFINISHED_RECORD_TTL_S)
+            self.queue.enqueue_call(
+                func=keys.GENERATE_FUNC,
+                args=(payload.model_dump(mode="json"),),
+                timeout=self.settings.job_timeout_s,
+                result_ttl=self.settings.result_ttl_s,
+                failure_ttl=self.settings.result_ttl_s,
+                job_id=job_id,
+                # RQ shows the description in `rq info` and logs: never the prompt.
+                description=f"llamaq.generate {job_id}",
+                pipeline=pipe,
+            )
+            pipe.execute()
+
+    # ---- read ------------------------------------------------------------------------------------------------
+
+    async def get(self, job_id: str, owner: str) -> Job:
+        if not JOB_ID_PATTERN.match(job_id):
+            raise JobNotFound(f"no job {job_id!r}")
+        record = await self.aio.hgetall(keys.job(job_id))
+        if not record or record.get(b"owner", b"").decode() != owner:
+            raise JobNotFound(f"no job {job_id!r}")
+        position = None
+        if record.get(b"status") == b"queued":
+            position = await self.aio.lpos(self.queue.key, job_id)
+        return job_from_record(job_id, record, position)
+
+    async def wait(self, job_id: str, owner: str, timeout_s: float) -> Job:
+        """The job once terminal, or as it is when `timeout_s` runs out; wakes on the job's event stream."""
+        events_key = keys.events(job_id)
+        latest = await self.aio.xrevrange(events_key, count=1) if JOB_ID_PATTERN.match(job_id) else []
+        last_id = latest[0][0] if latest else b"0-0"
+        # Read the record after taking the stream position: a change made after that wakes the XREAD below.
+        job = await self.get(job_id, owner)
+        deadline = time.monotonic() + timeout_s
+        while not job.status.is_terminal():
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                break
+            reply = await self.aio.xread({events_key: last_id}, block=min(remaining_ms, MAX_BLOCK_MS), count=512)
+            if not reply:
+                continue
+            entries = reply[0][1]
+            last_id = entries[-1][0]
+            if any(fields.get(b"event") in (EVENT_STATUS.encode(), EVENT_DONE.encode()) for _, fields in entries):
+                job = await self.get(job_id, owner)
+        return job
+
+    # ---- cancel ----------------------------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, owner: str) -> Job:
+        job = await self.get(job_id, owner)
+        if job.status.is_terminal():
+            return job
+        outcome = await self.aio.eval(
+            CANCEL_SCRIPT,
+            3,
+            keys.job(job_id),
+            keys.events(job_id),
+            keys.CANCEL_REQUESTS,
+            utc_now().isoformat(),
+            job_id,
+            self.settings.result_ttl_s,
+        )
+        if outcome == b"canceled":
+            await anyio.to_thread.run_sync(self._cancel_queued_rq_job, job_id)
+            logger.info("queued job canceled", extra={"job_id": job_id})
+        elif outcome == b"running":
+            # The worker stops it within one decoding step; answer once it has, if that is quick.
+            return await self.wait(job_id, owner, timeout_s=5)
+        return await self.get(job_id, owner)
+
+    def _cancel_queued_rq_job(self, job_id: str) -> None:
+        try:
+            RQJob.fetch(job_id, connection=self.sync, serializer=JSONSerializer).cancel()
+        except (NoSuchJobError, InvalidJobOperation):
+            pass  # already claimed: the worker sees the canceled record and closes the RQ job itself
+
+
+def _digest(params: GenerationParams) -> str:
+    return hashlib.sha256(params.model_dump_json().encode()).hexdigest()

@@ -1,0 +1,26 @@
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from ..deps import JobsDep
+from ..errors import error_response
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    """200 while this gateway process serves."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "Redis or every worker is away"}})
+async def readyz(jobs: JobsDep) -> JSONResponse:
+    """200 when Redis answers and a worker has its model loaded with a fresh heartbeat."""
+    try:
+        await jobs.aio.ping()
+    except Exception as exc:  # any failure to reach Redis means not ready, with the reason
+        return error_response(503, "unavailable", f"redis unreachable: {exc}", 2)
+    workers = await jobs.ready_workers()
+    if not workers:
+        return error_response(503, "no_ready_worker", "no worker has a model loaded and a fresh heartbeat", 5)
+    return JSONResponse({"status": "ready", "workers": len(workers)})

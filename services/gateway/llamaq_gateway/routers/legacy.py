@@ -1,0 +1,28 @@
+"""`POST /`: the original tutorial server's contract, unchanged for old clients."""
+
+from datetime import datetime
+
+from fastapi import APIRouter
+
+from llamaq_protocol import GenerationParams, JobStatus
+
+from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep
+from ..errors import JobFailed, WaitTimeout
+from ..schemas import LegacyResponse
+
+router = APIRouter(tags=["original"])
+
+
+@router.post("/", response_model=LegacyResponse)
+async def original_generate(
+    params: GenerationParams, jobs: JobsDep, owner: OwnerDep, request_id: RequestIdDep, settings: SettingsDep
+) -> LegacyResponse:
+    job = await jobs.submit(params, owner, request_id)
+    job = await jobs.wait(job.id, owner, settings.legacy_wait_s)
+    if job.status is JobStatus.failed and job.error:
+        raise JobFailed(job.error.type, f"job {job.id} failed: {job.error.message}")
+    if not job.status.is_terminal():
+        raise WaitTimeout(f"job {job.id} is still {job.status.value}; poll GET /v1/jobs/{job.id}")
+    text = job.output.text if job.output else ""
+    # Local wall-clock time in the original's format.
+    return LegacyResponse(response=text, time=datetime.now().strftime("%Y-%m-%d %H:%M:%S"), id=job.id)

@@ -1,0 +1,74 @@
+"""`python -m llamaq_worker`: load the model once, announce it, then serve the queue until stopped."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from llamaq_protocol import WorkerInfo, utc_now
+
+from .batch_worker import BatchWorker
+from .engine import Engine
+from .model_source import resolve_model_dir
+from .presence import Heartbeat, publish_model
+from .settings import WorkerSettings
+
+logger = logging.getLogger("llamaq_worker")
+
+
+def served_model_name(settings: WorkerSettings) -> str:
+    if settings.model_path:
+        return os.path.basename(os.path.normpath(settings.model_path))
+    return settings.model_id
+
+
+def main() -> int:
+    settings = WorkerSettings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_dir = resolve_model_dir(settings)
+    logger.info("loading %s on %s as %s (max batch %d)", model_dir, settings.device, settings.dtype, settings.max_batch)
+    # Loaded once, in this process, before anything else happens; SimpleWorker never forks.
+    engine = Engine(model_dir, device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch)
+    name = served_model_name(settings)
+
+    connection = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    tokenizer = engine.tokenizer
+    publish_model(
+        connection,
+        {
+            "name": name,
+            "context_length": engine.context_length,
+            "chat_template": tokenizer.chat_template,
+            "special_tokens": tokenizer.special_tokens_map,
+            "defaults": engine.defaults,
+        },
+        tokenizer.backend_tokenizer.to_str(),
+    )
+    info = WorkerInfo(
+        name=settings.worker_name, model=name, device=settings.device, dtype=settings.dtype,
+        max_batch=settings.max_batch, pid=os.getpid(), started_at=utc_now(),
+    )
+    heartbeat = Heartbeat(settings.redis_url, info, settings.heartbeat_s)
+    heartbeat.beat()
+    heartbeat.start()
+    logger.info("model %s ready; serving queue %s as %s", name, settings.queue_name, settings.worker_name)
+
+    queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+    worker = BatchWorker(
+        [queue], engine=engine, settings=settings, connection=connection, serializer=JSONSerializer,
+        name=settings.worker_name, log_job_description=False,
+    )
+    try:
+        worker.work(logging_level=settings.log_level.upper())
+    finally:
+        heartbeat.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

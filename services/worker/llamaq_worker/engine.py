@@ -1,0 +1,672 @@
+"""Continuous-batching generation engine: the only module of the worker that imports torch.
+
+One ``Engine`` holds the model, the tokenizer and one running batch. The driver (the RQ worker loop)
+calls ``add`` for new sequences, ``cancel`` for cancelled ones and ``step`` in a loop while
+``active`` is non-zero. Each ``step``:
+
+1. finishes cancelled sequences (pending or running) with ``finish_reason="canceled"``;
+2. prefills every pending sequence in one left-padded forward pass over a fresh ``DynamicCache``,
+   samples each one's first token from the logits of its last prompt token and merges the new
+   cache rows into the running batch's cache (the shorter side is padded on the left along the
+   sequence axis, then the two are concatenated along the batch axis);
+3. runs ONE decode step (one token per row) for every running sequence, each row sampled with its
+   own parameters (greedy argmax, or temperature / top-k / top-p with its own ``torch.Generator``,
+   after an optional repetition penalty).
+
+Rows of finished sequences are dropped from the cache at once (``index_select`` on the batch
+axis) and leading columns that are padding for every remaining row are trimmed, so the cache
+never grows beyond the longest live sequence.
+
+Positions are explicit (``cumsum(mask) - 1``) and the 2-D attention mask covers the whole cache,
+so in float32 a sequence's greedy output does not depend on what it is batched with.
+
+``add`` and ``cancel`` may be called from another thread than ``step``; ``step`` itself must be
+called from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {
+        cls
+        for cls in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+        if cls is not None
+    }
+)
+
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float  # 0.0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class StepOutput:
+    seq_id: str
+    text: str  # new text since this sequence's previous output (may be "")
+    completion_tokens: int  # tokens generated so far
+    finish_reason: str | None  # "stop" | "length" | "canceled" | None while running
+    error: str | None = None  # set when the sequence failed; then finish_reason is None and the sequence is gone
+
+
+@dataclass(eq=False)
+class _Seq:
+    seq_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    order: int  # admission order (higher = newer)
+    generator: torch.Generator
+    canceled: bool = False
+    tokens: list[int] = field(default_factory=list)  # generated ids (eos included when it ends the sequence)
+    seen: torch.Tensor | None = None  # [vocab] bool, tokens in prompt + generated (repetition penalty only)
+    # incremental detokenization (prefix/read offsets into the text ids, as in TGI / vLLM)
+    prefix_offset: int = 0
+    read_offset: int = 0
+    text: str = ""  # all accepted text so far (stop string excluded)
+    emitted: int = 0  # chars of ``text`` already handed out
+    checked: int = 0  # chars of ``text`` already searched for stop strings
+    max_stop_len: int = 0
+
+
+class _StepOutputs:
+    """Collects at most one StepOutput per sequence for one step, in first-touched order."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, StepOutput] = {}
+
+    def add(
+        self,
+        seq: _Seq,
+        text: str,
+        finish_reason: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        out = self._by_id.get(seq.seq_id)
+        if out is None:
+            self._by_id[seq.seq_id] = StepOutput(seq.seq_id, text, len(seq.tokens), finish_reason, error)
+        else:
+            out.text += text
+            out.completion_tokens = len(seq.tokens)
+            out.finish_reason = finish_reason
+            out.error = error
+
+    def result(self) -> list[StepOutput]:
+        return [o for o in self._by_id.values() if o.text or o.finish_reason is not None or o.error is not None]
+
+
+class Engine:
+    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32", max_batch: int = 8) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of bfloat16, float16, float32")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[dtype]
+        self.max_batch = max_batch
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        load_kwargs: dict[str, Any] = {"dtype": self.dtype, "attn_implementation": "sdpa"}
+        if self.device.type != "cpu":
+            load_kwargs["device_map"] = str(self.device)
+        with torch.inference_mode():
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, **load_kwargs)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        config = self.model.config
+
+        self.model_name = os.path.basename(os.path.normpath(model_path))
+        self.context_length = int(config.max_position_embeddings)
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+
+        gen_cfg = self._read_generation_config(model_path)
+        self.defaults = self._defaults_from(gen_cfg)
+        self.eos_token_ids = self._eos_ids(gen_cfg, config)
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = getattr(config, "pad_token_id", None)
+        if pad is None:
+            pad = min(self.eos_token_ids) if self.eos_token_ids else 0
+        self.pad_token_id = int(pad)
+
+        self._lock = threading.Lock()
+        self._pending: list[_Seq] = []
+        self._ids: set[str] = set()  # every active (pending or running) id
+        self._by_id: dict[str, _Seq] = {}
+        self._order = 0
+
+        # running batch; row i of every tensor below belongs to self._running[i]
+        self._running: list[_Seq] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [B, L] long, 1 = real token in the cache
+        self._pos: torch.Tensor | None = None  # [B] long, position of the token fed next
+        self._last: torch.Tensor | None = None  # [B] long, sampled token not yet in the cache
+        logger.info(
+            "engine ready: model=%s device=%s dtype=%s max_batch=%d context=%d eos=%s defaults=%s",
+            self.model_name, self.device, dtype, max_batch, self.context_length, sorted(self.eos_token_ids),
+            self.defaults,
+        )
+
+    # ------------------------------------------------------------------ configuration helpers
+
+    @staticmethod
+    def _read_generation_config(model_path: str) -> dict:
+        path = os.path.join(model_path, "generation_config.json")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def _defaults_from(gen: dict) -> dict:
+        do_sample = gen.get("do_sample")
+        temperature = gen.get("temperature")
+        if do_sample is False:
+            temperature = 0.0
+        elif temperature is None:
+            temperature = 1.0 if do_sample else 0.0
+        top_p = gen.get("top_p")
+        top_k = gen.get("top_k")
+        rep = gen.get("repetition_penalty")
+        return {
+            "temperature": float(temperature),
+            "top_p": float(top_p) if top_p is not None else 1.0,
+            "top_k": int(top_k) if top_k is not None else 0,
+            "repetition_penalty": float(rep) if rep is not None else 1.0,
+        }
+
+    def _eos_ids(self, gen: dict, config: Any) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (gen.get("eos_token_id"), getattr(config, "eos_token_id", None) if not gen else None,
+                       self.tokenizer.eos_token_id):
+            if source is None:
+                continue
+            if isinstance(source, (list, tuple)):
+                ids.update(int(i) for i in source)
+            else:
+                ids.add(int(source))
+        return frozenset(ids)
+
+    # ------------------------------------------------------------------ public API
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(out, "keys") and "input_ids" in out:  # BatchEncoding / dict in transformers 5.x
+            out = out["input_ids"]
+        if isinstance(out, torch.Tensor):
+            out = out.tolist()
+        if out and isinstance(out[0], (list, tuple)):
+            out = out[0]
+        return [int(t) for t in out]
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._ids)
+
+    @property
+    def free_slots(self) -> int:
+        with self._lock:
+            return self.max_batch - len(self._ids)
+
+    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._validate(prompt_ids, params)
+        prompt = [int(t) for t in prompt_ids]
+        generator = torch.Generator(device=self.device)
+        if params.seed is not None:
+            generator.manual_seed(int(params.seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        else:
+            generator.seed()
+        with self._lock:
+            if seq_id in self._ids:
+                raise ValueError(f"sequence {seq_id!r} is already active")
+            if len(self._ids) >= self.max_batch:
+                raise ValueError(f"no free slot (max_batch={self.max_batch})")
+            self._order += 1
+            seq = _Seq(
+                seq_id=seq_id,
+                prompt_ids=prompt,
+                params=params,
+                order=self._order,
+                generator=generator,
+                max_stop_len=max((len(s) for s in params.stop), default=0),
+            )
+            self._ids.add(seq_id)
+            self._by_id[seq_id] = seq
+            self._pending.append(seq)
+
+    def cancel(self, seq_id: str) -> None:
+        with self._lock:
+            seq = self._by_id.get(seq_id)
+            if seq is not None:
+                seq.canceled = True
+
+    def step(self) -> list[StepOutput]:
+        outputs = _StepOutputs()
+        with torch.inference_mode():
+            with self._lock:
+                new = self._pending
+                self._pending = []
+            # 1. cancellations
+            still_new = []
+            for seq in new:
+                if seq.canceled:
+                    self._finish(seq, "canceled", outputs)
+                else:
+                    still_new.append(seq)
+            new = still_new
+            canceled_rows = [i for i, s in enumerate(self._running) if s.canceled]
+            if canceled_rows:
+                for i in canceled_rows:
+                    self._finish(self._running[i], "canceled", outputs)
+                self._drop_rows(set(canceled_rows))
+            # 2. admission (prefill)
+            if new:
+                self._admit(new, outputs)
+            # 3. one decode step for every running sequence
+            if self._running:
+                self._decode(outputs)
+        return outputs.result()
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt_ids must not be empty")
+        if len(prompt_ids) >= self.context_length:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; the context length is {self.context_length}"
+            )
+        if any(not 0 <= int(t) < self.vocab_size for t in prompt_ids):
+            raise ValueError("prompt_ids contain an id outside the vocabulary")
+        if params.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if not params.temperature >= 0.0:
+            raise ValueError("temperature must be >= 0")
+        if not 0.0 < params.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if params.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not params.repetition_penalty > 0.0:
+            raise ValueError("repetition_penalty must be > 0")
+        if any(not s for s in params.stop):
+            raise ValueError("stop strings must not be empty")
+
+    # ------------------------------------------------------------------ model
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache,
+        phase: str,
+    ) -> torch.Tensor:
+        """One forward pass; returns float32 logits of the last position, shape [B, vocab].
+
+        ``phase`` is "prefill" or "decode"; tests wrap this method to inject failures.
+        """
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :].float()
+
+    def _free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ admission
+
+    def _admit(self, new: list[_Seq], outputs: _StepOutputs) -> None:
+        dev = self.device
+        lengths = [len(s.prompt_ids) for s in new]
+        width = max(lengths)
+        ids = torch.full((len(new), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, s in enumerate(new):
+            ids[i, width - lengths[i]:] = torch.tensor(s.prompt_ids, dtype=torch.long)
+            mask[i, width - lengths[i]:] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
+        try:
+            for s in new:
+                if s.params.repetition_penalty != 1.0:
+                    seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=dev)
+                    seen[torch.tensor(s.prompt_ids, dtype=torch.long, device=dev)] = True
+                    s.seen = seen
+            cache = DynamicCache(config=self.model.config)
+            logits = self._forward(ids, mask, position_ids, cache, phase="prefill")
+            first, first_dev = self._sample(logits, new)
+            del logits
+        except _OOM_ERRORS as exc:
+            self._free_memory()
+            logger.warning("out of memory while prefilling %d sequence(s): %s", len(new), exc)
+            for s in new:
+                self._fail(s, f"out_of_memory: prefill of {len(new)} sequence(s) failed: {exc}", outputs)
+            return
+
+        keep = [i for i, s in enumerate(new) if not self._accept(s, first[i], outputs)]
+        if not keep:
+            return
+        rows = torch.tensor(keep, dtype=torch.long, device=dev)
+        new_keep = [new[i] for i in keep]
+        try:
+            if len(keep) < len(new):
+                cache.batch_select_indices(rows)
+                mask = mask.index_select(0, rows)
+                first_dev = first_dev.index_select(0, rows)
+            pos = torch.tensor([len(s.prompt_ids) for s in new_keep], dtype=torch.long, device=dev)
+            self._merge(cache, mask, pos, first_dev, new_keep)
+        except _OOM_ERRORS as exc:
+            self._free_memory()
+            logger.warning("out of memory while merging %d new sequence(s): %s", len(keep), exc)
+            for s in new_keep:
+                self._fail(s, f"out_of_memory: admitting the sequence failed: {exc}", outputs)
+
+    def _merge(
+        self,
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        last: torch.Tensor,
+        seqs: list[_Seq],
+    ) -> None:
+        """Append prefilled rows to the running batch. Builds every new tensor first, then assigns,
+        so a failure (out of memory) leaves the running batch as it was."""
+        if not self._running:
+            self._cache, self._mask, self._pos, self._last = cache, mask, pos, last
+            self._running = list(seqs)
+            self._trim()
+            return
+        old_len = self._mask.shape[1]
+        new_len = mask.shape[1]
+        width = max(old_len, new_len)
+
+        def pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
+            if length == width:
+                return t
+            return torch.nn.functional.pad(t, (0, 0, width - length, 0))
+
+        merged = []
+        for old_layer, new_layer in zip(self._cache.layers, cache.layers):
+            keys = torch.cat([pad_left(old_layer.keys, old_len), pad_left(new_layer.keys, new_len)], dim=0)
+            values = torch.cat([pad_left(old_layer.values, old_len), pad_left(new_layer.values, new_len)], dim=0)
+            merged.append((keys, values))
+        merged_mask = torch.cat(
+            [
+                torch.nn.functional.pad(self._mask, (width - old_len, 0)),
+                torch.nn.functional.pad(mask, (width - new_len, 0)),
+            ],
+            dim=0,
+        )
+        merged_pos = torch.cat([self._pos, pos])
+        merged_last = torch.cat([self._last, last])
+        for layer, (keys, values) in zip(self._cache.layers, merged):
+            layer.keys, layer.values = keys, values
+        self._mask, self._pos, self._last = merged_mask, merged_pos, merged_last
+        self._running.extend(seqs)
+
+    # ------------------------------------------------------------------ decoding
+
+    def _decode(self, outputs: _StepOutputs) -> None:
+        while self._running:
+            cache_len = self._mask.shape[1]
+            mask = torch.nn.functional.pad(self._mask, (0, 1), value=1)
+            try:
+                logits = self._forward(self._last[:, None], mask, self._pos[:, None], self._cache, phase="decode")
+                tokens, tokens_dev = self._sample(logits, self._running)
+                del logits
+                break
+            except _OOM_ERRORS as exc:
+                self._rollback(cache_len)
+                del mask
+                self._free_memory()
+                newest = max(range(len(self._running)), key=lambda i: self._running[i].order)
+                victim = self._running[newest]
+                logger.warning(
+                    "out of memory in a decode step of %d sequence(s); failing the newest (%s): %s",
+                    len(self._running), victim.seq_id, exc,
+                )
+                self._fail(victim, f"out_of_memory: decode step failed: {exc}", outputs)
+                self._drop_rows({newest})
+        else:
+            return
+        self._mask = mask
+        self._pos = self._pos + 1
+        self._last = tokens_dev
+        done = {i for i, s in enumerate(self._running) if self._accept(s, tokens[i], outputs)}
+        if done:
+            self._drop_rows(done)
+
+    def _rollback(self, cache_len: int) -> None:
+        """Undo a partial cache update (layers that appended before the failure)."""
+        for layer in self._cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 and layer.keys.shape[-2] > cache_len:
+                layer.keys = layer.keys[..., :cache_len, :]
+                layer.values = layer.values[..., :cache_len, :]
+
+    def _drop_rows(self, rows: set[int]) -> None:
+        keep = [i for i in range(len(self._running)) if i not in rows]
+        if not keep:
+            self._running = []
+            self._cache = self._mask = self._pos = self._last = None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask.index_select(0, index)
+        self._pos = self._pos.index_select(0, index)
+        self._last = self._last.index_select(0, index)
+        self._running = [self._running[i] for i in keep]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop leading cache columns that are padding for every row."""
+        if self._mask is None or self._mask.shape[1] == 0:
+            return
+        first = int(self._mask.any(dim=0).int().argmax())
+        if first == 0:
+            return
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[..., first:, :]
+            layer.values = layer.values[..., first:, :]
+        self._mask = self._mask[:, first:]
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> tuple[list[int], torch.Tensor]:
+        """Pick one token per row with each row's own parameters. Returns (host list, device tensor)."""
+        dev = logits.device
+        pen_rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
+        if pen_rows:
+            idx = torch.tensor(pen_rows, dtype=torch.long, device=dev)
+            penalty = torch.tensor(
+                [seqs[i].params.repetition_penalty for i in pen_rows], dtype=logits.dtype, device=dev
+            )[:, None]
+            seen = torch.stack([seqs[i].seen for i in pen_rows])
+            sub = logits.index_select(0, idx)
+            penalized = torch.where(sub < 0, sub * penalty, sub / penalty)
+            logits = logits.index_copy(0, idx, torch.where(seen, penalized, sub))
+        chosen = logits.argmax(dim=-1)
+        samp_rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0.0]
+        if samp_rows:
+            idx = torch.tensor(samp_rows, dtype=torch.long, device=dev)
+            params = [seqs[i].params for i in samp_rows]
+            temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)[:, None]
+            scores = logits.index_select(0, idx) / temps
+            vocab = scores.shape[-1]
+            ks = [min(p.top_k, vocab) for p in params]
+            if any(k > 0 for k in ks):
+                k_max = max(ks)
+                top_vals = torch.topk(scores, k_max, dim=-1).values
+                k_idx = torch.tensor([max(k, 1) - 1 for k in ks], dtype=torch.long, device=dev)[:, None]
+                threshold = top_vals.gather(1, k_idx)
+                off = torch.tensor([k == 0 for k in ks], dtype=torch.bool, device=dev)[:, None]
+                threshold = threshold.masked_fill(off, float("-inf"))
+                scores = scores.masked_fill(scores < threshold, float("-inf"))
+            if any(p.top_p < 1.0 for p in params):
+                top_p = torch.tensor([p.top_p for p in params], dtype=scores.dtype, device=dev)[:, None]
+                sorted_scores, sorted_idx = torch.sort(scores, descending=False)
+                cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+                remove_sorted = cumulative <= (1 - top_p)
+                remove_sorted[..., -1:] = False
+                remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+                scores = scores.masked_fill(remove, float("-inf"))
+            probs = scores.softmax(dim=-1)
+            picks = torch.cat(
+                [
+                    torch.multinomial(probs[j], 1, generator=seqs[i].generator)
+                    for j, i in enumerate(samp_rows)
+                ]
+            )
+            chosen = chosen.index_copy(0, idx, picks)
+        return chosen.tolist(), chosen
+
+    # ------------------------------------------------------------------ per-sequence bookkeeping
+
+    def _accept(self, seq: _Seq, token: int, outputs: _StepOutputs) -> bool:
+        """Record one generated token; returns True when the sequence finished (output already added)."""
+        seq.tokens.append(token)
+        if seq.seen is not None:
+            seq.seen[token] = True
+        if token in self.eos_token_ids:
+            self._finish(seq, "stop", outputs, text_ids=seq.tokens[:-1])
+            return True
+        seq.text += self._detokenize(seq, seq.tokens)
+        if self._stop_found(seq, outputs):
+            return True
+        n = len(seq.tokens)
+        if n >= seq.params.max_new_tokens or len(seq.prompt_ids) + n >= self.context_length:
+            self._finish(seq, "length", outputs)
+            return True
+        # emit what can no longer be part of a stop string
+        hold = self._stop_prefix_len(seq) if seq.params.stop else 0
+        end = max(seq.emitted, len(seq.text) - hold)
+        if end > seq.emitted:
+            outputs.add(seq, seq.text[seq.emitted:end])
+            seq.emitted = end
+        return False
+
+    def _detokenize(self, seq: _Seq, ids: list[int]) -> str:
+        """New complete text from ``ids`` since the last call (holds back a trailing partial character)."""
+        if len(ids) <= seq.read_offset:
+            return ""
+        prefix_text = self._decode_ids(ids[seq.prefix_offset:seq.read_offset])
+        new_text = self._decode_ids(ids[seq.prefix_offset:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith(_REPLACEMENT_CHAR):
+            seq.prefix_offset = seq.read_offset
+            seq.read_offset = len(ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _stop_found(self, seq: _Seq, outputs: _StepOutputs) -> bool:
+        """If the text now contains a stop string, cut the text before it and finish with "stop"."""
+        if not self._cut_at_stop(seq):
+            return False
+        self._finish(seq, "stop", outputs, flush=False)
+        return True
+
+    @staticmethod
+    def _cut_at_stop(seq: _Seq) -> bool:
+        if not seq.params.stop:
+            return False
+        text = seq.text
+        # a new match must end in text not checked before; matches never start in emitted text
+        start = max(seq.emitted, seq.checked - seq.max_stop_len + 1, 0)
+        seq.checked = len(text)
+        best = -1
+        for stop in seq.params.stop:
+            at = text.find(stop, start)
+            if at != -1 and (best == -1 or at < best):
+                best = at
+        if best == -1:
+            return False
+        seq.text = text[:best]
+        seq.checked = best
+        return True
+
+    @staticmethod
+    def _stop_prefix_len(seq: _Seq) -> int:
+        """Length of the longest tail of the text that is a proper prefix of some stop string."""
+        text = seq.text
+        for k in range(min(seq.max_stop_len - 1, len(text) - seq.emitted), 0, -1):
+            tail = text[-k:]
+            if any(stop.startswith(tail) for stop in seq.params.stop):
+                return k
+        return 0
+
+    def _finish(
+        self,
+        seq: _Seq,
+        reason: str,
+        outputs: _StepOutputs,
+        text_ids: list[int] | None = None,
+        flush: bool = True,
+    ) -> None:
+        """Emit everything left (held-back text) and mark the sequence done; the caller drops its row.
+
+        ``flush`` decodes tokens still held back as an incomplete character (a trailing partial
+        character is dropped); the flushed text may still complete a stop string.
+        """
+        if flush:
+            ids = seq.tokens if text_ids is None else text_ids
+            if len(ids) > seq.read_offset:
+                prefix_text = self._decode_ids(ids[seq.prefix_offset:seq.read_offset])
+                new_text = self._decode_ids(ids[seq.prefix_offset:])
+                seq.text += new_text[len(prefix_text):].rstrip(_REPLACEMENT_CHAR)
+                seq.prefix_offset = seq.read_offset = len(ids)
+            if self._cut_at_stop(seq) and reason == "length":
+                reason = "stop"
+        outputs.add(seq, seq.text[seq.emitted:], finish_reason=reason)
+        seq.emitted = len(seq.text)
+        self._release(seq)
+
+    def _fail(self, seq: _Seq, error: str, outputs: _StepOutputs) -> None:
+        outputs.add(seq, "", error=error)
+        self._release(seq)
+
+    def _release(self, seq: _Seq) -> None:
+        seq.seen = None
+        with self._lock:
+            self._ids.discard(seq.seq_id)
+            if self._by_id.get(seq.seq_id) is seq:
+                del self._by_id[seq.seq_id]

@@ -1,0 +1,21 @@
+"""Where the weights come from: a local MODEL_PATH, or modelscope's snapshot_download as the original did."""
+
+import logging
+import os
+
+from .settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_dir(settings: WorkerSettings) -> str:
+    if settings.model_path:
+        if not os.path.isfile(os.path.join(settings.model_path, "config.json")):
+            raise FileNotFoundError(f"MODEL_PATH={settings.model_path} has no config.json")
+        return settings.model_path
+    from modelscope import snapshot_download  # imported late: only the download path needs it
+
+    logger.info("fetching %s into %s (resumes a partial download)", settings.model_id, settings.model_cache)
+    model_dir = snapshot_download(settings.model_id, cache_dir=settings.model_cache)
+    logger.info("model files ready in %s", model_dir)
+    return model_dir

@@ -1,0 +1,58 @@
+"""What this worker tells Redis about itself: the loaded model's card and a heartbeat for /readyz."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+
+import redis
+
+from llamaq_protocol import ModelCard, WorkerInfo
+from llamaq_protocol import keys
+
+logger = logging.getLogger(__name__)
+
+
+def publish_model(client: redis.Redis, card_fields: dict, tokenizer_json: str) -> ModelCard:
+    card = ModelCard(**card_fields, tokenizer_digest=hashlib.sha256(tokenizer_json.encode()).hexdigest())
+    client.hset(keys.model(card.name), mapping={"card": card.model_dump_json(), "tokenizer_json": tokenizer_json})
+    return card
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes this worker's entry every `interval_s` on its own connection, so a long decoding step or an
+    idle blocking dequeue never makes a healthy worker look dead."""
+
+    def __init__(self, redis_url: str, info: WorkerInfo, interval_s: float):
+        super().__init__(name="llamaq-heartbeat", daemon=True)
+        self._client = redis.Redis.from_url(redis_url, socket_timeout=5)
+        self._info = info
+        self._interval_s = interval_s
+        self._stopped = threading.Event()
+
+    def beat(self) -> None:
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.hset(keys.worker(self._info.name), mapping=self._info.model_dump(mode="json"))
+            pipe.expire(keys.worker(self._info.name), max(60, int(self._interval_s * 10)))
+            pipe.zadd(keys.WORKERS, {self._info.name: time.time()})
+            pipe.execute()
+
+    def run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self.beat()
+            except redis.RedisError as exc:
+                logger.warning("heartbeat failed (will retry): %s", exc)
+            self._stopped.wait(self._interval_s)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.zrem(keys.WORKERS, self._info.name)
+                pipe.delete(keys.worker(self._info.name))
+                pipe.execute()
+        except redis.RedisError:
+            pass  # the entry ages out by itself

@@ -1,0 +1,38 @@
+import os
+import socket
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from llamaq_protocol.keys import DEFAULT_QUEUE_NAME
+
+DEFAULT_MODEL_ID = "LLM-Research/Meta-Llama-3.1-8B-Instruct"
+
+
+def default_worker_name() -> str:
+    # Host first, so a container's healthcheck can find its own worker by hostname.
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    """Every knob of the worker, read from the environment (names documented in .env.example)."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", protected_namespaces=())
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue_name: str = DEFAULT_QUEUE_NAME
+    log_level: str = "INFO"
+
+    model_id: str = DEFAULT_MODEL_ID
+    # A local model folder; when unset the model is fetched with modelscope's snapshot_download.
+    model_path: str | None = None
+    model_cache: str = "/models"
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    max_batch: int = Field(default=32, ge=1)
+
+    result_ttl_s: int = Field(default=3600, ge=1)
+    heartbeat_s: float = Field(default=2.0, gt=0)
+    # How often RQ's own job/execution heartbeats are refreshed while a batch runs.
+    rq_heartbeat_s: float = Field(default=10.0, gt=0)
+    worker_name: str = Field(default_factory=default_worker_name)

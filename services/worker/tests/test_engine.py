@@ -1,0 +1,283 @@
+"""Tests of the continuous-batching engine against the real small Llama-architecture model (float32, CPU)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import llamaq_worker  # noqa: F401
+except ImportError:  # package not installed: run from the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llamaq_worker.engine import Engine, SamplingParams, StepOutput
+
+MODEL = os.environ.get("LLAMAQ_TEST_MODEL", "/tmp/smol")
+
+PROMPTS = {
+    "france": "What is the capital of France?",
+    "sky": "In one sentence, explain why the sky is blue, mentioning Rayleigh scattering and how the human eye sees.",
+    "haiku": "Write a haiku about the sea.",
+}
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    if not Path(MODEL).is_dir():
+        pytest.skip(f"test model not found at {MODEL}")
+    eng = Engine(MODEL, device="cpu", dtype="float32", max_batch=4)
+    yield eng
+    assert eng.active == 0
+
+
+def chat(engine: Engine, key: str) -> list[int]:
+    return engine.encode_chat([{"role": "user", "content": PROMPTS[key]}])
+
+
+def greedy(n: int = 16, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, **kw)
+
+
+def drain(engine: Engine, schedule: dict[int, list[tuple[str, list[int], SamplingParams]]] | None = None,
+          max_steps: int = 200) -> tuple[dict[str, str], dict[str, StepOutput]]:
+    """Step until idle; ``schedule`` maps a step number to sequences added just before that step."""
+    schedule = dict(schedule or {})
+    texts: dict[str, str] = {}
+    final: dict[str, StepOutput] = {}
+    for step in range(max_steps):
+        for seq_id, ids, params in schedule.pop(step, []):
+            engine.add(seq_id, ids, params)
+        if not engine.active and not schedule:
+            break
+        for out in engine.step():
+            texts[out.seq_id] = texts.get(out.seq_id, "") + out.text
+            if out.finish_reason is not None or out.error is not None:
+                assert out.seq_id not in final, "a sequence finished twice"
+                final[out.seq_id] = out
+    assert engine.active == 0
+    return texts, final
+
+
+def solo(engine: Engine, key: str, params: SamplingParams) -> tuple[str, StepOutput]:
+    texts, final = drain(engine, {0: [(key, chat(engine, key), params)]})
+    return texts.get(key, ""), final[key]
+
+
+@pytest.fixture(scope="module")
+def solo_greedy(engine: Engine) -> dict[str, tuple[str, StepOutput]]:
+    return {key: solo(engine, key, greedy()) for key in PROMPTS}
+
+
+def test_metadata(engine: Engine) -> None:
+    assert engine.model_name == os.path.basename(os.path.normpath(MODEL))
+    assert engine.context_length == engine.model.config.max_position_embeddings
+    assert engine.defaults == {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+    ids = chat(engine, "france")
+    assert isinstance(ids, list) and ids and all(type(t) is int for t in ids)
+    assert engine.free_slots == 4 and engine.active == 0
+
+
+def test_greedy_chat(engine: Engine) -> None:
+    text, out = solo(engine, "france", greedy(24))
+    assert "Paris" in text
+    assert text == "The capital of France is Paris."
+    assert out.finish_reason == "stop" and out.error is None
+    # the eos token counts as a generated token; the text never contains it
+    assert out.completion_tokens == len(engine.tokenizer.encode(text, add_special_tokens=False)) + 1
+
+
+def test_batch_invariance(engine: Engine, solo_greedy) -> None:
+    ids = {key: chat(engine, key) for key in PROMPTS}
+    assert len({len(v) for v in ids.values()}) == 3, "prompts must have different lengths"
+    texts, final = drain(
+        engine,
+        {
+            0: [("france", ids["france"], greedy())],
+            3: [("sky", ids["sky"], greedy()), ("haiku", ids["haiku"], greedy())],
+        },
+    )
+    for key in PROMPTS:
+        assert texts.get(key, "") == solo_greedy[key][0], key
+        assert final[key].finish_reason == solo_greedy[key][1].finish_reason
+        assert final[key].completion_tokens == solo_greedy[key][1].completion_tokens
+
+
+def test_max_new_tokens_length(engine: Engine, solo_greedy) -> None:
+    text, out = solo(engine, "sky", greedy(5))
+    assert out.finish_reason == "length"
+    assert out.completion_tokens == 5
+    assert solo_greedy["sky"][0].startswith(text) and text
+
+
+@pytest.mark.parametrize(
+    "stop, expected",
+    [
+        ("of Fra", "The capital "),  # spans " of" + " France"
+        (" Paris", "The capital of France is"),
+        ("Parisian", "The capital of France is Paris."),  # held back as a prefix, then released
+    ],
+)
+def test_stop_string(engine: Engine, stop: str, expected: str) -> None:
+    ids = chat(engine, "france")
+    chunks: list[str] = []
+    engine.add("s", ids, greedy(24, stop=(stop, "never-matches")))
+    final = None
+    while engine.active:
+        for out in engine.step():
+            chunks.append(out.text)
+            if out.finish_reason:
+                final = out
+    text = "".join(chunks)
+    assert text == expected
+    assert stop not in text
+    assert final is not None and final.finish_reason == "stop"
+
+
+def test_seed_reproducible(engine: Engine) -> None:
+    params = SamplingParams(max_new_tokens=16, temperature=0.8, seed=1234)
+    a, out_a = solo(engine, "haiku", params)
+    b, out_b = solo(engine, "haiku", params)
+    assert a == b and out_a.completion_tokens == out_b.completion_tokens
+    # the same seed gives the same text inside a batch that it joins late (float32)
+    texts, _ = drain(
+        engine,
+        {
+            0: [("other", chat(engine, "sky"), greedy(12))],
+            2: [("haiku", chat(engine, "haiku"), params)],
+        },
+    )
+    assert texts["haiku"] == a
+
+
+def test_cancel(engine: Engine, solo_greedy) -> None:
+    engine.add("c", chat(engine, "sky"), greedy())
+    text = ""
+    for _ in range(4):
+        for out in engine.step():
+            assert out.finish_reason is None
+            text += out.text
+    assert engine.free_slots == 3
+    engine.cancel("c")
+    engine.cancel("unknown-id")  # no-op
+    outs = engine.step()
+    assert [o.finish_reason for o in outs] == ["canceled"]
+    text += outs[0].text
+    assert outs[0].completion_tokens == 5  # 2 from the admitting step, then one per step
+    assert text and solo_greedy["sky"][0].startswith(text)
+    assert engine.active == 0 and engine.free_slots == 4
+    # a cancelled pending sequence finishes without running
+    engine.add("p", chat(engine, "sky"), greedy())
+    engine.cancel("p")
+    outs = engine.step()
+    assert [(o.seq_id, o.finish_reason, o.completion_tokens) for o in outs] == [("p", "canceled", 0)]
+    assert engine.active == 0
+
+
+def test_add_rejects(engine: Engine) -> None:
+    ids = chat(engine, "france")
+    for i in range(4):
+        engine.add(f"r{i}", ids, greedy(2))
+    with pytest.raises(ValueError):
+        engine.add("r0", ids, greedy(2))
+    with pytest.raises(ValueError):
+        engine.add("r4", ids, greedy(2))
+    for i in range(4):
+        engine.cancel(f"r{i}")
+    assert {o.finish_reason for o in engine.step()} == {"canceled"}
+    assert engine.free_slots == 4
+
+
+def test_oom_in_prefill_fails_only_new(engine: Engine, monkeypatch, solo_greedy) -> None:
+    real_forward = engine._forward
+    calls = {"n": 0}
+
+    def flaky(input_ids, attention_mask, position_ids, cache, phase):
+        if phase == "prefill" and input_ids.shape[0] == 1 and calls["n"] == 0 and engine.active == 2:
+            calls["n"] += 1
+            raise torch.OutOfMemoryError("injected")
+        return real_forward(input_ids, attention_mask, position_ids, cache, phase)
+
+    monkeypatch.setattr(engine, "_forward", flaky)
+    texts, final = drain(
+        engine,
+        {0: [("france", chat(engine, "france"), greedy())], 3: [("victim", chat(engine, "haiku"), greedy())]},
+    )
+    assert calls["n"] == 1
+    assert final["victim"].error and final["victim"].error.startswith("out_of_memory")
+    assert final["victim"].finish_reason is None
+    assert texts["france"] == solo_greedy["france"][0]
+    assert final["france"].finish_reason == "stop"
+
+
+def test_oom_in_decode_fails_newest(engine: Engine, monkeypatch, solo_greedy) -> None:
+    # fail inside a decoder layer halfway through the model, so earlier layers already grew the cache
+    layer = engine.model.model.layers[len(engine.model.model.layers) // 2]
+    real_layer_forward = layer.forward
+    state = {"armed": False, "fired": 0}
+
+    def flaky_layer(hidden_states, *args, **kwargs):
+        if state["armed"] and hidden_states.shape[1] == 1:
+            state["armed"] = False
+            state["fired"] += 1
+            raise torch.OutOfMemoryError("injected")
+        return real_layer_forward(hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(layer, "forward", flaky_layer)
+    ids = {key: chat(engine, key) for key in PROMPTS}
+    texts: dict[str, str] = {}
+    final: dict[str, StepOutput] = {}
+    engine.add("france", ids["france"], greedy())
+    plan = {2: "sky", 4: "haiku"}
+    for step in range(100):
+        if step in plan:
+            engine.add(plan[step], ids[plan[step]], greedy())
+        if step == 5:
+            state["armed"] = True  # haiku (newest) is in the batch now
+        if not engine.active:
+            break
+        for out in engine.step():
+            texts[out.seq_id] = texts.get(out.seq_id, "") + out.text
+            if out.finish_reason or out.error:
+                final[out.seq_id] = out
+    assert state["fired"] == 1
+    assert final["haiku"].error and final["haiku"].error.startswith("out_of_memory")
+    assert final["haiku"].finish_reason is None
+    for key in ("france", "sky"):
+        assert texts[key] == solo_greedy[key][0], key
+        assert final[key].finish_reason == solo_greedy[key][1].finish_reason
+    assert engine.active == 0
+
+
+def test_per_sequence_params(engine: Engine, solo_greedy) -> None:
+    sampled = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=40, top_p=0.9, repetition_penalty=1.3, seed=7)
+    texts, final = drain(
+        engine,
+        {
+            0: [("sampled", chat(engine, "haiku"), sampled), ("france", chat(engine, "france"), greedy())],
+            1: [("sky", chat(engine, "sky"), greedy())],
+        },
+    )
+    assert texts["france"] == solo_greedy["france"][0]
+    assert texts["sky"] == solo_greedy["sky"][0]
+    assert final["sampled"].finish_reason in ("stop", "length")
+    assert 1 <= final["sampled"].completion_tokens <= 16
+
+
+def test_incremental_detokenization_utf8(engine: Engine) -> None:
+    """Multi-byte characters split over byte-level tokens are never emitted half-done."""
+    from llamaq_worker.engine import _Seq, _StepOutputs
+
+    text = "Prix: 10€ 😀 日本語 ok"
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    seq = _Seq("u", [1], greedy(len(ids) + 1), order=0, generator=torch.Generator())
+    chunks = []
+    for tok in ids:
+        outs = _StepOutputs()
+        engine._accept(seq, tok, outs)
+        chunks += [o.text for o in outs.result()]
+    assert all("\ufffd" not in c for c in chunks)
+    assert "".join(chunks) == engine.tokenizer.decode(ids, skip_special_tokens=True) == text

