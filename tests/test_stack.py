@@ -87,6 +87,11 @@ def test_cancel_queued_and_running_jobs(stack, client, store):
     waiting = client.post("/v1/jobs", json={**PARIS, "max_new_tokens": 8}).json()
     polled = client.get(f"/v1/jobs/{waiting['id']}").json()
     assert polled["status"] == "queued" and polled["position"] == 0
+    # A wait that runs out answers the job as it is (longer than redis-py's 5 s default read timeout).
+    started = time.monotonic()
+    held = client.get(f"/v1/jobs/{waiting['id']}", params={"wait": 6})
+    assert held.status_code == 200 and held.json()["status"] == "queued"
+    assert time.monotonic() - started >= 5.9
 
     canceled = client.delete(f"/v1/jobs/{waiting['id']}")
     assert canceled.status_code == 200

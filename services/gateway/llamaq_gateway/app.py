@@ -12,8 +12,8 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 
 from .errors import install_error_handlers
-from .jobs import JobService
-from .routers import generate, health, jobs, legacy
+from .jobs import MAX_BLOCK_MS, JobService
+from .routers import events, generate, health, jobs, legacy, openai
 from .settings import GatewaySettings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         aio = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=settings.redis_max_connections, timeout=5, health_check_interval=30
+                settings.redis_url,
+                max_connections=settings.redis_max_connections,
+                timeout=5,
+                health_check_interval=30,
+                # redis-py's default read timeout (5 s) would cut the blocking XREADs that wait for jobs.
+                socket_timeout=MAX_BLOCK_MS / 1000 + 15,
+                socket_connect_timeout=5,
             )
         )
         # RQ's API is synchronous; it runs in worker threads on its own small pool.
@@ -58,6 +64,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         response.headers["X-Request-ID"] = request.state.request_id
         return response
 
-    for router in (legacy.router, jobs.router, generate.router, health.router):
+    for router in (legacy.router, jobs.router, events.router, generate.router, openai.router, health.router):
         app.include_router(router)
     return app

@@ -1,4 +1,9 @@
-"""The one error shape, `{"error": {"type", "message", "code"}}`, mapped in one place from domain exceptions."""
+"""The one error shape, `{"error": {"type", "message", "code"}}`, mapped in one place from domain exceptions.
+
+On the OpenAI-compatible routes the same body also carries OpenAI's `param` (the offending field or null), and
+a request OpenAI would call invalid (bad or unsupported field, malformed JSON) has OpenAI's type
+`invalid_request_error`, so the body reads right to both API.md clients and OpenAI SDKs.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +20,26 @@ from llamaq_protocol import ErrorBody, ErrorDetail
 logger = logging.getLogger(__name__)
 
 
+# Paths whose errors also carry OpenAI's `param` (routers/openai.py serves them).
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+OPENAI_INVALID_REQUEST = "invalid_request_error"
+
+
+def is_openai_path(path: str) -> bool:
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+
+
 class LlamaqError(Exception):
     status_code = 500
     error_type = "internal_error"
     retry_after_s: int | None = None
+    # `X-Should-Retry: false` stops the OpenAI SDKs from retrying a request whose retry would queue a duplicate.
+    retryable: bool | None = None
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.message = message
+        self.param = param
 
 
 class InvalidRequest(LlamaqError):
@@ -38,6 +55,12 @@ class IdempotencyConflict(InvalidRequest):
     error_type = "idempotency_key_reused"
 
 
+class InvalidParameter(InvalidRequest):
+    """An OpenAI-compatible request OpenAI would refuse, or one using an option llamaq does not offer."""
+
+    error_type = OPENAI_INVALID_REQUEST
+
+
 class Unauthorized(LlamaqError):
     status_code = 401
     error_type = "unauthorized"
@@ -46,6 +69,11 @@ class Unauthorized(LlamaqError):
 class JobNotFound(LlamaqError):
     status_code = 404
     error_type = "not_found"
+
+
+class ModelNotFound(LlamaqError):
+    status_code = 404
+    error_type = "model_not_found"
 
 
 class QueueFull(LlamaqError):
@@ -66,8 +94,11 @@ class NoReadyWorker(ServiceUnavailable):
 
 
 class WaitTimeout(LlamaqError):
+    """The job is still queued or running: a retry would queue it a second time."""
+
     status_code = 504
     error_type = "timeout"
+    retryable = False
 
 
 class JobFailed(LlamaqError):
@@ -78,44 +109,81 @@ class JobFailed(LlamaqError):
         self.error_type = error_type
 
 
-def error_response(status_code: int, error_type: str, message: str, retry_after_s: int | None = None) -> JSONResponse:
-    body = ErrorBody(error=ErrorDetail(type=error_type, message=message, code=status_code))
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s else None
-    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
+def error_body(
+    status_code: int, error_type: str, message: str, *, openai: bool = False, param: str | None = None
+) -> dict:
+    """The error body every response and every in-stream error uses."""
+    body = ErrorBody(error=ErrorDetail(type=error_type, message=message, code=status_code)).model_dump()
+    if openai:
+        body["error"]["param"] = param
+    return body
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
+def error_response(
+    status_code: int,
+    error_type: str,
+    message: str,
+    retry_after_s: int | None = None,
+    *,
+    openai: bool = False,
+    param: str | None = None,
+    retryable: bool | None = None,
+) -> JSONResponse:
+    headers = {}
+    if retry_after_s:
+        headers["Retry-After"] = str(retry_after_s)
+    if retryable is not None:
+        headers["X-Should-Retry"] = "true" if retryable else "false"
+    body = error_body(status_code, error_type, message, openai=openai, param=param)
+    return JSONResponse(body, status_code=status_code, headers=headers or None)
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str, str | None]:
+    """(status, type, message, param): param is the first offending field, dotted (`messages.0.content`)."""
     errors = exc.errors()
     if any(err.get("type") == "json_invalid" for err in errors):
-        return 400, "invalid_json", "request body is not valid JSON"
+        return 400, "invalid_json", "request body is not valid JSON", None
     parts = []
+    params = []
     for err in errors:
         location = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{location or 'body'}: {err.get('msg')}")
-    return 422, "invalid_request", "; ".join(parts) or "invalid request"
+        params.append(location or None)
+    return 422, "invalid_request", "; ".join(parts) or "invalid request", params[0] if params else None
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    def openai(request: Request) -> bool:
+        return is_openai_path(request.scope.get("path", ""))
+
     @app.exception_handler(LlamaqError)
-    async def _domain(_: Request, exc: LlamaqError) -> JSONResponse:
-        return error_response(exc.status_code, exc.error_type, exc.message, exc.retry_after_s)
+    async def _domain(request: Request, exc: LlamaqError) -> JSONResponse:
+        return error_response(
+            exc.status_code, exc.error_type, exc.message, exc.retry_after_s,
+            openai=openai(request), param=exc.param, retryable=exc.retryable,
+        )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(*_describe_validation(exc))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status_code, error_type, message, param = _describe_validation(exc)
+        if openai(request):
+            return error_response(status_code, OPENAI_INVALID_REQUEST, message, openai=True, param=param)
+        return error_response(status_code, error_type, message)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, error_type, str(exc.detail))
+        return error_response(exc.status_code, error_type, str(exc.detail), openai=openai(request))
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
-    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         logger.warning("redis unavailable: %s", exc)
-        return error_response(503, "unavailable", "the job store (Redis) is unreachable; retry shortly", 2)
+        return error_response(
+            503, "unavailable", "the job store (Redis) is unreachable; retry shortly", 2, openai=openai(request)
+        )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return error_response(500, "internal_error", "internal error")
+        return error_response(500, "internal_error", "internal error", openai=openai(request))

@@ -1,0 +1,37 @@
+"""`GET /v1/jobs/{id}/events`: the job's token stream as Server-Sent Events, resumable with Last-Event-ID."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from .. import streams
+from ..deps import JobsDep, OwnerDep
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "status, token and done events"},
+        204: {"description": "the job is over and the client already has its `done` event"},
+    },
+)
+async def job_events(
+    job_id: str,
+    jobs: JobsDep,
+    owner: OwnerDep,
+    last_event_id_header: Annotated[str | None, Header(alias="last-event-id")] = None,
+    last_event_id: Annotated[
+        str | None, Query(description="for clients that cannot set the Last-Event-ID header")
+    ] = None,
+) -> Response:
+    after = streams.resume_point(last_event_id_header, last_event_id)
+    job = await jobs.get(job_id, owner)  # 404 before anything streams
+    if after != streams.START and job.status.is_terminal() and not await streams.has_entries_after(
+        jobs.aio, job_id, after
+    ):
+        # EventSource reconnects after a stream ends, but not after a 204.
+        return Response(status_code=204)
+    return streams.sse_response(streams.job_event_stream(jobs, job_id, owner, after))

@@ -1,0 +1,39 @@
+"""The OpenAI-compatible API (`/v1/chat/completions`, `/v1/completions`, `/v1/models`); jobs use the same queue."""
+
+from fastapi import APIRouter, Response
+
+from .. import openai_compat
+from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep
+from ..openai_compat import ChatCompletionRequest, CompletionRequest
+
+router = APIRouter(tags=["openai"])
+
+_STREAM = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+
+
+@router.get("/v1/models")
+async def list_models(jobs: JobsDep, owner: OwnerDep) -> dict:
+    """The served model; 503 while no worker is ready."""
+    return openai_compat.models_list(await jobs.served_model())
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, jobs: JobsDep, owner: OwnerDep) -> dict:
+    card = await jobs.served_model()
+    openai_compat.check_model(model_id, card)
+    return openai_compat.model_object(card)
+
+
+@router.post("/v1/chat/completions", response_class=Response, responses=_STREAM)
+async def chat_completions(
+    body: ChatCompletionRequest, jobs: JobsDep, owner: OwnerDep, request_id: RequestIdDep, settings: SettingsDep
+) -> Response:
+    return await openai_compat.respond(openai_compat.CHAT, body, jobs, owner, request_id, settings)
+
+
+@router.post("/v1/completions", response_class=Response, responses=_STREAM)
+async def completions(
+    body: CompletionRequest, jobs: JobsDep, owner: OwnerDep, request_id: RequestIdDep, settings: SettingsDep
+) -> Response:
+    """`prompt` becomes one user message under the model's chat template (no raw-text continuation)."""
+    return await openai_compat.respond(openai_compat.TEXT, body, jobs, owner, request_id, settings)
