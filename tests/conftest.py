@@ -29,6 +29,9 @@ def stack_environment(**overrides: str) -> dict[str, str]:
         LOG_LEVEL="INFO",
         MAX_PROMPT_TOKENS="1000",
         OMP_NUM_THREADS="2",
+        # Quick lost-worker detection for the fault tests; heartbeats come every second.
+        WORKER_STALE_S="6",
+        HEARTBEAT_S="1",
     )
     env.pop("API_KEYS", None)
     env.update(overrides)

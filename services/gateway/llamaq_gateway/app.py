@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -15,6 +16,7 @@ from .errors import install_error_handlers
 from .jobs import MAX_BLOCK_MS, JobService
 from .routers import events, generate, health, jobs, legacy, openai
 from .settings import GatewaySettings, get_settings
+from .sweeper import LostWorkerSweeper
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +44,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.api_keys = settings.api_key_list()
         app.state.jobs = JobService(settings, aio, sync)
+        sweeper = asyncio.create_task(LostWorkerSweeper(app.state.jobs).run_forever())
         try:
             yield
         finally:
+            sweeper.cancel()
             await aio.aclose()
             sync.close()
 

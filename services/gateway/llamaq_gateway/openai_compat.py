@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llamaq_protocol import FinishReason, GenerationParams, Job, JobStatus, ModelCard
 from llamaq_protocol.models import MAX_STOP_SEQUENCES, StopText
-from llamaq_protocol.records import EVENT_DONE, EVENT_TOKEN
+from llamaq_protocol.records import EVENT_DONE, EVENT_STATUS, EVENT_TOKEN
 
 from . import streams
 from .errors import InvalidParameter, JobFailed, JobNotFound, ModelNotFound, WaitTimeout, error_body
@@ -339,6 +339,7 @@ async def stream_completion(
     opening = chunks.opening()
     if opening:
         yield opening
+    sent_text = False
     try:
         async for entry in streams.read_events(jobs.aio, job.id, heartbeat_s=heartbeat_s):
             if entry is None:
@@ -346,7 +347,18 @@ async def stream_completion(
             elif entry.event == EVENT_TOKEN:
                 text = entry.payload().get("text", "")
                 if text:
+                    sent_text = True
                     yield chunks.text(text)
+            elif entry.event == EVENT_STATUS and entry.payload().get("requeued"):
+                # Its worker was lost and the job starts over. Text already sent cannot be taken back.
+                if sent_text:
+                    yield _stream_error(
+                        503, "worker_lost",
+                        f"the worker running job {job.id} was lost mid-answer; the job was queued again and "
+                        f"GET /v1/jobs/{job.id} will have its result",
+                    )
+                    yield DONE
+                    return
             elif entry.event == EVENT_DONE:
                 final = await jobs.get(job.id, owner)
                 if final.status is JobStatus.failed:

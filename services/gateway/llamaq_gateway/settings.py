@@ -21,6 +21,8 @@ class GatewaySettings(BaseSettings):
     max_new_tokens_limit: int = Field(default=4096, ge=1)
     max_prompt_tokens: int = Field(default=8192, ge=1)
     max_queue: int = Field(default=1000, ge=1)
+    # Times a job whose worker died is put back on the queue before it fails as worker_lost.
+    job_retries: int = Field(default=1, ge=0)
     # Comma-separated bearer keys; unset or empty leaves the API open.
     api_keys: SecretStr | None = None
 

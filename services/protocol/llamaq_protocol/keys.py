@@ -6,6 +6,10 @@ DEFAULT_QUEUE_NAME = "llamaq"
 GENERATE_FUNC = "llamaq_worker.tasks.generate"
 
 CANCEL_REQUESTS = f"{PREFIX}:cancel"
+# Jobs a worker holds right now; swept for jobs whose worker stopped sending heartbeats.
+RUNNING = f"{PREFIX}:running"
+# Held by the one gateway process that runs the lost-worker sweep at a time.
+SWEEP_LOCK = f"{PREFIX}:sweep-lock"
 WORKERS = f"{PREFIX}:workers"
 
 

@@ -16,11 +16,14 @@ EVENT_STATUS = "status"
 EVENT_TOKEN = "token"
 EVENT_DONE = "done"
 
-# KEYS: job, events. ARGV: started_at. Returns "claimed" or the status that prevented it.
+# KEYS: job, events, running set. ARGV: started_at, worker name, job id.
+# Returns "claimed" or the status that prevented it. The running set is what the lost-worker sweep scans.
 CLAIM_SCRIPT = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s ~= 'queued' then return s or 'missing' end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"running"}')
 return 'claimed'
 """
@@ -45,11 +48,15 @@ end
 return s
 """
 
-# KEYS: job, events, cancel set. ARGV: status, finished_at, output json or "", error json or "", ttl, job id.
+# KEYS: job, events, cancel set, running set. ARGV: status, finished_at, output json or "", error json or "",
+# ttl, job id, worker name. Only the worker that holds the job may finish it: one whose job was given away as
+# lost (it stalled past the heartbeat deadline) gets "lost" and must drop it.
 FINISH_SCRIPT = """
 local s = redis.call('HGET', KEYS[1], 'status')
-redis.call('SREM', KEYS[3], ARGV[6])
 if s ~= 'running' then return s or 'missing' end
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[7] then return 'lost' end
+redis.call('SREM', KEYS[3], ARGV[6])
+redis.call('SREM', KEYS[4], ARGV[6])
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'output', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
@@ -58,6 +65,43 @@ redis.call('XADD', KEYS[2], '*', 'event', 'done', 'data', '{}')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 return 'finished'
+"""
+
+# KEYS: job, events, cancel set, running set. ARGV: worker name believed lost, max attempts, finished_at,
+# error json, ttl, job id. A job still held by that worker goes back to the queue while it has attempts
+# left ("requeued": the caller pushes it onto the RQ queue), else fails as worker_lost ("failed"); one whose
+# cancel was requested ends "canceled".
+RECLAIM_SCRIPT = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if s ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+  if s ~= 'running' then redis.call('SREM', KEYS[4], ARGV[6]) end
+  return s or 'missing'
+end
+redis.call('SREM', KEYS[4], ARGV[6])
+local final = 'failed'
+if redis.call('SISMEMBER', KEYS[3], ARGV[6]) == 1 then
+  final = 'canceled'
+  redis.call('SREM', KEYS[3], ARGV[6])
+else
+  local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+  if attempts < tonumber(ARGV[2]) then
+    redis.call('HSET', KEYS[1], 'status', 'queued')
+    redis.call('HDEL', KEYS[1], 'started_at', 'worker', 'output')
+    -- The lost attempt's tokens are void: drop them so a replay shows only the attempt that counts.
+    for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+      if entry[2][2] == 'token' then redis.call('XDEL', KEYS[2], entry[1]) end
+    end
+    redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"queued","requeued":true}')
+    return 'requeued'
+  end
+  redis.call('HSET', KEYS[1], 'error', ARGV[4])
+end
+redis.call('HSET', KEYS[1], 'status', final, 'finished_at', ARGV[3])
+redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"' .. final .. '"}')
+redis.call('XADD', KEYS[2], '*', 'event', 'done', 'data', '{}')
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return final
 """
 
 

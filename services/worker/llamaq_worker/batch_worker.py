@@ -96,7 +96,10 @@ class BatchWorker(SimpleWorker):
     # ---- admitting a job -------------------------------------------------------------------------------------
 
     def _admit(self, job: RQJob, queue: Queue) -> None:
-        claimed = self._claim(keys=[keys.job(job.id), keys.events(job.id)], args=[utc_now().isoformat()])
+        claimed = self._claim(
+            keys=[keys.job(job.id), keys.events(job.id), keys.RUNNING],
+            args=[utc_now().isoformat(), self.name, job.id],
+        )
         if claimed != b"claimed":
             # Canceled while queued (or its record expired): close the RQ job without running it.
             logger.info("skipping job %s: record is %s", job.id, claimed.decode())
@@ -222,8 +225,8 @@ class BatchWorker(SimpleWorker):
 
     def _end(self, job_id: str, status: JobStatus, output: JobOutput | None = None, error: JobError | None = None):
         slot = self.slots.pop(job_id)
-        self._finish(
-            keys=[keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS],
+        outcome = self._finish(
+            keys=[keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING],
             args=[
                 status.value,
                 utc_now().isoformat(),
@@ -231,11 +234,19 @@ class BatchWorker(SimpleWorker):
                 error.model_dump_json() if error else "",
                 self.settings.result_ttl_s,
                 job_id,
+                self.name,
             ],
         )
         job, queue = slot.rq_job, slot.queue
         self.execution = slot.execution
-        if status is JobStatus.succeeded:
+        if outcome != b"finished":
+            # This worker stalled and the job was taken back (re-queued or failed) meanwhile: RQ's registries
+            # already follow the record, so only this worker's execution is closed.
+            logger.warning("job %s was taken from this worker (%s); dropping its result", job_id, outcome.decode())
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe)
+                pipe.execute()
+        elif status is JobStatus.succeeded:
             self.handle_execution_ended(job, queue, job.success_callback_timeout)
             job._result = output.model_dump(mode="json") if output else None
             job._status = "finished"

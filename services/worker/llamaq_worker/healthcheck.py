@@ -10,13 +10,11 @@ from llamaq_protocol import keys
 
 from .settings import WorkerSettings
 
-STALE_AFTER_S = 15
-
 
 def main() -> int:
     settings = WorkerSettings()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=3)
-    fresh = client.zrangebyscore(keys.WORKERS, time.time() - STALE_AFTER_S, "+inf")
+    fresh = client.zrangebyscore(keys.WORKERS, time.time() - settings.worker_stale_s, "+inf")
     host_prefix = f"{socket.gethostname()}:".encode()
     return 0 if any(name.startswith(host_prefix) for name in fresh) else 1
 

@@ -33,6 +33,8 @@ class WorkerSettings(BaseSettings):
 
     result_ttl_s: int = Field(default=3600, ge=1)
     heartbeat_s: float = Field(default=2.0, gt=0)
+    # Read by the container healthcheck; the gateway uses the same variable to declare a worker gone.
+    worker_stale_s: float = Field(default=15, gt=0)
     # How often RQ's own job/execution heartbeats are refreshed while a batch runs.
     rq_heartbeat_s: float = Field(default=10.0, gt=0)
     worker_name: str = Field(default_factory=default_worker_name)

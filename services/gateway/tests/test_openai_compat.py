@@ -1,0 +1,281 @@
+"""The OpenAI-compatible layer without Redis: request translation, refusals, response objects, error shape."""
+
+from datetime import datetime, timezone
+
+import anyio
+import pytest
+from fastapi.testclient import TestClient
+
+from llamaq_gateway import openai_compat
+from llamaq_gateway.app import create_app
+from llamaq_gateway.errors import InvalidParameter, ModelNotFound, WaitTimeout, error_response
+from llamaq_gateway.openai_compat import ChatCompletionRequest, ChunkBuilder, CompletionRequest, to_params
+from llamaq_gateway.settings import GatewaySettings
+from llamaq_protocol import Job, JobOutput, JobStatus, ModelCard, Usage
+from nginx_local import free_port
+
+LIMIT = 4096
+USER = {"role": "user", "content": "hi"}
+
+
+def chat(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"messages": [USER], **fields})
+
+
+def text(**fields) -> CompletionRequest:
+    return CompletionRequest.model_validate({"prompt": "hi", **fields})
+
+
+def card(name: str = "SmolLM2") -> ModelCard:
+    return ModelCard(name=name, context_length=8192, chat_template="", tokenizer_digest="x")
+
+
+# ---- translation -----------------------------------------------------------------------------------------------
+
+
+def test_chat_maps_messages_and_sampling():
+    params = to_params(
+        chat(
+            model="SmolLM2",
+            messages=[
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": "ok", "name": "bot"},
+                {"role": "user", "content": "again"},
+            ],
+            max_tokens=10,
+            temperature=0,
+            top_p=0.5,
+            stop="\n\n",
+            seed=7,
+            user="someone",
+            stream=True,
+            stream_options={"include_usage": True},
+            n=1,
+            frequency_penalty=0,
+            response_format={"type": "text"},
+            tool_choice="none",
+        ),
+        LIMIT,
+    )
+    assert params.chat_messages() == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "a\nb"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "again"},
+    ]
+    assert (params.max_new_tokens, params.temperature, params.top_p, params.stop, params.seed) == (
+        10, 0, 0.5, ["\n\n"], 7,
+    )
+    assert params.prompt is None and params.top_k is None and params.repetition_penalty is None
+
+
+def test_defaults_are_the_protocols_and_max_completion_tokens_wins():
+    params = to_params(chat(), LIMIT)
+    assert params.max_new_tokens == 512 and params.temperature is None and params.stop is None
+    assert to_params(chat(max_tokens=5, max_completion_tokens=9), LIMIT).max_new_tokens == 9
+
+
+def test_completions_prompt_is_one_user_turn():
+    assert to_params(text(max_tokens=3), LIMIT).chat_messages() == [USER]
+    assert to_params(text(prompt=["hi"]), LIMIT).chat_messages() == [USER]
+
+
+@pytest.mark.parametrize(
+    ("request_", "param"),
+    [
+        (chat(n=2), "n"),
+        (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+        (chat(tool_choice="auto"), "tool_choice"),
+        (chat(functions=[{"name": "f"}]), "functions"),
+        (chat(function_call="auto"), "function_call"),
+        (chat(logprobs=True), "logprobs"),
+        (chat(top_logprobs=3), "top_logprobs"),
+        (chat(response_format={"type": "json_object"}), "response_format"),
+        (chat(frequency_penalty=0.5), "frequency_penalty"),
+        (chat(presence_penalty=-1), "presence_penalty"),
+        (chat(logit_bias={"50256": -100}), "logit_bias"),
+        (chat(max_tokens=LIMIT + 1), "max_tokens"),
+        (chat(max_completion_tokens=LIMIT + 1), "max_completion_tokens"),
+        (chat(messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]), "messages.0.role"),
+        (chat(messages=[{"role": "assistant", "tool_calls": [{"id": "1"}]}]), "messages.0.tool_calls"),
+        (chat(messages=[USER, {"role": "assistant", "content": None}]), "messages.1.content"),
+        (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+         "messages.0.content.0"),
+        (text(n=3), "n"),
+        (text(best_of=2), "best_of"),
+        (text(echo=True), "echo"),
+        (text(suffix="end"), "suffix"),
+        (text(logprobs=1), "logprobs"),
+        (text(prompt=["a", "b"]), "prompt"),
+        (text(prompt=[1, 2, 3]), "prompt"),
+    ],
+)
+def test_unsupported_options_are_refused_naming_the_field(request_, param):
+    with pytest.raises(InvalidParameter) as refused:
+        to_params(request_, LIMIT)
+    assert refused.value.param == param
+    assert refused.value.status_code == 400 and refused.value.error_type == "invalid_request_error"
+    assert refused.value.message.startswith(param)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"temperature": 2.5}, {"top_p": 0}, {"stop": ["a"] * 5}, {"stop": [""]}, {"max_tokens": 0}, {"colour": 1}],
+)
+def test_out_of_range_fields_fail_validation(fields):
+    with pytest.raises(ValueError):
+        chat(**fields)
+
+
+def test_model_must_be_the_served_one_or_omitted():
+    openai_compat.check_model(None, card())
+    openai_compat.check_model("SmolLM2", card())
+    with pytest.raises(ModelNotFound) as missing:
+        openai_compat.check_model("gpt-4o", card())
+    assert missing.value.status_code == 404 and missing.value.param == "model"
+    listed = openai_compat.models_list(card())
+    assert listed["object"] == "list" and listed["data"][0]["id"] == "SmolLM2"
+    assert listed["data"][0]["object"] == "model" and listed["data"][0]["owned_by"] == "llamaq"
+
+
+# ---- responses -------------------------------------------------------------------------------------------------
+
+
+def job(status=JobStatus.succeeded, finish_reason="stop", text_="Paris.") -> Job:
+    return Job(
+        id="abc",
+        status=status,
+        created_at=datetime(2024, 1, 1, tzinfo=timezone.utc),
+        output=JobOutput(text=text_, finish_reason=finish_reason, usage=Usage(prompt_tokens=20, completion_tokens=3)),
+    )
+
+
+def test_completion_objects():
+    reply = openai_compat.completion("chat", job(), "SmolLM2")
+    assert reply == {
+        "id": "chatcmpl-abc", "object": "chat.completion", "created": 1704067200, "model": "SmolLM2",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."}, "logprobs": None,
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23},
+    }
+    plain = openai_compat.completion("text", job(finish_reason="length"), "SmolLM2")
+    assert plain["id"] == "cmpl-abc" and plain["object"] == "text_completion"
+    assert plain["choices"][0]["text"] == "Paris." and plain["choices"][0]["finish_reason"] == "length"
+    # OpenAI has no "canceled": a canceled job ends as "stop" with the text it had.
+    canceled = openai_compat.completion("chat", job(JobStatus.canceled, "canceled", "Par"), "m")
+    assert canceled["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stream_chunks():
+    chunks = ChunkBuilder("chat", job(), "m", include_usage=True)
+    assert chunks.opening().startswith('data: {"id":"chatcmpl-abc","object":"chat.completion.chunk"')
+    assert '"delta":{"role":"assistant","content":""}' in chunks.opening()
+    assert '"delta":{"content":"Par"}' in chunks.text("Par") and '"usage":null' in chunks.text("Par")
+    final, usage_chunk = chunks.closing(job())
+    assert '"delta":{},"logprobs":null,"finish_reason":"stop"' in final
+    assert '"choices":[],' in usage_chunk and '"total_tokens":23' in usage_chunk
+    assert all(piece.endswith("\n\n") for piece in (final, usage_chunk))
+
+    plain = ChunkBuilder("text", job(), "m", include_usage=False)
+    assert plain.opening() is None
+    assert '"text":"Par"' in plain.text("Par") and "usage" not in plain.text("Par")
+    assert len(plain.closing(job())) == 1
+
+
+# ---- the error shape on the wire -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline_client():
+    settings = GatewaySettings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_refusals_come_before_redis_in_both_error_shapes(offline_client):
+    refused = offline_client.post("/v1/chat/completions", json={"messages": [USER], "n": 2})
+    assert refused.status_code == 400
+    assert refused.json() == {"error": {
+        "type": "invalid_request_error", "message": refused.json()["error"]["message"], "code": 400, "param": "n",
+    }}
+    invalid = offline_client.post("/v1/completions", json={"prompt": "hi", "top_p": 7})
+    assert invalid.status_code == 422
+    assert invalid.json()["error"]["type"] == "invalid_request_error"
+    assert invalid.json()["error"]["param"] == "top_p" and invalid.json()["error"]["code"] == 422
+    malformed = offline_client.post("/v1/chat/completions", content=b"{", headers={"Content-Type": "application/json"})
+    assert malformed.status_code == 400 and malformed.json()["error"]["param"] is None
+    # Redis away: the usual 503, in the OpenAI shape on these paths.
+    down = offline_client.get("/v1/models")
+    assert down.status_code == 503 and down.json()["error"]["param"] is None and down.headers["retry-after"]
+    # The other routes keep the plain shape.
+    plain = offline_client.post("/v1/jobs", json={"prompt": "hi", "top_p": 7}).json()
+    assert plain["error"]["type"] == "invalid_request" and "param" not in plain["error"]
+
+
+def test_a_wait_timeout_tells_sdks_not_to_retry():
+    exc = WaitTimeout("job x is still running")
+    reply = error_response(exc.status_code, exc.error_type, exc.message, retryable=exc.retryable)
+    assert reply.status_code == 504 and reply.headers["x-should-retry"] == "false"
+
+
+# ---- streaming from the job's events ---------------------------------------------------------------------------
+
+
+class FakeJobs:
+    """A JobService stand-in: XREAD serves the given entries once, `get` the terminal job."""
+
+    def __init__(self, entries, final: Job):
+        self.aio = self
+        self.entries = [(eid.encode(), {b"event": ev.encode(), b"data": data.encode()}) for eid, ev, data in entries]
+        self.final = final
+
+    async def xread(self, streams_, count=None, block=None):
+        entries, self.entries = self.entries, []
+        return [[b"k", entries]] if entries else []
+
+    async def hget(self, key, field):
+        return self.final.status.value.encode()
+
+    async def get(self, job_id, owner):
+        return self.final
+
+
+def streamed(entries, final=None) -> list[str]:
+    jobs = FakeJobs(entries, final or job())
+
+    async def run():
+        return [p async for p in openai_compat.stream_completion("chat", jobs, job(), "o", "m", False, 0.01)]
+
+    return anyio.run(run)
+
+
+def test_stream_from_events_to_done():
+    pieces = streamed([
+        ("1-0", "status", '{"status":"running"}'),
+        ("2-0", "token", '{"index":0,"text":"Par"}'),
+        ("3-0", "token", '{"index":1,"text":"is."}'),
+        ("4-0", "status", '{"status":"succeeded"}'),
+        ("5-0", "done", "{}"),
+    ])
+    assert ['"content":"Par"' in p for p in pieces] == [False, True, False, False, False]
+    assert '"finish_reason":"stop"' in pieces[3] and pieces[4] == "data: [DONE]\n\n"
+
+
+def test_stream_of_a_failed_job_ends_with_an_error_event():
+    failed = Job(id="abc", status=JobStatus.failed, created_at=datetime(2024, 1, 1, tzinfo=timezone.utc),
+                 error={"type": "timeout", "message": "too slow"})
+    pieces = streamed([("1-0", "status", '{"status":"failed"}'), ("2-0", "done", "{}")], failed)
+    assert pieces[1].startswith('data: {"error":{"type":"timeout"') and '"code":500' in pieces[1]
+    assert pieces[-1] == "data: [DONE]\n\n"
+
+
+def test_stream_restarted_by_a_lost_worker():
+    requeued = ("3-0", "status", '{"status":"queued","requeued":true}')
+    # Nothing sent yet: the client never notices.
+    quiet = streamed([("1-0", "status", '{"status":"running"}'), requeued, ("4-0", "token", '{"index":0,"text":"P"}'),
+                      ("5-0", "done", "{}")])
+    assert '"content":"P"' in quiet[1] and quiet[-1] == "data: [DONE]\n\n" and "error" not in "".join(quiet)
+    # Text already sent cannot be taken back: the stream ends with an error.
+    loud = streamed([("1-0", "token", '{"index":0,"text":"P"}'), requeued, ("4-0", "token", '{"index":0,"text":"P"}')])
+    assert '"type":"worker_lost"' in loud[2] and loud[3] == "data: [DONE]\n\n" and len(loud) == 4

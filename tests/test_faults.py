@@ -1,0 +1,62 @@
+"""Faults through the real stack: a worker killed with SIGKILL mid-job."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from rq.job import Job as RQJob
+from rq.serializers import JSONSerializer
+
+LONG_JOB = {"prompt": "Count from 1 to 500, one number per line.", "max_new_tokens": 400, "temperature": 0}
+SHORT_COUNT = {"prompt": "Count from 1 to 10, one number per line.", "max_new_tokens": 24, "temperature": 0}
+
+
+def wait_for_status(client, job_id: str, wanted: str, timeout_s: float = 45) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] == wanted:
+            return job
+        assert time.monotonic() < deadline, f"job stayed {job['status']}, wanted {wanted}"
+        time.sleep(0.1)
+
+
+def kill_worker_mid_job(stack, client, job_id: str) -> None:
+    wait_for_status(client, job_id, "running")
+    stack.stop_process("worker", signal.SIGKILL)
+
+
+def test_killed_worker_job_is_requeued_and_succeeds_on_the_restarted_worker(stack, client, store):
+    job = client.post("/v1/jobs", json=SHORT_COUNT).json()
+    kill_worker_mid_job(stack, client, job["id"])
+    try:
+        requeued = wait_for_status(client, job["id"], "queued")
+        assert requeued["started_at"] is None
+    finally:
+        stack.start_worker()
+    done = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
+    assert done["status"] == "succeeded", done
+    assert done["output"]["text"].startswith("1")
+    rq_job = RQJob.fetch(job["id"], connection=store, serializer=JSONSerializer)
+    assert rq_job.get_status() == "finished"
+    stack.wait_ready(60)
+
+
+def test_job_fails_as_worker_lost_when_retries_run_out(stack, client, store):
+    job = client.post("/v1/jobs", json=LONG_JOB).json()
+    # JOB_RETRIES=1: the first loss re-queues the job, the second fails it.
+    kill_worker_mid_job(stack, client, job["id"])
+    wait_for_status(client, job["id"], "queued")
+    stack.start_worker()
+    kill_worker_mid_job(stack, client, job["id"])
+    failed = wait_for_status(client, job["id"], "failed")
+    stack.start_worker()
+    assert failed["error"]["type"] == "worker_lost"
+    assert failed["finished_at"]
+    rq_job = RQJob.fetch(job["id"], connection=store, serializer=JSONSerializer)
+    assert rq_job.get_status() == "failed"
+    stack.wait_ready(60)
+    # Nothing of it is left in the running set, and the stack still answers.
+    assert not store.sismember("llamaq:running", job["id"])
+    assert client.post("/", json={"prompt": "What is the capital of France?"}).status_code == 200
