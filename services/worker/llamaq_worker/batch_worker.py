@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 from rq import Queue
@@ -22,8 +23,12 @@ from llamaq_protocol import FinishReason, JobError, JobOutput, JobPayload, JobSt
 from llamaq_protocol import keys
 from llamaq_protocol.records import CLAIM_SCRIPT, EVENT_TOKEN, FINISH_SCRIPT, event_data
 
-from .engine import Engine, SamplingParams, StepOutput
+from .sequences import SamplingParams, StepOutput
 from .settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from .echo_engine import EchoEngine
+    from .engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +60,7 @@ class Slot:
 
 
 class BatchWorker(SimpleWorker):
-    def __init__(self, queues, *, engine: Engine, settings: WorkerSettings, **kwargs):
+    def __init__(self, queues, *, engine: Engine | EchoEngine, settings: WorkerSettings, **kwargs):
         super().__init__(queues, **kwargs)
         self.engine = engine
         self.settings = settings

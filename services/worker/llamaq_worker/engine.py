@@ -26,7 +26,6 @@ called from one thread at a time.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -35,6 +34,11 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+# Re-exported: the dataclasses live in a torch-free module so the batch worker and the echo engine share them.
+from .sequences import SamplingParams, StepOutput, read_generation_config, sampling_defaults
+
+__all__ = ["Engine", "SamplingParams", "StepOutput"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,26 +62,6 @@ _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
 )
 
 _REPLACEMENT_CHAR = "\ufffd"
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float  # 0.0 means greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-@dataclass
-class StepOutput:
-    seq_id: str
-    text: str  # new text since this sequence's previous output (may be "")
-    completion_tokens: int  # tokens generated so far
-    finish_reason: str | None  # "stop" | "length" | "canceled" | None while running
-    error: str | None = None  # set when the sequence failed; then finish_reason is None and the sequence is gone
 
 
 @dataclass(eq=False)
@@ -130,27 +114,71 @@ class Engine:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of bfloat16, float16, float32")
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        self.device = torch.device(device)
-        self.dtype = _DTYPES[dtype]
-        self.max_batch = max_batch
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        load_kwargs: dict[str, Any] = {"dtype": self.dtype, "attn_implementation": "sdpa"}
-        if self.device.type != "cpu":
-            load_kwargs["device_map"] = str(self.device)
+        torch_device = torch.device(device)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        load_kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "attn_implementation": "sdpa"}
+        if torch_device.type != "cpu":
+            load_kwargs["device_map"] = str(torch_device)
         with torch.inference_mode():
-            self.model = AutoModelForCausalLM.from_pretrained(model_path, **load_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(model_path, **load_kwargs)
+        self._setup(
+            model, tokenizer, max_batch, torch_device,
+            model_name=os.path.basename(os.path.normpath(model_path)),
+            generation_config=read_generation_config(model_path),
+        )
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch: int = 8,
+        model_name: str = "model",
+        generation_config: dict | None = None,
+        eos_token_ids: frozenset[int] | None = None,
+    ) -> Engine:
+        """An engine around a model already built and placed on its device (benchmarks: random weights).
+
+        ``eos_token_ids`` overrides the end-of-sequence ids; an empty set never stops on a token, so every
+        sequence runs to ``max_new_tokens`` (what load generators call "ignore EOS").
+        """
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        engine = cls.__new__(cls)
+        engine._setup(
+            model, tokenizer, max_batch, model.device, model_name=model_name,
+            generation_config=generation_config or {}, eos_token_ids=eos_token_ids,
+        )
+        return engine
+
+    def _setup(
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_batch: int,
+        device: torch.device,
+        *,
+        model_name: str,
+        generation_config: dict,
+        eos_token_ids: frozenset[int] | None = None,
+    ) -> None:
+        self.device = device
+        self.dtype = model.dtype
+        self.max_batch = max_batch
+        self.tokenizer = tokenizer
+        self.model = model
         self.model.eval()
         self.model.requires_grad_(False)
         config = self.model.config
 
-        self.model_name = os.path.basename(os.path.normpath(model_path))
+        self.model_name = model_name
         self.context_length = int(config.max_position_embeddings)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
 
-        gen_cfg = self._read_generation_config(model_path)
+        gen_cfg = generation_config
         self.defaults = self._defaults_from(gen_cfg)
-        self.eos_token_ids = self._eos_ids(gen_cfg, config)
+        self.eos_token_ids = self._eos_ids(gen_cfg, config) if eos_token_ids is None else frozenset(eos_token_ids)
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = getattr(config, "pad_token_id", None)
@@ -173,7 +201,7 @@ class Engine:
         self._seen: torch.Tensor | None = None  # [B, vocab] bool, tokens in prompt + generated
         logger.info(
             "engine ready: model=%s device=%s dtype=%s max_batch=%d context=%d eos=%s defaults=%s",
-            self.model_name, self.device, dtype, max_batch, self.context_length, sorted(self.eos_token_ids),
+            self.model_name, self.device, str(self.dtype).removeprefix("torch."), max_batch, self.context_length, sorted(self.eos_token_ids),
             self.defaults,
         )
 
@@ -181,31 +209,11 @@ class Engine:
 
     @staticmethod
     def _read_generation_config(model_path: str) -> dict:
-        path = os.path.join(model_path, "generation_config.json")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except FileNotFoundError:
-            return {}
-        return data if isinstance(data, dict) else {}
+        return read_generation_config(model_path)
 
     @staticmethod
     def _defaults_from(gen: dict) -> dict:
-        do_sample = gen.get("do_sample")
-        temperature = gen.get("temperature")
-        if do_sample is False:
-            temperature = 0.0
-        elif temperature is None:
-            temperature = 1.0 if do_sample else 0.0
-        top_p = gen.get("top_p")
-        top_k = gen.get("top_k")
-        rep = gen.get("repetition_penalty")
-        return {
-            "temperature": float(temperature),
-            "top_p": float(top_p) if top_p is not None else 1.0,
-            "top_k": int(top_k) if top_k is not None else 0,
-            "repetition_penalty": float(rep) if rep is not None else 1.0,
-        }
+        return sampling_defaults(gen)
 
     def _eos_ids(self, gen: dict, config: Any) -> frozenset[int]:
         ids: set[int] = set()
