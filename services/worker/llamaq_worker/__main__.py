@@ -13,7 +13,6 @@ from rq.serializers import JSONSerializer
 from llamaq_protocol import WorkerInfo, utc_now
 
 from .batch_worker import BatchWorker
-from .engine import Engine
 from .model_source import resolve_model_dir
 from .presence import Heartbeat, publish_model
 from .settings import WorkerSettings
@@ -27,13 +26,24 @@ def served_model_name(settings: WorkerSettings) -> str:
     return settings.model_id
 
 
+def build_engine(settings: WorkerSettings, model_dir: str):
+    if settings.engine == "echo":
+        from .echo_engine import EchoEngine
+
+        logger.warning("ENGINE=echo: no model runs; every job is answered with its own prompt (tests only)")
+        return EchoEngine(model_dir, max_batch=settings.max_batch)
+    from .engine import Engine
+
+    return Engine(model_dir, device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch)
+
+
 def main() -> int:
     settings = WorkerSettings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = resolve_model_dir(settings)
     logger.info("loading %s on %s as %s (max batch %d)", model_dir, settings.device, settings.dtype, settings.max_batch)
     # Loaded once, in this process, before anything else happens; SimpleWorker never forks.
-    engine = Engine(model_dir, device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch)
+    engine = build_engine(settings, model_dir)
     name = served_model_name(settings)
 
     connection = redis.Redis.from_url(settings.redis_url, health_check_interval=30)

@@ -1,5 +1,6 @@
 import os
 import socket
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,8 @@ class WorkerSettings(BaseSettings):
     device: str = "cuda"
     dtype: str = "bfloat16"
     max_batch: int = Field(default=32, ge=1)
+    # Test only: "echo" runs no model and answers each job with its last user message (queue-overhead benchmarks).
+    engine: Literal["transformers", "echo"] = "transformers"
 
     result_ttl_s: int = Field(default=3600, ge=1)
     heartbeat_s: float = Field(default=2.0, gt=0)

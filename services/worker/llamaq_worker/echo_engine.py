@@ -1,0 +1,123 @@
+"""A test-only engine that runs no model: each sequence's answer is its prompt's last user message.
+
+`ENGINE=echo` makes the worker use it, so a benchmark can measure what the queue itself adds (nginx, gateway,
+Redis, RQ, the worker loop) with the model's cost taken out. It has `engine.Engine`'s public interface
+(`encode_chat`, `add`, `cancel`, `step`, `active`, `free_slots`, `tokenizer`, `defaults`, `context_length`,
+`model_name`, ...) and loads only the tokenizer. A sequence added before a `step` is answered in that step,
+whole, with `finish_reason` "stop" (or "length", cut at `max_new_tokens`) and `completion_tokens` = the token
+count of the answer. It is not for serving: its answers are the questions.
+
+(transformers' `AutoTokenizer` imports torch when torch is installed, but no model is built or run.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from transformers import AutoTokenizer
+
+from .sequences import SamplingParams, StepOutput, read_generation_config, sampling_defaults
+
+logger = logging.getLogger(__name__)
+
+# encode_chat remembers the last user message of this many recent prompts for `add` to echo.
+_REMEMBERED_PROMPTS = 4096
+
+
+@dataclass(eq=False)
+class _EchoSeq:
+    seq_id: str
+    text: str
+    params: SamplingParams
+    canceled: bool = False
+
+
+class EchoEngine:
+    def __init__(self, model_path: str, max_batch: int = 8, **_ignored) -> None:
+        """Same arguments as `Engine` (``device`` and ``dtype`` are accepted and ignored)."""
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.max_batch = max_batch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model_name = os.path.basename(os.path.normpath(model_path))
+        with open(os.path.join(model_path, "config.json"), encoding="utf-8") as fh:
+            self.context_length = int(json.load(fh).get("max_position_embeddings", 2048))
+        self.vocab_size = len(self.tokenizer)
+        self.defaults = sampling_defaults(read_generation_config(model_path))
+        self._lock = threading.Lock()
+        self._pending: list[_EchoSeq] = []
+        self._by_id: dict[str, _EchoSeq] = {}
+        self._user_text: OrderedDict[tuple[int, ...], str] = OrderedDict()
+        logger.info("echo engine ready (no model): tokenizer of %s, max_batch=%d", self.model_name, max_batch)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(out, "keys") and "input_ids" in out:
+            out = out["input_ids"]
+        ids = [int(t) for t in out]
+        user = [m.get("content", "") for m in messages if m.get("role") == "user"]
+        with self._lock:
+            self._user_text[tuple(ids)] = user[-1] if user else ""
+            while len(self._user_text) > _REMEMBERED_PROMPTS:
+                self._user_text.popitem(last=False)
+        return ids
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._by_id)
+
+    @property
+    def free_slots(self) -> int:
+        with self._lock:
+            return self.max_batch - len(self._by_id)
+
+    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt_ids must not be empty")
+        if params.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        with self._lock:
+            if seq_id in self._by_id:
+                raise ValueError(f"sequence {seq_id!r} is already active")
+            if len(self._by_id) >= self.max_batch:
+                raise ValueError(f"no free slot (max_batch={self.max_batch})")
+            # Prompts not built by encode_chat echo their own decoded text.
+            text = self._user_text.pop(tuple(int(t) for t in prompt_ids), None)
+            if text is None:
+                text = self.tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+            seq = _EchoSeq(seq_id, text, params)
+            self._by_id[seq_id] = seq
+            self._pending.append(seq)
+
+    def cancel(self, seq_id: str) -> None:
+        with self._lock:
+            seq = self._by_id.get(seq_id)
+            if seq is not None:
+                seq.canceled = True
+
+    def step(self) -> list[StepOutput]:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        outputs = []
+        for seq in batch:
+            if seq.canceled:
+                outputs.append(StepOutput(seq.seq_id, "", 0, "canceled"))
+            else:
+                ids = self.tokenizer.encode(seq.text, add_special_tokens=False)
+                reason = "stop"
+                if len(ids) > seq.params.max_new_tokens:
+                    ids, reason = ids[: seq.params.max_new_tokens], "length"
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                else:
+                    text = seq.text
+                outputs.append(StepOutput(seq.seq_id, text, len(ids), reason))
+        with self._lock:
+            for seq in batch:
+                self._by_id.pop(seq.seq_id, None)
+        return outputs
