@@ -7,6 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "scripts"))
+# Helpers shared by the integration tests (tests/rq_checks.py, ...).
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def pytest_configure(config):

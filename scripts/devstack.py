@@ -46,10 +46,14 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float, name: str
 class Stack:
     """Starts and stops the processes; `env` is the environment every service sees."""
 
-    def __init__(self, env: dict[str, str], http_port: int, workdir: Path, log_to_files: bool = True):
+    def __init__(
+        self, env: dict[str, str], http_port: int, workdir: Path, log_to_files: bool = True, redis_aof: bool = False
+    ):
         self.env = env
         self.http_port = http_port
         self.workdir = workdir
+        # Append-only file on, as compose runs Redis: its data survives a restart (the Redis restart tests).
+        self.redis_aof = redis_aof
         # Tests keep one log file per service; `make dev` shows everything in its terminal.
         self.log_dir = workdir if log_to_files else None
         self.redis_port = free_port()
@@ -67,22 +71,23 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab") if self.log_dir else None  # noqa: SIM115
-        proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT if log else None,
-                                cwd=ROOT, start_new_session=True)
+        proc = subprocess.Popen(argv, env={**self.env, **(env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT if log else None, cwd=ROOT, start_new_session=True)
         self.procs[name] = proc
         return proc
 
     def start_redis(self) -> None:
         proc = self._spawn("redis", [
             "redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "",
-            "--appendonly", "no", "--dir", str(self.workdir),
+            "--appendonly", "yes" if self.redis_aof else "no", "--dir", str(self.workdir),
         ])
         wait_for_port(self.redis_port, proc, 10, "redis-server")
 
-    def start_worker(self) -> subprocess.Popen:
-        return self._spawn("worker", [sys.executable, "-m", "llamaq_worker"])
+    def start_worker(self, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """`env`: variables for this worker only (over the stack's)."""
+        return self._spawn("worker", [sys.executable, "-m", "llamaq_worker"], env)
 
     def start_gateway(self) -> None:
         proc = self._spawn("gateway", [

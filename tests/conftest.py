@@ -49,6 +49,20 @@ def stack():
         running.stop()
 
 
+@pytest.fixture(scope="module")
+def aof_stack():
+    """A stack of its own whose Redis keeps an append-only file (as compose runs it), for the tests that restart
+    Redis or stop workers without disturbing the session stack."""
+    workdir = Path(tempfile.mkdtemp(prefix="llamaq-aof-"))
+    # A drain time generous enough for these shared cores; the hand-back test sets its own tiny one.
+    running = Stack(stack_environment(DRAIN_TIMEOUT_S="120"), free_port(), workdir, redis_aof=True)
+    try:
+        running.start(wait_ready_s=180)
+        yield running
+    finally:
+        running.stop()
+
+
 @pytest.fixture
 def client(stack):
     with httpx.Client(base_url=stack.url, timeout=120) as http:

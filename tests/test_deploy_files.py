@@ -96,6 +96,8 @@ def test_compose_worker(compose_config: dict) -> None:
     assert worker["command"] == ["python", "-m", "llamaq_worker"]
     assert worker["healthcheck"]["test"][-2:] == ["-m", "llamaq_worker.healthcheck"]
     assert worker["stop_grace_period"] in ("1m0s", "60s")
+    # SIGTERM: the running jobs get DRAIN_TIMEOUT_S to finish, then are handed back, all before the kill at 60 s.
+    assert float(worker["environment"]["DRAIN_TIMEOUT_S"]) <= 55
     assert any(v["source"] == "models" and v["target"] == "/models" for v in worker["volumes"])
 
     download = compose_config["services"]["model-download"]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
-from rq.job import Job as RQJob
-from rq.serializers import JSONSerializer
+from rq_checks import wait_for_rq_status
 
 LONG_JOB = {"prompt": "Count from 1 to 500, one number per line.", "max_new_tokens": 400, "temperature": 0}
 SHORT_COUNT = {"prompt": "Count from 1 to 10, one number per line.", "max_new_tokens": 24, "temperature": 0}
@@ -38,8 +37,7 @@ def test_killed_worker_job_is_requeued_and_succeeds_on_the_restarted_worker(stac
     done = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
     assert done["status"] == "succeeded", done
     assert done["output"]["text"].startswith("1")
-    rq_job = RQJob.fetch(job["id"], connection=store, serializer=JSONSerializer)
-    assert rq_job.get_status() == "finished"
+    wait_for_rq_status(store, job["id"], "finished")
     stack.wait_ready(60)
 
 
@@ -54,8 +52,7 @@ def test_job_fails_as_worker_lost_when_retries_run_out(stack, client, store):
     stack.start_worker()
     assert failed["error"]["type"] == "worker_lost"
     assert failed["finished_at"]
-    rq_job = RQJob.fetch(job["id"], connection=store, serializer=JSONSerializer)
-    assert rq_job.get_status() == "failed"
+    wait_for_rq_status(store, job["id"], "failed")
     stack.wait_ready(60)
     # Nothing of it is left in the running set, and the stack still answers.
     assert not store.sismember("llamaq:running", job["id"])

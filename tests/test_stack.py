@@ -7,9 +7,10 @@ import time
 
 import pytest
 from rq import Queue
-from rq.job import Job as RQJob
 from rq.registry import CanceledJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
+
+from rq_checks import wait_for_rq_status
 
 PARIS = {"prompt": "What is the capital of France?"}
 # Greedy SmolLM2 keeps counting for hundreds of tokens: a job that reliably stays running.
@@ -49,8 +50,7 @@ def test_submit_then_poll_and_rq_agrees(client, store):
     assert "position" not in done and "error" not in done
 
     # RQ's own bookkeeping tells the same story (what `rq info` reads).
-    rq_job = RQJob.fetch(job["id"], connection=store, serializer=JSONSerializer)
-    assert rq_job.get_status() == "finished"
+    rq_job = wait_for_rq_status(store, job["id"], "finished")
     assert rq_job.return_value()["text"] == done["output"]["text"]
     assert job["id"] in FinishedJobRegistry(queue=rq_queue(store)).get_job_ids()
 

@@ -172,7 +172,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        # FastAPI's own 400 is a body it could not parse (bad UTF-8, nesting too deep, an int too long...).
+        error_type = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
         return error_response(exc.status_code, error_type, str(exc.detail), openai=openai(request))
 
     @app.exception_handler(redis.exceptions.ConnectionError)

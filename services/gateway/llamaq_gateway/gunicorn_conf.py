@@ -9,7 +9,8 @@ _settings = get_settings()
 
 bind = f"{os.environ.get('GATEWAY_HOST', '0.0.0.0')}:{_settings.gateway_port}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "uvicorn_worker.UvicornWorker"
+# uvicorn_worker.UvicornWorker, answering what its HTTP parser refuses in the API's error shape.
+worker_class = "llamaq_gateway.http_worker.GatewayWorker"
 # Requests may legitimately wait up to the longest wait (300 s, or POST / longer); nginx times out first.
 timeout = int(max(_settings.legacy_wait_s, _settings.max_generate_wait_s)) + 60
 graceful_timeout = 30

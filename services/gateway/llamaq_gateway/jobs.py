@@ -10,6 +10,7 @@ import uuid
 
 import anyio
 import redis
+import redis.exceptions
 import redis.asyncio as aioredis
 from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
@@ -32,6 +33,8 @@ JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 UNFINISHED_RECORD_TTL_S = 7 * 24 * 3600
 # Longest single XREAD block, so a dropped connection is noticed.
 MAX_BLOCK_MS = 20_000
+# A request already waiting on its job rides out a Redis restart this long (the job itself is safe) before 503.
+REDIS_BLIP_S = 30.0
 
 
 class JobService:
@@ -181,17 +184,26 @@ class JobService:
         # Read the record after taking the stream position: a change made after that wakes the XREAD below.
         job = await self.get(job_id, owner)
         deadline = time.monotonic() + timeout_s
+        outage_since = None
         while not job.status.is_terminal():
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 break
-            reply = await self.aio.xread({events_key: last_id}, block=min(remaining_ms, MAX_BLOCK_MS), count=512)
-            if not reply:
+            try:
+                reply = await self.aio.xread({events_key: last_id}, block=min(remaining_ms, MAX_BLOCK_MS), count=512)
+                if reply:
+                    entries = reply[0][1]
+                    last_id = entries[-1][0]
+                    if any(fields.get(b"event") in (EVENT_STATUS.encode(), EVENT_DONE.encode())
+                           for _, fields in entries):
+                        job = await self.get(job_id, owner)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                outage_since = outage_since or time.monotonic()
+                if time.monotonic() - outage_since > REDIS_BLIP_S:
+                    raise
+                await anyio.sleep(0.5)
                 continue
-            entries = reply[0][1]
-            last_id = entries[-1][0]
-            if any(fields.get(b"event") in (EVENT_STATUS.encode(), EVENT_DONE.encode()) for _, fields in entries):
-                job = await self.get(job_id, owner)
+            outage_since = None
         return job
 
     # ---- cancel ----------------------------------------------------------------------------------------------

@@ -3,6 +3,14 @@
 RQ alone notices an abandoned job only `job_timeout + 60` s later, and only when another worker runs its
 maintenance. Here every gateway process runs this loop, one at a time through a short Redis lock, so a dead
 worker's jobs are found within `WORKER_STALE_S` plus one sweep even when no worker is up.
+
+A Redis that has just (re)started holds heartbeats that are old only because no worker could write while it
+was down: nothing is judged until it has been up for `WORKER_STALE_S`, so a Redis restart costs no job an
+attempt. (A worker that stays cut off longer does lose its jobs, and drops them when it is back.)
+
+The sweep also rescues a job a worker popped but never claimed (it died between RQ's dequeue, which moves the id
+to the queue's intermediate list, and the claim): still `queued` in its record yet in no queue, it would wait
+forever. One seen there, unclaimed, for `WORKER_STALE_S` goes back to the front of the queue.
 """
 
 from __future__ import annotations
@@ -24,6 +32,15 @@ from .jobs import JobService
 
 logger = logging.getLogger(__name__)
 
+# KEYS: the queue's intermediate list, the queue, the job record. ARGV: job id. Moves the id back to the front
+# of the queue only if it is still on the intermediate list and its job still unclaimed.
+RESCUE_SCRIPT = """
+if redis.call('HGET', KEYS[3], 'status') ~= 'queued' then return 0 end
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
 
 class LostWorkerSweeper:
     def __init__(self, jobs: JobService, interval_s: float = 2.0):
@@ -31,6 +48,8 @@ class LostWorkerSweeper:
         self.settings = jobs.settings
         self.interval_s = interval_s
         self._token = uuid.uuid4().hex
+        # Job id -> when this process first saw it unclaimed in the intermediate list.
+        self._stranded_since: dict[str, float] = {}
 
     async def run_forever(self) -> None:
         while True:
@@ -47,22 +66,49 @@ class LostWorkerSweeper:
         aio = self.jobs.aio
         if not await aio.set(keys.SWEEP_LOCK, self._token, nx=True, px=int(self.interval_s * 1000)):
             return []
+        uptime = (await aio.info("server")).get("uptime_in_seconds", 0)
+        if uptime < self.settings.worker_stale_s:
+            return []  # the workers have not had the time to beat since Redis came back
+        outcomes = [(job_id, "requeued") for job_id in await self._rescue_stranded()]
         running = [j.decode() for j in await aio.smembers(keys.RUNNING)]
-        if not running:
-            return []
         fresh_since = time.time() - self.settings.worker_stale_s
-        outcomes = []
         for job_id in running:
             worker = await aio.hget(keys.job(job_id), "worker")
             last_beat = await aio.zscore(keys.WORKERS, worker) if worker else None
             if last_beat is not None and last_beat >= fresh_since:
                 continue
             outcome = await self._reclaim(job_id, worker.decode() if worker else "")
+            if outcome == "queued" and await aio.lpos(self.jobs.queue.key, job_id) is None:
+                # Only a retried script sees its own re-queue (its first reply was lost): the RQ push is still due.
+                outcome = "requeued"
             if outcome in ("requeued", "failed", "canceled"):
                 outcomes.append((job_id, outcome))
                 await anyio.to_thread.run_sync(self._sync_rq, job_id, outcome)
                 logger.warning("job %s: worker %s lost; %s", job_id, worker, outcome, extra={"job_id": job_id})
         return outcomes
+
+    async def _rescue_stranded(self) -> list[str]:
+        aio, queue = self.jobs.aio, self.jobs.queue
+        stranded = [j.decode() for j in await aio.lrange(queue.intermediate_queue_key, 0, -1)]
+        current = time.monotonic()
+        self._stranded_since = {j: t for j, t in self._stranded_since.items() if j in stranded}
+        rescued = []
+        for job_id in stranded:
+            if await aio.hget(keys.job(job_id), "status") != b"queued":
+                continue  # claimed (the worker removes it from the list next), or ended
+            first_seen = self._stranded_since.setdefault(job_id, current)
+            if current - first_seen < self.settings.worker_stale_s:
+                continue
+            moved = await aio.eval(
+                RESCUE_SCRIPT, 3, queue.intermediate_queue_key, queue.key, keys.job(job_id), job_id
+            )
+            if not moved:
+                continue
+            self._stranded_since.pop(job_id, None)
+            rescued.append(job_id)
+            logger.warning("job %s was popped but never claimed (its worker died); back on the queue", job_id,
+                           extra={"job_id": job_id})
+        return rescued
 
     async def _reclaim(self, job_id: str, worker: str) -> str:
         error = JobError(

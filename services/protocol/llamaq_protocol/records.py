@@ -18,8 +18,12 @@ EVENT_DONE = "done"
 
 # KEYS: job, events, running set. ARGV: started_at, worker name, job id.
 # Returns "claimed" or the status that prevented it. The running set is what the lost-worker sweep scans.
+# Every script here may run twice for one call: redis-py re-sends a command whose connection broke, and the
+# worker retries until Redis answers. So each is idempotent for its caller: a second claim by the same worker
+# is "claimed" again (one attempt counted), a second finish with the same finished_at is "finished".
 CLAIM_SCRIPT = """
 local s = redis.call('HGET', KEYS[1], 'status')
+if s == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[2] then return 'claimed' end
 if s ~= 'queued' then return s or 'missing' end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -53,7 +57,10 @@ return s
 # lost (it stalled past the heartbeat deadline) gets "lost" and must drop it.
 FINISH_SCRIPT = """
 local s = redis.call('HGET', KEYS[1], 'status')
-if s ~= 'running' then return s or 'missing' end
+if s ~= 'running' then
+  if s == ARGV[1] and redis.call('HGET', KEYS[1], 'finished_at') == ARGV[2] then return 'finished' end
+  return s or 'missing'
+end
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[7] then return 'lost' end
 redis.call('SREM', KEYS[3], ARGV[6])
 redis.call('SREM', KEYS[4], ARGV[6])
@@ -68,9 +75,10 @@ return 'finished'
 """
 
 # KEYS: job, events, cancel set, running set. ARGV: worker name believed lost, max attempts, finished_at,
-# error json, ttl, job id. A job still held by that worker goes back to the queue while it has attempts
-# left ("requeued": the caller pushes it onto the RQ queue), else fails as worker_lost ("failed"); one whose
-# cancel was requested ends "canceled".
+# error json, ttl, job id, and optionally "handback". A job still held by that worker goes back to the queue
+# while it has attempts left ("requeued": the caller pushes it onto the RQ queue), else fails as worker_lost
+# ("failed"); one whose cancel was requested ends "canceled". With "handback" the worker itself gives the job
+# back (it is shutting down): the attempt is not counted, so the job always goes back to the queue.
 RECLAIM_SCRIPT = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
@@ -84,9 +92,13 @@ if redis.call('SISMEMBER', KEYS[3], ARGV[6]) == 1 then
   redis.call('SREM', KEYS[3], ARGV[6])
 else
   local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-  if attempts < tonumber(ARGV[2]) then
+  if ARGV[7] == 'handback' then
+    attempts = attempts - 1
+    redis.call('HSET', KEYS[1], 'attempts', attempts)
+  end
+  if ARGV[7] == 'handback' or attempts < tonumber(ARGV[2]) then
     redis.call('HSET', KEYS[1], 'status', 'queued')
-    redis.call('HDEL', KEYS[1], 'started_at', 'worker', 'output')
+    redis.call('HDEL', KEYS[1], 'started_at', 'worker', 'output', 'token_events')
     -- The lost attempt's tokens are void: drop them so a replay shows only the attempt that counts.
     for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
       if entry[2][2] == 'token' then redis.call('XDEL', KEYS[2], entry[1]) end
@@ -102,6 +114,28 @@ redis.call('XADD', KEYS[2], '*', 'event', 'done', 'data', '{}')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 return final
+"""
+
+# KEYS: job, events. ARGV: worker name, index of the first text below, stream maxlen, partial output json or "",
+# then the data (JSON) of each token event, in index order. Appends only the events not written yet (the job's
+# `token_events` counts them), so publishing again after a lost reply never writes an event twice. Returns
+# how many token events the job has, or -1 when it is no longer this worker's (re-queued or ended elsewhere).
+TOKENS_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+  return -1
+end
+local written = tonumber(redis.call('HGET', KEYS[1], 'token_events') or '0')
+local first = tonumber(ARGV[2])
+for i = 5, #ARGV do
+  local index = first + i - 5
+  if index >= written then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', 'token', 'data', ARGV[i])
+    written = index + 1
+  end
+end
+redis.call('HSET', KEYS[1], 'token_events', written)
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'output', ARGV[4]) end
+return written
 """
 
 

@@ -14,7 +14,7 @@ from llamaq_protocol import WorkerInfo, utc_now
 
 from .batch_worker import BatchWorker
 from .model_source import resolve_model_dir
-from .presence import Heartbeat, publish_model
+from .presence import Heartbeat, model_mapping, publish_model
 from .settings import WorkerSettings
 
 logger = logging.getLogger("llamaq_worker")
@@ -48,8 +48,7 @@ def main() -> int:
 
     connection = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     tokenizer = engine.tokenizer
-    publish_model(
-        connection,
+    model = model_mapping(
         {
             "name": name,
             "context_length": engine.context_length,
@@ -59,11 +58,13 @@ def main() -> int:
         },
         tokenizer.backend_tokenizer.to_str(),
     )
+    publish_model(connection, model)
     info = WorkerInfo(
         name=settings.worker_name, model=name, device=settings.device, dtype=settings.dtype,
         max_batch=settings.max_batch, pid=os.getpid(), started_at=utc_now(),
     )
-    heartbeat = Heartbeat(settings.redis_url, info, settings.heartbeat_s)
+    # Each beat also publishes the model card again if Redis has lost it.
+    heartbeat = Heartbeat(settings.redis_url, info, settings.heartbeat_s, model)
     heartbeat.beat()
     heartbeat.start()
     logger.info("model %s ready; serving queue %s as %s", name, settings.queue_name, settings.worker_name)
@@ -75,9 +76,17 @@ def main() -> int:
     )
     try:
         worker.work(logging_level=settings.log_level.upper())
+    except redis.RedisError as exc:  # RQ's teardown after giving up on Redis
+        logger.error("worker stopped: %s", exc)
     finally:
         heartbeat.stop()
-    return 0
+    if worker.shutdown_signalled and not worker.gave_up:
+        logger.info("stopped on request")
+        return 0
+    # RQ's work() also returns after an error it could not handle (it logs it): exit non-zero, so the
+    # supervisor restarts the worker and the lost-worker sweep re-queues anything it held.
+    logger.error("worker loop ended without a stop request; exiting with 1")
+    return 1
 
 
 if __name__ == "__main__":

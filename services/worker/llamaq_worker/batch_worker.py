@@ -4,15 +4,24 @@ RQ pops one job id at a time, so batching lives here: `execute_job` admits the p
 claiming more with non-blocking dequeues between decoding steps while the engine has free slots. Each job
 still goes through RQ's own bookkeeping (execution, started/finished/failed/canceled registries, results),
 so `rq info` shows the truth; RQ 2.x keeps one `worker.execution`, which is swapped in per job.
+
+Redis may go away (a restart, a failover) while a batch runs: every write the batch needs is retried until
+Redis answers again, for up to REDIS_OUTAGE_TOLERANCE_S, with decoding paused meanwhile, so no token is
+dropped and none is written twice (the job-state scripts are idempotent). Past that the worker exits non-zero;
+its supervisor restarts it and the lost-worker sweep re-queues the jobs.
+
+SIGTERM (RQ's warm shutdown) stops claiming; the running jobs finish within DRAIN_TIMEOUT_S, and those still
+running then are handed back to the queue (their attempt not counted) for another worker.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import redis.exceptions
 from pydantic import ValidationError
 from rq import Queue
 from rq.job import Job as RQJob
@@ -21,7 +30,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from llamaq_protocol import FinishReason, JobError, JobOutput, JobPayload, JobStatus, Usage, utc_now
 from llamaq_protocol import keys
-from llamaq_protocol.records import CLAIM_SCRIPT, EVENT_TOKEN, FINISH_SCRIPT, event_data
+from llamaq_protocol.records import CLAIM_SCRIPT, FINISH_SCRIPT, RECLAIM_SCRIPT, TOKENS_SCRIPT, event_data
 
 from .sequences import SamplingParams, StepOutput
 from .settings import WorkerSettings
@@ -34,6 +43,14 @@ logger = logging.getLogger(__name__)
 
 # Partial output in the job record is refreshed at most this often; the event stream gets every token.
 PARTIAL_OUTPUT_EVERY_S = 0.25
+# What a Redis restart or a dropped connection raises (redis-py has already retried a few times by then).
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# Longest pause between two tries while Redis is away.
+REDIS_RETRY_MAX_S = 1.0
+
+
+class RedisOutageTooLong(Exception):
+    """Redis stayed away longer than REDIS_OUTAGE_TOLERANCE_S: exit, and let the sweep re-queue the jobs."""
 
 
 @dataclass
@@ -50,9 +67,14 @@ class Slot:
     text: str = ""
     completion_tokens: int = 0
     token_events: int = 0
+    # Token event data generated but not yet written to Redis (it was away); the first has index
+    # token_events - len(unpublished).
+    unpublished: list[str] = field(default_factory=list)
     partial_written_at: float = 0.0
     cancel_sent: bool = False
     timed_out: bool = False
+    # The job was taken from this worker (re-queued or ended by someone else): generation stops, nothing is written.
+    lost: bool = False
 
     def output(self, finish_reason: FinishReason | None = None) -> JobOutput:
         usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
@@ -60,6 +82,10 @@ class Slot:
 
 
 class BatchWorker(SimpleWorker):
+    # RQ's idle loop retries a lost Redis with growing pauses up to this (its default, 60 s, would leave a worker
+    # idle for up to a minute after Redis is back).
+    max_connection_wait_time = 5.0
+
     def __init__(self, queues, *, engine: Engine | EchoEngine, settings: WorkerSettings, **kwargs):
         super().__init__(queues, **kwargs)
         self.engine = engine
@@ -67,55 +93,96 @@ class BatchWorker(SimpleWorker):
         self.slots: dict[str, Slot] = {}
         self._claim = self.connection.register_script(CLAIM_SCRIPT)
         self._finish = self.connection.register_script(FINISH_SCRIPT)
+        self._reclaim = self.connection.register_script(RECLAIM_SCRIPT)
+        self._tokens = self.connection.register_script(TOKENS_SCRIPT)
         self._rq_heartbeat_at = 0.0
+        self._outage_since: float | None = None
+        self._in_batch = False
+        self._drain_deadline = float("inf")
+        # Set by SIGTERM/SIGINT; the process exits 0 only after such a stop, with no job abandoned.
+        self.shutdown_signalled = False
+        self.gave_up = False
 
     # ---- the batch loop --------------------------------------------------------------------------------------
 
     def execute_job(self, job: RQJob, queue: Queue):
         if job.func_name != keys.GENERATE_FUNC:
             return super().execute_job(job, queue)
-        self._admit(job, queue)
-        while self.slots:
-            self._claim_more()
-            self._apply_cancels_and_timeouts()
-            outputs = self.engine.step()
-            self._publish(outputs)
-            self._maintain_rq_heartbeats()
+        self._in_batch = True
+        try:
+            self._admit(job, queue)
+            while self.slots:
+                if self._stop_requested and time.monotonic() >= self._drain_deadline:
+                    self._hand_back_all()
+                    break
+                self._claim_more()
+                self._apply_cancels_and_timeouts()
+                outputs = self.engine.step()
+                self._publish(outputs)
+                self._maintain_rq_heartbeats()
+        except RedisOutageTooLong:
+            self.gave_up = True
+            raise
+        finally:
+            self._in_batch = False
         self.set_state(WorkerStatus.IDLE)
 
     def _claim_more(self) -> None:
         while self.engine.free_slots > 0 and not self._stop_requested:
-            popped = Queue.dequeue_any(
-                self._ordered_queues, None, connection=self.connection, job_class=self.job_class,
-                serializer=self.serializer,
-            )
+            try:
+                popped = Queue.dequeue_any(
+                    self._ordered_queues, None, connection=self.connection, job_class=self.job_class,
+                    serializer=self.serializer,
+                )
+            except REDIS_DOWN:
+                return  # nothing popped; the publishing below waits for Redis
             if popped is None:
                 return
             job, queue = popped
+            if job.id in self.slots:
+                # Re-queued while its earlier attempt, taken from this worker, is still leaving the engine: put it
+                # back at the front and claim it after the next step.
+                self._until_redis("returning a job", self._push_back, job, queue)
+                return
             if job.func_name != keys.GENERATE_FUNC:
                 # Not ours to batch: run it now, in line, as a plain SimpleWorker would.
                 super().execute_job(job, queue)
                 continue
             self._admit(job, queue)
 
+    def _push_back(self, job: RQJob, queue: Queue) -> None:
+        with self.connection.pipeline() as pipe:
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+            pipe.execute()
+
     # ---- admitting a job -------------------------------------------------------------------------------------
 
     def _admit(self, job: RQJob, queue: Queue) -> None:
-        claimed = self._claim(
+        # The job is popped: from here on Redis is waited for rather than the job dropped.
+        claimed = self._until_redis(
+            "claiming a job", self._claim,
             keys=[keys.job(job.id), keys.events(job.id), keys.RUNNING],
             args=[utc_now().isoformat(), self.name, job.id],
         )
         if claimed != b"claimed":
             # Canceled while queued (or its record expired): close the RQ job without running it.
             logger.info("skipping job %s: record is %s", job.id, claimed.decode())
-            with self.connection.pipeline() as pipe:
-                pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-                job.cancel(pipeline=pipe)
-                pipe.execute()
+
+            def close() -> None:
+                with self.connection.pipeline() as pipe:
+                    pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+                    job.cancel(pipeline=pipe)
+                    pipe.execute()
+
+            self._until_redis("closing a skipped job", close)
             return
 
-        self.prepare_execution(job)
-        self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+        def start() -> None:
+            self.prepare_execution(job)
+            self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+
+        self._until_redis("starting a job", start)
         job.started_at = now()
         timeout = job.timeout if job.timeout and job.timeout > 0 else self.queue_class.DEFAULT_TIMEOUT
         slot = Slot(
@@ -173,7 +240,10 @@ class BatchWorker(SimpleWorker):
         ids = list(self.slots)
         if not ids:
             return
-        flagged = self.connection.smismember(keys.CANCEL_REQUESTS, ids)
+        try:
+            flagged = self.connection.smismember(keys.CANCEL_REQUESTS, ids)
+        except REDIS_DOWN:
+            flagged = [0] * len(ids)  # nobody can ask for a cancel while Redis is away; timeouts still apply
         current = time.monotonic()
         for job_id, cancel_requested in zip(ids, flagged):
             slot = self.slots[job_id]
@@ -187,30 +257,65 @@ class BatchWorker(SimpleWorker):
 
     def _publish(self, outputs: list[StepOutput]) -> None:
         finished: list[StepOutput] = []
-        current = time.monotonic()
-        with self.connection.pipeline(transaction=False) as pipe:
-            for out in outputs:
-                slot = self.slots.get(out.seq_id)
-                if slot is None:
-                    continue
-                slot.completion_tokens = out.completion_tokens
-                if out.text:
-                    slot.text += out.text
-                    pipe.xadd(
-                        keys.events(out.seq_id),
-                        {"event": EVENT_TOKEN, "data": event_data({"index": slot.token_events, "text": out.text})},
-                        maxlen=slot.max_new_tokens + 16,
-                        approximate=True,
-                    )
-                    slot.token_events += 1
-                if out.finish_reason or out.error:
-                    finished.append(out)
-                elif out.text and current - slot.partial_written_at >= PARTIAL_OUTPUT_EVERY_S:
-                    slot.partial_written_at = current
-                    pipe.hset(keys.job(out.seq_id), "output", slot.output().model_dump_json())
-            pipe.execute()
+        for out in outputs:
+            slot = self.slots.get(out.seq_id)
+            if slot is None:
+                continue
+            slot.completion_tokens = out.completion_tokens
+            if out.text and not slot.lost:
+                slot.text += out.text
+                slot.unpublished.append(event_data({"index": slot.token_events, "text": out.text}))
+                slot.token_events += 1
+            if out.finish_reason or out.error:
+                finished.append(out)
+        # While Redis is away decoding waits here, holding the tokens, rather than running on and dropping them.
+        self._until_redis("publishing tokens", self._write_tokens, {out.seq_id for out in finished})
         for out in finished:
             self._finish_output(out)
+
+    def _write_tokens(self, finishing: set[str]) -> None:
+        """Every slot's unpublished token events, in one round trip (TOKENS_SCRIPT skips any already written)."""
+        pending = [(job_id, slot) for job_id, slot in self.slots.items() if slot.unpublished and not slot.lost]
+        if not pending:
+            return
+        current = time.monotonic()
+        partial = {
+            job_id: slot.output().model_dump_json()
+            for job_id, slot in pending
+            if job_id not in finishing and current - slot.partial_written_at >= PARTIAL_OUTPUT_EVERY_S
+        }
+
+        def send() -> list:
+            with self.connection.pipeline(transaction=False) as pipe:
+                for job_id, slot in pending:
+                    pipe.evalsha(
+                        self._tokens.sha, 2, keys.job(job_id), keys.events(job_id),
+                        self.name, slot.token_events - len(slot.unpublished), slot.max_new_tokens + 16,
+                        partial.get(job_id, ""), *slot.unpublished,
+                    )
+                return pipe.execute()
+
+        try:
+            written = send()
+        except redis.exceptions.NoScriptError:
+            self.connection.script_load(TOKENS_SCRIPT)  # a restarted Redis has an empty script cache
+            written = send()
+        for (job_id, slot), count in zip(pending, written):
+            if count < 0:
+                self._drop_lost(job_id, slot)
+                continue
+            slot.unpublished.clear()
+            if job_id in partial:
+                slot.partial_written_at = current
+
+    def _drop_lost(self, job_id: str, slot: Slot) -> None:
+        """The job is no longer this worker's (the sweep re-queued it while this worker was cut off): stop it."""
+        logger.warning("job %s was taken from this worker; stopping it", job_id, extra={"job_id": job_id})
+        slot.lost = True
+        slot.unpublished.clear()
+        if not slot.cancel_sent:
+            slot.cancel_sent = True
+            self.engine.cancel(job_id)
 
     def _finish_output(self, out: StepOutput) -> None:
         slot = self.slots[out.seq_id]
@@ -230,7 +335,9 @@ class BatchWorker(SimpleWorker):
 
     def _end(self, job_id: str, status: JobStatus, output: JobOutput | None = None, error: JobError | None = None):
         slot = self.slots.pop(job_id)
-        outcome = self._finish(
+        # The same arguments on every try: a finish retried after a lost reply is recognised as done.
+        outcome = self._until_redis(
+            "finishing a job", self._finish,
             keys=[keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING],
             args=[
                 status.value,
@@ -248,10 +355,23 @@ class BatchWorker(SimpleWorker):
             # This worker stalled and the job was taken back (re-queued or failed) meanwhile: RQ's registries
             # already follow the record, so only this worker's execution is closed.
             logger.warning("job %s was taken from this worker (%s); dropping its result", job_id, outcome.decode())
-            with self.connection.pipeline() as pipe:
-                self.cleanup_execution(job, pipeline=pipe)
-                pipe.execute()
-        elif status is JobStatus.succeeded:
+            self._until_redis("closing a job", self._close_execution, job)
+        else:
+            self._until_redis("closing a job", self._record_in_rq, job, queue, status, output, error)
+        self._point_worker_at_running_job()
+        logger.info("job %s %s (%d tokens)", job_id, status.value, slot.completion_tokens,
+                    extra={"job_id": job_id, "request_id": slot.request_id})
+
+    def _close_execution(self, job: RQJob) -> None:
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipeline=pipe)
+            pipe.execute()
+
+    def _record_in_rq(
+        self, job: RQJob, queue: Queue, status: JobStatus, output: JobOutput | None, error: JobError | None
+    ) -> None:
+        """RQ's registries and result for a job this worker finished."""
+        if status is JobStatus.succeeded:
             self.handle_execution_ended(job, queue, job.success_callback_timeout)
             job._result = output.model_dump(mode="json") if output else None
             job._status = "finished"
@@ -268,16 +388,16 @@ class BatchWorker(SimpleWorker):
                 self.cleanup_execution(job, pipeline=pipe)
                 job.cancel(pipeline=pipe)
                 pipe.execute()
-        self._point_worker_at_running_job()
-        logger.info("job %s %s (%d tokens)", job_id, status.value, slot.completion_tokens,
-                    extra={"job_id": job_id, "request_id": slot.request_id})
 
     def _point_worker_at_running_job(self) -> None:
         """RQ's worker hash has one current job; while others still run, show one of them."""
         if self.slots:
             self.execution = next(iter(self.slots.values())).execution
-            self.set_current_job_id(next(iter(self.slots)))
             self.set_state(WorkerStatus.BUSY)
+            try:
+                self.set_current_job_id(next(iter(self.slots)))
+            except REDIS_DOWN:
+                pass  # display only
         else:
             self.execution = None
 
@@ -286,13 +406,130 @@ class BatchWorker(SimpleWorker):
         if current - self._rq_heartbeat_at < self.settings.rq_heartbeat_s or not self.slots:
             return
         self._rq_heartbeat_at = current
+        try:
+            with self.connection.pipeline() as pipe:
+                self.heartbeat(pipeline=pipe)
+                for slot in self.slots.values():
+                    ttl = int(self.get_heartbeat_ttl(slot.rq_job))
+                    slot.execution.heartbeat(slot.queue.started_job_registry, ttl, pipeline=pipe)
+                    slot.rq_job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
+                pipe.execute()
+        except REDIS_DOWN:
+            # Their TTLs (job_timeout + 60 s) outlast an outage the worker survives; try again next round.
+            self._rq_heartbeat_at = current - self.settings.rq_heartbeat_s + 1.0
+
+    # ---- Redis outages ---------------------------------------------------------------------------------------
+
+    def _until_redis(self, what: str, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)`, tried again while Redis is unreachable; after REDIS_OUTAGE_TOLERANCE_S of one
+        outage, RedisOutageTooLong. `fn` must be safe to repeat (the job-state scripts are)."""
+        pause = 0.05
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except REDIS_DOWN as exc:
+                current = time.monotonic()
+                tolerance = self.settings.redis_outage_tolerance_s
+                if self._outage_since is None:
+                    self._outage_since = current
+                    logger.warning("Redis unreachable while %s (%s); holding %d running job(s), decoding paused, "
+                                   "retrying for up to %.0f s", what, exc, len(self.slots), tolerance)
+                elif current - self._outage_since > tolerance:
+                    logger.error("Redis unreachable for %.0f s (over REDIS_OUTAGE_TOLERANCE_S); exiting so the "
+                                 "jobs are re-queued", current - self._outage_since)
+                    raise RedisOutageTooLong(f"Redis unreachable for over {tolerance:.0f} s") from exc
+                time.sleep(pause)
+                pause = min(pause * 2, REDIS_RETRY_MAX_S)
+                continue
+            if self._outage_since is not None:
+                logger.warning("Redis is back after %.1f s; resuming %d job(s)",
+                               time.monotonic() - self._outage_since, len(self.slots))
+                self._outage_since = None
+            return result
+
+    # RQ's own loop (idle, between batches) survives Redis outages by itself only while it waits in its dequeue;
+    # these make the calls around that wait tolerate them too, instead of ending work() ("unhandled exception").
+
+    def set_state(self, state: str, pipeline=None):
+        if pipeline is not None:
+            return super().set_state(state, pipeline=pipeline)
+        try:
+            super().set_state(state)
+        except REDIS_DOWN:
+            self._state = state  # display only in Redis; the local state is what RQ's shutdown reads
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None):
+        if pipeline is not None:
+            return super().heartbeat(timeout, pipeline=pipeline)
+        try:
+            super().heartbeat(timeout)
+        except REDIS_DOWN as exc:
+            logger.debug("RQ worker heartbeat skipped: %s", exc)
+
+    def check_for_suspension(self, burst: bool):
+        try:
+            super().check_for_suspension(burst)
+        except REDIS_DOWN:
+            pass  # the dequeue that follows waits for Redis
+
+    def run_maintenance_tasks(self):
+        try:
+            super().run_maintenance_tasks()
+        except REDIS_DOWN as exc:
+            logger.warning("RQ maintenance skipped, Redis unreachable: %s", exc)
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        # RQ retries ConnectionError here itself, but ends work() on a TimeoutError.
+        while True:
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except redis.exceptions.TimeoutError as exc:
+                logger.warning("Redis timed out while idle (%s); retrying", exc)
+                time.sleep(REDIS_RETRY_MAX_S)
+
+    # ---- SIGTERM: drain, then hand back ----------------------------------------------------------------------
+
+    def request_stop(self, signum, frame):
+        self.shutdown_signalled = True
+        super().request_stop(signum, frame)
+
+    def _shutdown(self):
+        """Warm shutdown. RQ raises StopRequested at once when the worker is not BUSY, which would break a batch
+        that is between two jobs' bookkeeping; inside a batch, stop claiming and let the batch drain instead."""
+        if not self._in_batch:
+            return super()._shutdown()
+        self._stop_requested = True
+        self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+        logger.warning("stop requested: claiming no more jobs; %d running job(s) get %.0f s to finish, then go "
+                       "back to the queue", len(self.slots), self.settings.drain_timeout_s)
+
+    def _hand_back_all(self) -> None:
+        """The drain time is over: put every running job back on the queue, its attempt not counted."""
+        for job_id in list(self.slots):
+            slot = self.slots.pop(job_id)
+            self.engine.cancel(job_id)
+            outcome = self._until_redis(
+                "handing a job back", self._reclaim,
+                keys=[keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING],
+                args=[self.name, 0, utc_now().isoformat(), "", self.settings.result_ttl_s, job_id, "handback"],
+            )
+            outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+            self.execution = slot.execution
+            self._until_redis("handing a job back", self._hand_back_in_rq, slot.rq_job, slot.queue, outcome)
+            logger.warning("job %s handed back (%s) after %d tokens: not finished within DRAIN_TIMEOUT_S", job_id,
+                           outcome, slot.completion_tokens, extra={"job_id": job_id, "request_id": slot.request_id})
+        self.execution = None
+
+    def _hand_back_in_rq(self, job: RQJob, queue: Queue, outcome: str) -> None:
+        """RQ's side of a hand-back: this worker's execution closed, and the job queued again at the front."""
         with self.connection.pipeline() as pipe:
-            self.heartbeat(pipeline=pipe)
-            for slot in self.slots.values():
-                ttl = int(self.get_heartbeat_ttl(slot.rq_job))
-                slot.execution.heartbeat(slot.queue.started_job_registry, ttl, pipeline=pipe)
-                slot.rq_job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
+            self.cleanup_execution(job, pipeline=pipe)
             pipe.execute()
+        if outcome == "requeued" or (outcome == "queued" and self.connection.lpos(queue.key, job.id) is None):
+            # ("queued": the reply of a hand-back that did happen was lost; the RQ push had not.)
+            queue.enqueue_job(job, at_front=True)
+        elif outcome == "canceled":
+            job.cancel()
 
 
 class _JobRefused(Exception):

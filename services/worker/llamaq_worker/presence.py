@@ -15,21 +15,33 @@ from llamaq_protocol import keys
 logger = logging.getLogger(__name__)
 
 
-def publish_model(client: redis.Redis, card_fields: dict, tokenizer_json: str) -> ModelCard:
+def model_mapping(card_fields: dict, tokenizer_json: str) -> dict[str, str]:
+    """The `llamaq:model:<name>` hash: the card, and the tokenizer the gateway counts prompt tokens with."""
     card = ModelCard(**card_fields, tokenizer_digest=hashlib.sha256(tokenizer_json.encode()).hexdigest())
-    client.hset(keys.model(card.name), mapping={"card": card.model_dump_json(), "tokenizer_json": tokenizer_json})
+    return {"card": card.model_dump_json(), "tokenizer_json": tokenizer_json}
+
+
+def publish_model(client: redis.Redis, mapping: dict[str, str]) -> ModelCard:
+    card = ModelCard.model_validate_json(mapping["card"])
+    client.hset(keys.model(card.name), mapping=mapping)
     return card
 
 
 class Heartbeat(threading.Thread):
     """Refreshes this worker's entry every `interval_s` on its own connection, so a long decoding step or an
-    idle blocking dequeue never makes a healthy worker look dead."""
+    idle blocking dequeue never makes a healthy worker look dead.
 
-    def __init__(self, redis_url: str, info: WorkerInfo, interval_s: float):
+    Given the model hash (`model_mapping`), each beat also checks that it is still in Redis and writes it again
+    if not: a Redis restarted without persistence has lost it, and without it the gateway would never count a
+    worker as ready again.
+    """
+
+    def __init__(self, redis_url: str, info: WorkerInfo, interval_s: float, model: dict[str, str] | None = None):
         super().__init__(name="llamaq-heartbeat", daemon=True)
         self._client = redis.Redis.from_url(redis_url, socket_timeout=5)
         self._info = info
         self._interval_s = interval_s
+        self._model = model
         self._stopped = threading.Event()
 
     def beat(self) -> None:
@@ -37,7 +49,13 @@ class Heartbeat(threading.Thread):
             pipe.hset(keys.worker(self._info.name), mapping=self._info.model_dump(mode="json"))
             pipe.expire(keys.worker(self._info.name), max(60, int(self._interval_s * 10)))
             pipe.zadd(keys.WORKERS, {self._info.name: time.time()})
-            pipe.execute()
+            if self._model is not None:
+                pipe.exists(keys.model(self._info.model))
+            replies = pipe.execute()
+        if self._model is not None and not replies[-1]:
+            logger.warning("model card of %s missing from Redis (restarted without its data?); publishing it again",
+                           self._info.model)
+            self._client.hset(keys.model(self._info.model), mapping=self._model)
 
     def run(self) -> None:
         while not self._stopped.is_set():
@@ -45,6 +63,8 @@ class Heartbeat(threading.Thread):
                 self.beat()
             except redis.RedisError as exc:
                 logger.warning("heartbeat failed (will retry): %s", exc)
+            except Exception:  # a heartbeat thread that dies makes a healthy worker look dead: never let it
+                logger.exception("heartbeat failed (will retry)")
             self._stopped.wait(self._interval_s)
 
     def stop(self) -> None:

@@ -40,4 +40,10 @@ class WorkerSettings(BaseSettings):
     worker_stale_s: float = Field(default=15, gt=0)
     # How often RQ's own job/execution heartbeats are refreshed while a batch runs.
     rq_heartbeat_s: float = Field(default=10.0, gt=0)
+    # How long a running batch waits for Redis to come back (decoding paused, tokens held) before the worker
+    # exits non-zero and leaves its jobs to the lost-worker sweep.
+    redis_outage_tolerance_s: float = Field(default=120, gt=0)
+    # On SIGTERM: time for the running jobs to finish before they are handed back to the queue. Below compose's
+    # stop_grace_period (60 s), after which the container is killed.
+    drain_timeout_s: float = Field(default=50, ge=0)
     worker_name: str = Field(default_factory=default_worker_name)

@@ -267,6 +267,35 @@ def test_per_sequence_params(engine: Engine, solo_greedy) -> None:
     assert 1 <= final["sampled"].completion_tokens <= 16
 
 
+def test_degenerate_sampling_equals_greedy(engine: Engine, solo_greedy) -> None:
+    """top_k=1, or a tiny top_p, leave one candidate: the sampled rows must equal greedy ones."""
+    texts, _ = drain(
+        engine,
+        {
+            0: [
+                ("k1", chat(engine, "sky"), SamplingParams(max_new_tokens=16, temperature=1.5, top_k=1)),
+                ("p0", chat(engine, "haiku"), SamplingParams(max_new_tokens=16, temperature=1.5, top_p=1e-6)),
+                ("mix", chat(engine, "france"), SamplingParams(max_new_tokens=16, temperature=0.7, top_k=3, top_p=1e-6)),
+            ]
+        },
+    )
+    assert texts["k1"] == solo_greedy["sky"][0]
+    assert texts["p0"] == solo_greedy["haiku"][0]
+    assert texts["mix"] == solo_greedy["france"][0]
+
+
+def test_repetition_penalty_matches_transformers(engine: Engine) -> None:
+    ids = chat(engine, "haiku")
+    text, _ = solo(engine, "haiku", greedy(16, repetition_penalty=1.5))
+    with torch.inference_mode():
+        ref = engine.model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=16, do_sample=False, repetition_penalty=1.5,
+        )
+    expected = engine.tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True)
+    assert text == expected
+
+
 def test_incremental_detokenization_utf8(engine: Engine) -> None:
     """Multi-byte characters split over byte-level tokens are never emitted half-done."""
     from llamaq_worker.engine import _Seq, _StepOutputs
@@ -281,3 +310,16 @@ def test_incremental_detokenization_utf8(engine: Engine) -> None:
         chunks += [o.text for o in outs.result()]
     assert all("\ufffd" not in c for c in chunks)
     assert "".join(chunks) == engine.tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_draw_matches_distribution() -> None:
+    """The inverse-CDF draw samples softmax(scores), never picks a -inf entry, and is reproducible per seed."""
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0])
+    scores = probs.log().expand(4000, -1).contiguous()  # zeros -> -inf
+    g = torch.Generator().manual_seed(0)
+    picks = torch.cat([Engine._draw(scores, [g] * 4000) for _ in range(5)])
+    freq = torch.bincount(picks, minlength=5).double() / picks.numel()
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, probs.double(), atol=0.015)
+    again = Engine._draw(scores[:3], [torch.Generator().manual_seed(7) for _ in range(3)])
+    assert again.tolist() == Engine._draw(scores[:1], [torch.Generator().manual_seed(7)]).tolist() * 3

@@ -6,6 +6,10 @@ from fastapi import APIRouter, Header, Query, Response
 
 from .. import streams
 from ..deps import JobsDep, OwnerDep
+from ..schemas import JobId, error_responses
+
+# Documented, not enforced by FastAPI: a malformed id gets the API's own 400 (streams.resume_point).
+_EVENT_ID = {"pattern": streams.EVENT_ID_PATTERN.pattern}
 
 router = APIRouter(tags=["jobs"])
 
@@ -16,15 +20,17 @@ router = APIRouter(tags=["jobs"])
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "status, token and done events"},
         204: {"description": "the job is over and the client already has its `done` event"},
+        **error_responses(400, 404, 422, 503),
     },
 )
 async def job_events(
-    job_id: str,
+    job_id: JobId,
     jobs: JobsDep,
     owner: OwnerDep,
-    last_event_id_header: Annotated[str | None, Header(alias="last-event-id")] = None,
+    # Typed `str` with a None default (not `str | None`), so the schema says "a string, or leave it out".
+    last_event_id_header: Annotated[str, Header(alias="last-event-id", json_schema_extra=_EVENT_ID)] = None,
     last_event_id: Annotated[
-        str | None, Query(description="for clients that cannot set the Last-Event-ID header")
+        str, Query(description="for clients that cannot set the Last-Event-ID header", json_schema_extra=_EVENT_ID)
     ] = None,
 ) -> Response:
     after = streams.resume_point(last_event_id_header, last_event_id)

@@ -3,15 +3,23 @@
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from llamaq_protocol import GenerationParams
+from llamaq_protocol import GenerationParams, Job
 
 from ..deps import JobsDep, OwnerDep, RequestIdDep
-from ..schemas import GenerateRequest
+from ..schemas import GenerateRequest, error_responses
 
 router = APIRouter(tags=["jobs"])
 
 
-@router.post("/v1/generate", responses={202: {"description": "still running: poll the job"}})
+@router.post(
+    "/v1/generate",
+    response_model=None,
+    responses={
+        200: {"model": Job, "description": "the job, terminal"},
+        202: {"model": Job, "description": "still running: poll the job"},
+        **error_responses(400, 413, 422, 503),
+    },
+)
 async def generate(body: GenerateRequest, jobs: JobsDep, owner: OwnerDep, request_id: RequestIdDep) -> JSONResponse:
     params = GenerationParams.model_validate(body.model_dump(exclude={"wait_s"}, exclude_unset=True))
     job = await jobs.submit(params, owner, request_id)

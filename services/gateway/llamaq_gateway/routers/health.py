@@ -3,17 +3,18 @@ from fastapi.responses import JSONResponse
 
 from ..deps import JobsDep
 from ..errors import error_response
+from ..schemas import error_responses
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=error_responses(auth=False))
 async def healthz() -> dict:
     """200 while this gateway process serves."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "Redis or every worker is away"}})
+@router.get("/readyz", responses=error_responses(503, auth=False))
 async def readyz(jobs: JobsDep) -> JSONResponse:
     """200 when Redis answers and a worker has its model loaded with a fresh heartbeat."""
     try:

@@ -4,30 +4,40 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
-from llamaq_protocol import GenerationParams
+from llamaq_protocol import GenerationParams, Job
 
 from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep
+from ..schemas import JobId, error_responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=202)
+@router.post(
+    "",
+    status_code=202,
+    response_model=None,
+    responses={
+        202: {"model": Job, "description": "queued", "headers": {"Location": {"schema": {"type": "string"}}}},
+        **error_responses(400, 413, 422, 503),
+    },
+)
 async def submit_job(
     params: GenerationParams,
     response: Response,
     jobs: JobsDep,
     owner: OwnerDep,
     request_id: RequestIdDep,
-    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+    # `str` with a None default, so the schema says "a string, or leave it out" (not "null").
+    idempotency_key: Annotated[str, Header(max_length=256)] = None,
 ) -> dict:
     job = await jobs.submit(params, owner, request_id, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job.public()
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", response_model=None, responses={200: {"model": Job}, **error_responses(404, 422, 503)})
 async def get_job(
-    job_id: str,
+    job_id: JobId,
     jobs: JobsDep,
     owner: OwnerDep,
     settings: SettingsDep,
@@ -38,6 +48,6 @@ async def get_job(
     return (await jobs.get(job_id, owner)).public()
 
 
-@router.delete("/{job_id}")
-async def cancel_job(job_id: str, jobs: JobsDep, owner: OwnerDep) -> dict:
+@router.delete("/{job_id}", response_model=None, responses={200: {"model": Job}, **error_responses(404, 422, 503)})
+async def cancel_job(job_id: JobId, jobs: JobsDep, owner: OwnerDep) -> dict:
     return (await jobs.cancel(job_id, owner)).public()

@@ -8,12 +8,12 @@ from llamaq_protocol import GenerationParams, JobStatus
 
 from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep
 from ..errors import JobFailed, WaitTimeout
-from ..schemas import LegacyResponse
+from ..schemas import LegacyResponse, error_responses
 
 router = APIRouter(tags=["original"])
 
 
-@router.post("/", response_model=LegacyResponse)
+@router.post("/", response_model=LegacyResponse, responses=error_responses(400, 413, 422, 503, 504))
 async def original_generate(
     params: GenerationParams, jobs: JobsDep, owner: OwnerDep, request_id: RequestIdDep, settings: SettingsDep
 ) -> LegacyResponse:

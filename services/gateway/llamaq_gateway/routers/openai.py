@@ -5,19 +5,23 @@ from fastapi import APIRouter, Response
 from .. import openai_compat
 from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep
 from ..openai_compat import ChatCompletionRequest, CompletionRequest
+from ..schemas import error_responses
 
 router = APIRouter(tags=["openai"])
 
-_STREAM = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+_STREAM = {
+    200: {"content": {"application/json": {}, "text/event-stream": {}}},
+    **error_responses(400, 404, 413, 422, 503, 504),
+}
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=error_responses(422, 503))
 async def list_models(jobs: JobsDep, owner: OwnerDep) -> dict:
     """The served model; 503 while no worker is ready."""
     return openai_compat.models_list(await jobs.served_model())
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=error_responses(404, 422, 503))
 async def retrieve_model(model_id: str, jobs: JobsDep, owner: OwnerDep) -> dict:
     card = await jobs.served_model()
     openai_compat.check_model(model_id, card)
