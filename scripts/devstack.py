@@ -63,6 +63,9 @@ class Stack:
             GATEWAY_PORT=str(self.gateway_port),
             GATEWAY_HOST="127.0.0.1",
         )
+        # The worker's own Prometheus port: METRICS_PORT if given, else a free one (several stacks may run).
+        self.env.setdefault("METRICS_PORT", str(free_port()))
+        self.worker_metrics_port = int(self.env["METRICS_PORT"])
         self.procs: dict[str, subprocess.Popen] = {}
         self._contexts = contextlib.ExitStack()
         self.nginx = None

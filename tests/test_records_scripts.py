@@ -12,7 +12,7 @@ import redis
 
 from devstack import wait_for_port
 from llamaq_protocol import keys
-from llamaq_protocol.records import CLAIM_SCRIPT, FINISH_SCRIPT, RECLAIM_SCRIPT, TOKENS_SCRIPT, event_data
+from llamaq_protocol.records import CANCEL_SCRIPT, CLAIM_SCRIPT, FINISH_SCRIPT, RECLAIM_SCRIPT, TOKENS_SCRIPT, event_data
 from nginx_local import free_port
 
 JOB = "0123456789abcdef"
@@ -59,12 +59,12 @@ def token_texts(r):
 
 
 def finish(r, finished_at="t2", worker=WORKER):
-    return r.eval(FINISH_SCRIPT, 4, keys.job(JOB), keys.events(JOB), keys.CANCEL_REQUESTS, keys.RUNNING,
+    return r.eval(FINISH_SCRIPT, 5, keys.job(JOB), keys.events(JOB), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS,
                   "succeeded", finished_at, "", "", 60, JOB, worker)
 
 
 def reclaim(r, *extra, worker=WORKER, max_attempts=2):
-    return r.eval(RECLAIM_SCRIPT, 4, keys.job(JOB), keys.events(JOB), keys.CANCEL_REQUESTS, keys.RUNNING,
+    return r.eval(RECLAIM_SCRIPT, 5, keys.job(JOB), keys.events(JOB), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS,
                   worker, max_attempts, "t3", '{"type":"worker_lost","message":"m"}', 60, JOB, *extra)
 
 
@@ -97,6 +97,7 @@ def test_a_repeated_finish_is_recognised_and_a_different_one_is_not(r):
     assert finish(r) == b"finished"
     assert finish(r, finished_at="later") == b"succeeded"
     assert sum(1 for _, f in r.xrange(keys.events(JOB)) if f[b"event"] == b"done") == 1
+    assert r.hgetall(keys.STATS) == {b"succeeded": b"1"}  # counted once, however often the finish ran
 
 
 def test_hand_back_requeues_without_counting_the_attempt(r):
@@ -118,3 +119,19 @@ def test_hand_back_of_a_job_whose_cancel_was_asked_ends_it_canceled(r):
     r.sadd(keys.CANCEL_REQUESTS, JOB)
     assert reclaim(r, "handback") == b"canceled"
     assert r.hget(keys.job(JOB), "status") == b"canceled"
+    assert reclaim(r, "handback") == b"canceled"
+    assert r.hgetall(keys.STATS) == {b"canceled": b"1"}
+
+
+def test_cancel_of_a_queued_job_is_counted_once(r):
+    args = (CANCEL_SCRIPT, 4, keys.job(JOB), keys.events(JOB), keys.CANCEL_REQUESTS, keys.STATS, "t1", JOB, 60)
+    assert r.eval(*args) == b"canceled"
+    assert r.eval(*args) == b"canceled"
+    assert r.hgetall(keys.STATS) == {b"canceled": b"1"}
+
+
+def test_retries_exhausted_fail_once_as_lost(r):
+    claim(r)
+    assert reclaim(r, max_attempts=1) == b"failed"
+    assert reclaim(r, max_attempts=1) == b"failed"
+    assert r.hgetall(keys.STATS) == {b"failed": b"1"}

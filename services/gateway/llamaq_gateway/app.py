@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 import uuid
 from contextlib import asynccontextmanager
 
@@ -12,13 +13,19 @@ import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 
+from llamaq_protocol.logs import request_id_var
+
 from .errors import install_error_handlers
 from .jobs import MAX_BLOCK_MS, JobService
-from .routers import events, generate, health, jobs, legacy, openai
+from .metrics import HTTP_DURATION, HTTP_REQUESTS
+from .routers import events, generate, health, jobs, legacy, metrics, openai
 from .settings import GatewaySettings, get_settings
 from .sweeper import LostWorkerSweeper
 
 logger = logging.getLogger(__name__)
+access_log = logging.getLogger("llamaq_gateway.access")
+# Probes and scrapes, every few seconds: counted in the metrics, not logged.
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -61,13 +68,25 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     @app.middleware("http")
-    async def request_id(request: Request, call_next):
+    async def request_id_log_and_metrics(request: Request, call_next):
+        started = time.perf_counter()
         incoming = request.headers.get("x-request-id", "")
         request.state.request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
+        # Every log line written while this request is handled carries its id.
+        request_id_var.set(request.state.request_id)
         response = await call_next(request)
         response.headers["X-Request-ID"] = request.state.request_id
+        elapsed = time.perf_counter() - started
+        # The route's template, not the path: one series per endpoint, whatever the job ids.
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        HTTP_REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+        HTTP_DURATION.labels(request.method, route).observe(elapsed)
+        if route not in QUIET_ROUTES:
+            access_log.info("%s %s %d", request.method, route, response.status_code,
+                            extra={"status": response.status_code, "duration_ms": round(elapsed * 1000, 1)})
         return response
 
-    for router in (legacy.router, jobs.router, events.router, generate.router, openai.router, health.router):
+    for router in (legacy.router, jobs.router, events.router, generate.router, openai.router, health.router,
+                   metrics.router):
         app.include_router(router)
     return app

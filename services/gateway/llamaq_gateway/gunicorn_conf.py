@@ -1,7 +1,8 @@
 """gunicorn settings, read with `gunicorn -c python:llamaq_gateway.gunicorn_conf`."""
 
-import logging
 import os
+import shutil
+import tempfile
 
 from llamaq_gateway.settings import get_settings
 
@@ -20,8 +21,34 @@ keepalive = 75
 forwarded_allow_ips = "*"
 if os.path.isdir("/dev/shm"):
     worker_tmp_dir = "/dev/shm"  # heartbeat files off the container's overlay disk
-accesslog = "-"
+# The gateway logs each request itself (with its request id, as JSON); gunicorn's own lines go the same way.
+accesslog = None
 errorlog = "-"
 loglevel = _settings.log_level.lower()
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"llamaq": {"()": "llamaq_protocol.logs.formatter", "service": "gateway",
+                              "log_format": _settings.log_format}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "llamaq", "stream": "ext://sys.stderr"}},
+    "root": {"level": _settings.log_level.upper(), "handlers": ["stderr"]},
+    # uvicorn's loggers take these two loggers' handlers in each worker (uvicorn_worker), so set them here.
+    "loggers": {
+        "gunicorn.error": {"level": _settings.log_level.upper(), "handlers": ["stderr"], "propagate": False},
+        "gunicorn.access": {"level": "WARNING", "handlers": ["stderr"], "propagate": False},
+    },
+}
 
-logging.basicConfig(level=_settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# Metrics from every gunicorn worker process are summed at scrape time (prometheus-client multiprocess mode):
+# each process writes its values into this folder, emptied at every start so no dead process is counted.
+# Set here, in the master, before any worker imports prometheus_client.
+_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="llamaq-gateway-metrics-")
+shutil.rmtree(_metrics_dir, ignore_errors=True)
+os.makedirs(_metrics_dir)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -35,6 +35,8 @@ UNFINISHED_RECORD_TTL_S = 7 * 24 * 3600
 MAX_BLOCK_MS = 20_000
 # A request already waiting on its job rides out a Redis restart this long (the job itself is safe) before 503.
 REDIS_BLIP_S = 30.0
+# The served model's card is read from Redis at most this often (it changes only when a worker's model does).
+MODEL_CARD_CACHE_S = 1.0
 
 
 class JobService:
@@ -44,6 +46,8 @@ class JobService:
         self.sync = sync
         self.queue = Queue(settings.queue_name, connection=sync, serializer=JSONSerializer)
         self._counters: dict[tuple[str, str], PromptCounter] = {}
+        self._card: ModelCard | None = None
+        self._card_read_at = float("-inf")
 
     # ---- readiness -------------------------------------------------------------------------------------------
 
@@ -53,13 +57,17 @@ class JobService:
         return [n.decode() if isinstance(n, bytes) else n for n in names]
 
     async def served_model(self) -> ModelCard:
-        """The model card of a ready worker, or 503 when none is ready."""
+        """The model card of a ready worker (as of at most MODEL_CARD_CACHE_S ago), or 503 when none is ready."""
+        if time.monotonic() - self._card_read_at < MODEL_CARD_CACHE_S and self._card is not None:
+            return self._card
         for name in await self.ready_workers():
             model_name = await self.aio.hget(keys.worker(name), "model")
             if model_name:
                 card_json = await self.aio.hget(keys.model(model_name.decode()), "card")
                 if card_json:
-                    return ModelCard.model_validate_json(card_json)
+                    self._card = ModelCard.model_validate_json(card_json)
+                    self._card_read_at = time.monotonic()
+                    return self._card
         raise NoReadyWorker("no worker has a model loaded and a fresh heartbeat")
 
     async def _prompt_counter(self, card: ModelCard) -> PromptCounter:
@@ -105,12 +113,28 @@ class JobService:
             existing = await self._idempotent_job(params, owner, idempotency_key)
             if existing is not None:
                 return existing
-        job_id = uuid.uuid4().hex
-        created_at = utc_now()
-        payload = JobPayload(job_id=job_id, params=params, request_id=request_id)
-        await anyio.to_thread.run_sync(self._enqueue, payload, owner, created_at, request_id, idempotency_key)
-        logger.info("job queued", extra={"job_id": job_id, "request_id": request_id})
+        job_id, _ = await self._queue_job(params, owner, request_id, idempotency_key)
         return await self.get(job_id, owner)
+
+    async def submit_and_wait(
+        self, params: GenerationParams, owner: str, request_id: str | None, timeout_s: float
+    ) -> Job:
+        """Queue a job and wait for it (see `wait`), reading its events from the moment it was queued."""
+        await self.check_params(params)
+        job_id, queued_event_id = await self._queue_job(params, owner, request_id, None)
+        return await self.wait(job_id, owner, timeout_s, since=queued_event_id)
+
+    async def _queue_job(
+        self, params: GenerationParams, owner: str, request_id: str | None, idempotency_key: str | None
+    ) -> tuple[str, bytes]:
+        """The new job's id, and the id of its `queued` event."""
+        job_id = uuid.uuid4().hex
+        payload = JobPayload(job_id=job_id, params=params, request_id=request_id)
+        queued_event_id = await anyio.to_thread.run_sync(
+            self._enqueue, payload, owner, utc_now(), request_id, idempotency_key
+        )
+        logger.info("job queued", extra={"job_id": job_id, "request_id": request_id})
+        return job_id, queued_event_id
 
     async def _idempotent_job(self, params: GenerationParams, owner: str, key: str) -> Job | None:
         stored = await self.aio.get(keys.idempotency(owner, key))
@@ -131,7 +155,7 @@ class JobService:
         created_at,
         request_id: str | None,
         idempotency_key: str | None,
-    ) -> None:
+    ) -> bytes:
         if self.queue.count >= self.settings.max_queue:
             raise QueueFull(f"the queue holds {self.settings.max_queue} jobs already; retry later")
         job_id = payload.job_id
@@ -161,7 +185,8 @@ class JobService:
                 description=f"llamaq.generate {job_id}",
                 pipeline=pipe,
             )
-            pipe.execute()
+            replies = pipe.execute()
+        return replies[2]  # the XADD's entry id
 
     # ---- read ------------------------------------------------------------------------------------------------
 
@@ -176,16 +201,24 @@ class JobService:
             position = await self.aio.lpos(self.queue.key, job_id)
         return job_from_record(job_id, record, position)
 
-    async def wait(self, job_id: str, owner: str, timeout_s: float) -> Job:
-        """The job once terminal, or as it is when `timeout_s` runs out; wakes on the job's event stream."""
+    async def wait(self, job_id: str, owner: str, timeout_s: float, since: bytes | None = None) -> Job:
+        """The job once terminal, or as it is when `timeout_s` runs out; wakes on the job's event stream.
+
+        `since`: the id of an event of this job's stream known to be no later than its current state (the job
+        was just queued by this caller), which spares reading the stream's tail and the job before waiting.
+        """
         events_key = keys.events(job_id)
-        latest = await self.aio.xrevrange(events_key, count=1) if JOB_ID_PATTERN.match(job_id) else []
-        last_id = latest[0][0] if latest else b"0-0"
-        # Read the record after taking the stream position: a change made after that wakes the XREAD below.
-        job = await self.get(job_id, owner)
+        job: Job | None = None
+        if since is None:
+            latest = await self.aio.xrevrange(events_key, count=1) if JOB_ID_PATTERN.match(job_id) else []
+            last_id = latest[0][0] if latest else b"0-0"
+            # Read the record after taking the stream position: a change made after that wakes the XREAD below.
+            job = await self.get(job_id, owner)
+        else:
+            last_id = since
         deadline = time.monotonic() + timeout_s
         outage_since = None
-        while not job.status.is_terminal():
+        while job is None or not job.status.is_terminal():
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 break
@@ -204,7 +237,7 @@ class JobService:
                 await anyio.sleep(0.5)
                 continue
             outage_since = None
-        return job
+        return job if job is not None else await self.get(job_id, owner)
 
     # ---- cancel ----------------------------------------------------------------------------------------------
 
@@ -214,10 +247,11 @@ class JobService:
             return job
         outcome = await self.aio.eval(
             CANCEL_SCRIPT,
-            3,
+            4,
             keys.job(job_id),
             keys.events(job_id),
             keys.CANCEL_REQUESTS,
+            keys.STATS,
             utc_now().isoformat(),
             job_id,
             self.settings.result_ttl_s,

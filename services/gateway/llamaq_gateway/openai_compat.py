@@ -393,10 +393,10 @@ async def respond(
     params = to_params(req, settings.max_new_tokens_limit)
     card = await jobs.served_model()
     check_model(req.model, card)
-    job = await jobs.submit(params, owner, request_id)
     if req.stream:
+        job = await jobs.submit(params, owner, request_id)
         return streams.sse_response(stream_completion(kind, jobs, job, owner, card.name, req.include_usage()))
-    job = await jobs.wait(job.id, owner, settings.max_generate_wait_s)
+    job = await jobs.submit_and_wait(params, owner, request_id, settings.max_generate_wait_s)
     if job.status is JobStatus.failed:
         error = job.error
         raise JobFailed(error.type if error else "internal_error",

@@ -1,4 +1,5 @@
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,6 +15,8 @@ class GatewaySettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_name: str = DEFAULT_QUEUE_NAME
     log_level: str = "INFO"
+    # json: one object per line carrying the request id; text: for reading in a terminal.
+    log_format: Literal["json", "text"] = "json"
     gateway_port: int = 8000
 
     result_ttl_s: int = Field(default=3600, ge=1)

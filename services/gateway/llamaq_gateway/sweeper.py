@@ -117,11 +117,12 @@ class LostWorkerSweeper:
         )
         outcome = await self.jobs.aio.eval(
             RECLAIM_SCRIPT,
-            4,
+            5,
             keys.job(job_id),
             keys.events(job_id),
             keys.CANCEL_REQUESTS,
             keys.RUNNING,
+            keys.STATS,
             worker,
             self.settings.job_retries + 1,
             utc_now().isoformat(),

@@ -11,6 +11,13 @@ RUNNING = f"{PREFIX}:running"
 # Held by the one gateway process that runs the lost-worker sweep at a time.
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
 WORKERS = f"{PREFIX}:workers"
+# Jobs ended so far, by final status (a hash), counted by the job-state scripts.
+STATS = f"{PREFIX}:stats"
+
+
+def worker_metrics(name: str) -> str:
+    """A worker's own Prometheus exposition, refreshed with its heartbeat, merged into the gateway's /metrics."""
+    return f"{PREFIX}:metrics:{name}"
 
 
 def job(job_id: str) -> str:

@@ -1,7 +1,8 @@
 """The job record: a Redis hash per job, its event stream, and the atomic state changes on them.
 
 The Lua scripts are the only writers of `status`, so a job moves queued -> running -> terminal exactly
-once even when the gateway cancels while a worker claims. Each side runs them with its own client.
+once even when the gateway cancels while a worker claims. Each side runs them with its own client. The scripts
+that end a job also count it in the stats hash (jobs by final status, for /metrics), in the same atomic step.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"running"
 return 'claimed'
 """
 
-# KEYS: job, events, cancel set. ARGV: finished_at, job id, ttl seconds.
+# KEYS: job, events, cancel set, stats. ARGV: finished_at, job id, ttl seconds.
 # Returns "canceled" (was queued), "running" (flagged for the worker) or the terminal status.
 CANCEL_SCRIPT = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
 if s == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1])
+  redis.call('HINCRBY', KEYS[4], 'canceled', 1)
   redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"canceled"}')
   redis.call('XADD', KEYS[2], '*', 'event', 'done', 'data', '{}')
   redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -52,8 +54,8 @@ end
 return s
 """
 
-# KEYS: job, events, cancel set, running set. ARGV: status, finished_at, output json or "", error json or "",
-# ttl, job id, worker name. Only the worker that holds the job may finish it: one whose job was given away as
+# KEYS: job, events, cancel set, running set, stats. ARGV: status, finished_at, output json or "",
+# error json or "", ttl, job id, worker name. Only the worker that holds the job may finish it: one whose job was given away as
 # lost (it stalled past the heartbeat deadline) gets "lost" and must drop it.
 FINISH_SCRIPT = """
 local s = redis.call('HGET', KEYS[1], 'status')
@@ -65,6 +67,7 @@ if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[7] then return 'lost' end
 redis.call('SREM', KEYS[3], ARGV[6])
 redis.call('SREM', KEYS[4], ARGV[6])
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
+redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'output', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
 redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"' .. ARGV[1] .. '"}')
@@ -74,7 +77,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[5])
 return 'finished'
 """
 
-# KEYS: job, events, cancel set, running set. ARGV: worker name believed lost, max attempts, finished_at,
+# KEYS: job, events, cancel set, running set, stats. ARGV: worker name believed lost, max attempts, finished_at,
 # error json, ttl, job id, and optionally "handback". A job still held by that worker goes back to the queue
 # while it has attempts left ("requeued": the caller pushes it onto the RQ queue), else fails as worker_lost
 # ("failed"); one whose cancel was requested ends "canceled". With "handback" the worker itself gives the job
@@ -109,6 +112,7 @@ else
   redis.call('HSET', KEYS[1], 'error', ARGV[4])
 end
 redis.call('HSET', KEYS[1], 'status', final, 'finished_at', ARGV[3])
+redis.call('HINCRBY', KEYS[5], final, 1)
 redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"' .. final .. '"}')
 redis.call('XADD', KEYS[2], '*', 'event', 'done', 'data', '{}')
 redis.call('EXPIRE', KEYS[1], ARGV[5])

@@ -16,6 +16,7 @@ running then are handed back to the queue (their attempt not counted) for anothe
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from llamaq_protocol import FinishReason, JobError, JobOutput, JobPayload, JobSt
 from llamaq_protocol import keys
 from llamaq_protocol.records import CLAIM_SCRIPT, FINISH_SCRIPT, RECLAIM_SCRIPT, TOKENS_SCRIPT, event_data
 
+from .metrics import WorkerMetrics, seconds_since
 from .sequences import SamplingParams, StepOutput
 from .settings import WorkerSettings
 
@@ -64,6 +66,9 @@ class Slot:
     prompt_tokens: int
     max_new_tokens: int
     deadline: float
+    admitted_at: float = field(default_factory=time.monotonic)
+    # Seconds the job had waited since its enqueue when it was admitted (None if RQ did not record it).
+    waited_s: float | None = None
     text: str = ""
     completion_tokens: int = 0
     token_events: int = 0
@@ -86,10 +91,13 @@ class BatchWorker(SimpleWorker):
     # idle for up to a minute after Redis is back).
     max_connection_wait_time = 5.0
 
-    def __init__(self, queues, *, engine: Engine | EchoEngine, settings: WorkerSettings, **kwargs):
+    def __init__(
+        self, queues, *, engine: Engine | EchoEngine, settings: WorkerSettings, metrics: WorkerMetrics, **kwargs
+    ):
         super().__init__(queues, **kwargs)
         self.engine = engine
         self.settings = settings
+        self.metrics = metrics
         self.slots: dict[str, Slot] = {}
         self._claim = self.connection.register_script(CLAIM_SCRIPT)
         self._finish = self.connection.register_script(FINISH_SCRIPT)
@@ -117,6 +125,8 @@ class BatchWorker(SimpleWorker):
                     break
                 self._claim_more()
                 self._apply_cancels_and_timeouts()
+                self.metrics.batch_size.observe(len(self.slots))
+                self.metrics.jobs_in_batch.set(len(self.slots))
                 outputs = self.engine.step()
                 self._publish(outputs)
                 self._maintain_rq_heartbeats()
@@ -125,6 +135,7 @@ class BatchWorker(SimpleWorker):
             raise
         finally:
             self._in_batch = False
+            self.metrics.jobs_in_batch.set(len(self.slots))
         self.set_state(WorkerStatus.IDLE)
 
     def _claim_more(self) -> None:
@@ -187,15 +198,21 @@ class BatchWorker(SimpleWorker):
         timeout = job.timeout if job.timeout and job.timeout > 0 else self.queue_class.DEFAULT_TIMEOUT
         slot = Slot(
             rq_job=job, queue=queue, execution=self.execution, request_id=None, prompt_tokens=0,
-            max_new_tokens=0, deadline=time.monotonic() + timeout,
+            max_new_tokens=0, deadline=time.monotonic() + timeout, waited_s=seconds_since(job.enqueued_at),
         )
         self.slots[job.id] = slot
+        if slot.waited_s is not None:
+            self.metrics.queue_wait.observe(slot.waited_s)
         try:
             payload = JobPayload.model_validate(job.args[0] if job.args else None)
             slot.request_id = payload.request_id
             params = payload.params
+            if self.settings.log_prompts:
+                logger.info("job %s prompt", job.id, extra={"job_id": job.id, "request_id": slot.request_id,
+                                                            "messages": json.dumps(params.chat_messages())})
             prompt_ids = self.engine.encode_chat(params.chat_messages())
             slot.prompt_tokens = len(prompt_ids)
+            self.metrics.prompt_tokens.inc(len(prompt_ids))
             slot.max_new_tokens = params.max_new_tokens
             if len(prompt_ids) + params.max_new_tokens > self.engine.context_length:
                 raise _JobRefused(
@@ -261,6 +278,10 @@ class BatchWorker(SimpleWorker):
             slot = self.slots.get(out.seq_id)
             if slot is None:
                 continue
+            if out.completion_tokens > slot.completion_tokens:
+                if slot.completion_tokens == 0 and slot.waited_s is not None:
+                    self.metrics.first_token.observe(slot.waited_s + time.monotonic() - slot.admitted_at)
+                self.metrics.generated_tokens.inc(out.completion_tokens - slot.completion_tokens)
             slot.completion_tokens = out.completion_tokens
             if out.text and not slot.lost:
                 slot.text += out.text
@@ -338,7 +359,7 @@ class BatchWorker(SimpleWorker):
         # The same arguments on every try: a finish retried after a lost reply is recognised as done.
         outcome = self._until_redis(
             "finishing a job", self._finish,
-            keys=[keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING],
+            keys=[keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS],
             args=[
                 status.value,
                 utc_now().isoformat(),
@@ -359,8 +380,10 @@ class BatchWorker(SimpleWorker):
         else:
             self._until_redis("closing a job", self._record_in_rq, job, queue, status, output, error)
         self._point_worker_at_running_job()
+        self.metrics.run_time.observe(time.monotonic() - slot.admitted_at)
         logger.info("job %s %s (%d tokens)", job_id, status.value, slot.completion_tokens,
-                    extra={"job_id": job_id, "request_id": slot.request_id})
+                    extra={"job_id": job_id, "request_id": slot.request_id, "status": status.value,
+                           "completion_tokens": slot.completion_tokens})
 
     def _close_execution(self, job: RQJob) -> None:
         with self.connection.pipeline() as pipe:
@@ -510,7 +533,7 @@ class BatchWorker(SimpleWorker):
             self.engine.cancel(job_id)
             outcome = self._until_redis(
                 "handing a job back", self._reclaim,
-                keys=[keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING],
+                keys=[keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS],
                 args=[self.name, 0, utc_now().isoformat(), "", self.settings.result_ttl_s, job_id, "handback"],
             )
             outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)

@@ -95,6 +95,9 @@ class EchoEngine:
             self._by_id[seq_id] = seq
             self._pending.append(seq)
 
+    def device_memory(self) -> tuple[int, int]:
+        return 0, 0  # no model, no GPU
+
     def cancel(self, seq_id: str) -> None:
         with self._lock:
             seq = self._by_id.get(seq_id)

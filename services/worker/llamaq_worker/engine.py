@@ -366,6 +366,12 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def device_memory(self) -> tuple[int, int]:
+        """Bytes of GPU memory (allocated by tensors, reserved by torch's caching allocator); 0, 0 off CUDA."""
+        if self.device.type != "cuda":
+            return 0, 0
+        return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
+
     # ------------------------------------------------------------------ admission
 
     def _admit(self, new: list[_Seq], outputs: _StepOutputs) -> None:

@@ -3,6 +3,7 @@
 import logging
 import os
 
+from .download_progress import DownloadProgress
 from .settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -16,6 +17,9 @@ def resolve_model_dir(settings: WorkerSettings) -> str:
     from modelscope import snapshot_download  # imported late: only the download path needs it
 
     logger.info("fetching %s into %s (resumes a partial download)", settings.model_id, settings.model_cache)
-    model_dir = snapshot_download(settings.model_id, cache_dir=settings.model_cache)
+    # modelscope resumes each partial file with HTTP Range requests and locks files against a second downloader;
+    # progress goes to the log every 30 s (no terminal for its bars in a container).
+    with DownloadProgress(settings.model_cache):
+        model_dir = snapshot_download(settings.model_id, cache_dir=settings.model_cache)
     logger.info("model files ready in %s", model_dir)
     return model_dir

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 
@@ -36,19 +37,31 @@ class Heartbeat(threading.Thread):
     worker as ready again.
     """
 
-    def __init__(self, redis_url: str, info: WorkerInfo, interval_s: float, model: dict[str, str] | None = None):
+    def __init__(
+        self,
+        redis_url: str,
+        info: WorkerInfo,
+        interval_s: float,
+        model: dict[str, str] | None = None,
+        metrics: Callable[[], bytes] | None = None,
+    ):
         super().__init__(name="llamaq-heartbeat", daemon=True)
         self._client = redis.Redis.from_url(redis_url, socket_timeout=5)
         self._info = info
         self._interval_s = interval_s
         self._model = model
+        # This worker's Prometheus exposition, stored with each beat for the gateway's /metrics.
+        self._metrics = metrics
         self._stopped = threading.Event()
 
     def beat(self) -> None:
+        ttl_s = max(60, int(self._interval_s * 10))
         with self._client.pipeline(transaction=False) as pipe:
             pipe.hset(keys.worker(self._info.name), mapping=self._info.model_dump(mode="json"))
-            pipe.expire(keys.worker(self._info.name), max(60, int(self._interval_s * 10)))
+            pipe.expire(keys.worker(self._info.name), ttl_s)
             pipe.zadd(keys.WORKERS, {self._info.name: time.time()})
+            if self._metrics is not None:
+                pipe.set(keys.worker_metrics(self._info.name), self._metrics(), ex=ttl_s)
             if self._model is not None:
                 pipe.exists(keys.model(self._info.model))
             replies = pipe.execute()
@@ -72,7 +85,7 @@ class Heartbeat(threading.Thread):
         try:
             with self._client.pipeline(transaction=False) as pipe:
                 pipe.zrem(keys.WORKERS, self._info.name)
-                pipe.delete(keys.worker(self._info.name))
+                pipe.delete(keys.worker(self._info.name), keys.worker_metrics(self._info.name))
                 pipe.execute()
         except redis.RedisError:
             pass  # the entry ages out by itself

@@ -23,6 +23,13 @@ class WorkerSettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_name: str = DEFAULT_QUEUE_NAME
     log_level: str = "INFO"
+    # json: one object per line with job_id and request_id; text: for reading in a terminal.
+    log_format: Literal["json", "text"] = "json"
+    # Log each job's messages (off: prompts are the users' data).
+    log_prompts: bool = False
+    # Prometheus metrics of this worker on GET :METRICS_PORT/metrics; 0 serves none (the gateway's /metrics
+    # still shows them, via Redis).
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
 
     model_id: str = DEFAULT_MODEL_ID
     # A local model folder; when unset the model is fetched with modelscope's snapshot_download.

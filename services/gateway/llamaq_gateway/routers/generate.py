@@ -22,8 +22,7 @@ router = APIRouter(tags=["jobs"])
 )
 async def generate(body: GenerateRequest, jobs: JobsDep, owner: OwnerDep, request_id: RequestIdDep) -> JSONResponse:
     params = GenerationParams.model_validate(body.model_dump(exclude={"wait_s"}, exclude_unset=True))
-    job = await jobs.submit(params, owner, request_id)
-    job = await jobs.wait(job.id, owner, body.wait_s)
+    job = await jobs.submit_and_wait(params, owner, request_id, body.wait_s)
     if job.status.is_terminal():
         return JSONResponse(job.public())
     return JSONResponse(job.public(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})

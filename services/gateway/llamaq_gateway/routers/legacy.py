@@ -17,8 +17,7 @@ router = APIRouter(tags=["original"])
 async def original_generate(
     params: GenerationParams, jobs: JobsDep, owner: OwnerDep, request_id: RequestIdDep, settings: SettingsDep
 ) -> LegacyResponse:
-    job = await jobs.submit(params, owner, request_id)
-    job = await jobs.wait(job.id, owner, settings.legacy_wait_s)
+    job = await jobs.submit_and_wait(params, owner, request_id, settings.legacy_wait_s)
     if job.status is JobStatus.failed and job.error:
         raise JobFailed(job.error.type, f"job {job.id} failed: {job.error.message}")
     if not job.status.is_terminal():

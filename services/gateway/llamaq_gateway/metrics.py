@@ -1,0 +1,102 @@
+"""Prometheus metrics for `GET /metrics`.
+
+Three sources, one exposition:
+- this gateway's HTTP series, summed over every gunicorn process (prometheus-client's multiprocess mode: each
+  process writes its values under PROMETHEUS_MULTIPROC_DIR, which gunicorn_conf prepares);
+- the queue as Redis holds it, read at scrape time: queue depth, running jobs, live workers, jobs by final
+  status (counted by the job-state scripts, so every worker's and the sweeper's outcomes are in it);
+- every live worker's own series (it stores its exposition with each heartbeat), under a `worker` label.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from llamaq_protocol import JobStatus, keys
+
+__all__ = ["CONTENT_TYPE_LATEST", "HTTP_DURATION", "HTTP_REQUESTS", "ClusterState", "render"]
+
+HTTP_REQUESTS = Counter("llamaq_http_requests", "Requests answered by the gateway", ["method", "route", "status"])
+HTTP_DURATION = Histogram(
+    "llamaq_http_request_duration_seconds", "Time the gateway took to answer (waits for jobs included)",
+    ["method", "route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+TERMINAL_STATUSES = [status.value for status in JobStatus if status.is_terminal()]
+
+
+@dataclass(eq=False)  # registered as a collector, so hashed by identity
+class ClusterState:
+    """What Redis says at scrape time."""
+
+    queue_name: str
+    queue_depth: int
+    jobs_running: int
+    finished: dict[str, int]
+    workers_alive: int
+    # worker name -> its exposition text
+    worker_metrics: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    async def read(cls, aio, queue_name: str, queue_key: str, worker_stale_s: float) -> ClusterState:
+        fresh_since = time.time() - worker_stale_s
+        async with aio.pipeline(transaction=False) as pipe:
+            pipe.llen(queue_key)
+            pipe.scard(keys.RUNNING)
+            pipe.hgetall(keys.STATS)
+            pipe.zrangebyscore(keys.WORKERS, fresh_since, "+inf")
+            depth, running, stats, workers = await pipe.execute()
+        names = [name.decode() for name in workers]
+        texts = await aio.mget([keys.worker_metrics(name) for name in names]) if names else []
+        return cls(
+            queue_name=queue_name,
+            queue_depth=depth,
+            jobs_running=running,
+            finished={k.decode(): int(v) for k, v in stats.items()},
+            workers_alive=len(names),
+            worker_metrics={name: text.decode() for name, text in zip(names, texts) if text},
+        )
+
+    def collect(self):
+        depth = GaugeMetricFamily("llamaq_queue_depth", "Jobs waiting in the queue", labels=["queue"])
+        depth.add_metric([self.queue_name], self.queue_depth)
+        yield depth
+        yield GaugeMetricFamily("llamaq_jobs_running", "Jobs held by workers now", value=self.jobs_running)
+        yield GaugeMetricFamily("llamaq_workers_alive", "Workers with a fresh heartbeat",
+                                value=self.workers_alive)
+        finished = CounterMetricFamily("llamaq_jobs_finished", "Jobs ended, by final status", labels=["status"])
+        for status in TERMINAL_STATUSES:
+            finished.add_metric([status], self.finished.get(status, 0))
+        yield finished
+        yield from _merge_workers(self.worker_metrics)
+
+
+def _merge_workers(texts: dict[str, str]):
+    """Each worker's families, merged by name (a family may appear only once), each sample labelled by worker."""
+    merged: dict[str, Metric] = {}
+    for worker, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text):
+            target = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            for sample in family.samples:
+                target.add_sample(sample.name, {"worker": worker, **sample.labels}, sample.value)
+    yield from merged.values()
+
+
+def _process_registry() -> CollectorRegistry:
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return registry
+    return REGISTRY  # one process (tests, `uvicorn` by hand)
+
+
+def render(state: ClusterState) -> bytes:
+    cluster = CollectorRegistry()
+    cluster.register(state)
+    return generate_latest(_process_registry()) + generate_latest(cluster)

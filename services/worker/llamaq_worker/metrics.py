@@ -1,0 +1,61 @@
+"""The worker's Prometheus metrics.
+
+They live in this process's own registry and leave it two ways: served on METRICS_PORT (Prometheus scrapes
+each worker, e.g. one pod each) and written to Redis with every heartbeat, from where the gateway's /metrics
+merges every live worker's series under a `worker` label (one scrape target behind nginx).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest, start_http_server,
+)
+
+# Counters without their `_created` twins: half the series, and the gateway's merge stays simple.
+disable_created_metrics()
+
+# Latencies on CPU run to minutes, on a GPU to milliseconds.
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class WorkerMetrics:
+    def __init__(self, device_memory: Callable[[], tuple[int, int]]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_wait = Histogram("llamaq_job_queue_wait_seconds", "Time from enqueue to a worker admitting the job",
+                                    buckets=SECONDS_BUCKETS, registry=r)
+        self.run_time = Histogram("llamaq_job_run_seconds", "Time from admission to the job's end on the worker",
+                                  buckets=SECONDS_BUCKETS, registry=r)
+        self.first_token = Histogram("llamaq_time_to_first_token_seconds",
+                                     "Time from enqueue to the job's first generated token (what a client waits)",
+                                     buckets=SECONDS_BUCKETS, registry=r)
+        self.generated_tokens = Counter("llamaq_generated_tokens", "Completion tokens generated", registry=r)
+        self.prompt_tokens = Counter("llamaq_prompt_tokens", "Prompt tokens of admitted jobs", registry=r)
+        self.batch_size = Histogram("llamaq_batch_size", "Sequences in the batch at each decoding step",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.jobs_in_batch = Gauge("llamaq_worker_jobs_running", "Jobs in this worker's batch now", registry=r)
+        used = Gauge("llamaq_gpu_memory_used_bytes", "GPU memory held by tensors (0 on a CPU worker)", registry=r)
+        reserved = Gauge("llamaq_gpu_memory_reserved_bytes", "GPU memory reserved by torch's allocator (0 on a CPU "
+                         "worker)", registry=r)
+        used.set_function(lambda: device_memory()[0])
+        reserved.set_function(lambda: device_memory()[1])
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def serve(self, port: int) -> None:
+        """A daemon thread answering GET /metrics on `port` (threads only: the worker never forks)."""
+        start_http_server(port, registry=self.registry)
+
+
+def seconds_since(moment: datetime | None) -> float | None:
+    """Age of an RQ timestamp (RQ writes UTC, naive in older releases); None when unknown."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return max(0.0, (datetime.now(timezone.utc) - moment).total_seconds())
