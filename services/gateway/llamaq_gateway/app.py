@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 import redis
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from llamaq_protocol.logs import request_id_var
 
@@ -28,6 +28,48 @@ access_log = logging.getLogger("llamaq_gateway.access")
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestContext:
+    """Per request: its id (the client's or nginx's X-Request-ID, else a new one) in `request.state`, in every
+    log line written meanwhile and on the response; then one access-log line and the HTTP metrics.
+
+    Plain ASGI rather than `@app.middleware("http")`, which runs every request in an extra task.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
+        request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        context = request_id_var.set(request_id)
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message["headers"] = [*headers, (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            # The route's template, not the path: one series per endpoint, whatever the job ids.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            HTTP_REQUESTS.labels(scope["method"], route, str(status)).inc()
+            HTTP_DURATION.labels(scope["method"], route).observe(elapsed)
+            if route not in QUIET_ROUTES:
+                access_log.info("%s %s %d", scope["method"], route, status,
+                                extra={"status": status, "duration_ms": round(elapsed * 1000, 1)})
+            request_id_var.reset(context)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -67,25 +109,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def request_id_log_and_metrics(request: Request, call_next):
-        started = time.perf_counter()
-        incoming = request.headers.get("x-request-id", "")
-        request.state.request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
-        # Every log line written while this request is handled carries its id.
-        request_id_var.set(request.state.request_id)
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = request.state.request_id
-        elapsed = time.perf_counter() - started
-        # The route's template, not the path: one series per endpoint, whatever the job ids.
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        HTTP_REQUESTS.labels(request.method, route, str(response.status_code)).inc()
-        HTTP_DURATION.labels(request.method, route).observe(elapsed)
-        if route not in QUIET_ROUTES:
-            access_log.info("%s %s %d", request.method, route, response.status_code,
-                            extra={"status": response.status_code, "duration_ms": round(elapsed * 1000, 1)})
-        return response
-
+    app.add_middleware(RequestContext)
     for router in (legacy.router, jobs.router, events.router, generate.router, openai.router, health.router,
                    metrics.router):
         app.include_router(router)

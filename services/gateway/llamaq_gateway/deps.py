@@ -1,4 +1,7 @@
-"""FastAPI dependencies as `Annotated` aliases, so handlers stay one-liners."""
+"""FastAPI dependencies as `Annotated` aliases, so handlers stay one-liners.
+
+All `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per dependency per request.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +18,15 @@ from .settings import GatewaySettings
 PUBLIC_OWNER = "public"
 
 
-def _settings(request: Request) -> GatewaySettings:
+async def _settings(request: Request) -> GatewaySettings:
     return request.app.state.settings
 
 
-def _jobs(request: Request) -> JobService:
+async def _jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
 
-def _owner(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+async def _owner(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
     """Who is asking: with API_KEYS set, a digest of their key (jobs are visible to that key only)."""
     valid_keys: list[str] = request.app.state.api_keys
     if not valid_keys:
@@ -40,7 +43,7 @@ def _owner(request: Request, authorization: Annotated[str | None, Header()] = No
     return hashlib.sha256(presented.encode()).hexdigest()[:32]
 
 
-def _request_id(request: Request) -> str | None:
+async def _request_id(request: Request) -> str | None:
     return request.state.request_id
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import re
 import time
@@ -17,7 +19,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 
-from llamaq_protocol import GenerationParams, Job, JobPayload, ModelCard, utc_now
+from llamaq_protocol import GenerationParams, Job, JobPayload, JobStatus, ModelCard, utc_now
 from llamaq_protocol import keys
 from llamaq_protocol.records import CANCEL_SCRIPT, EVENT_DONE, EVENT_STATUS, job_from_record, new_record
 
@@ -35,6 +37,8 @@ UNFINISHED_RECORD_TTL_S = 7 * 24 * 3600
 MAX_BLOCK_MS = 20_000
 # A request already waiting on its job rides out a Redis restart this long (the job itself is safe) before 503.
 REDIS_BLIP_S = 30.0
+# Prompts shorter than this are counted on the event loop (well under a millisecond); longer ones in a thread.
+INLINE_COUNT_CHARS = 4000
 # The served model's card is read from Redis at most this often (it changes only when a worker's model does).
 MODEL_CARD_CACHE_S = 1.0
 
@@ -90,8 +94,12 @@ class JobService:
             raise InvalidRequest(f"max_new_tokens: must be at most {limit}")
         card = await self.served_model()
         counter = await self._prompt_counter(card)
+        messages = params.chat_messages()
         try:
-            prompt_tokens = await anyio.to_thread.run_sync(counter.count, params.chat_messages())
+            if sum(len(m.get("content") or "") for m in messages) < INLINE_COUNT_CHARS:
+                prompt_tokens = counter.count(messages)
+            else:
+                prompt_tokens = await anyio.to_thread.run_sync(counter.count, messages)
         except Exception as exc:  # a template that refuses this conversation (e.g. roles out of order)
             raise InvalidRequest(f"messages: the model's chat template rejected them: {exc}") from exc
         if prompt_tokens > self.settings.max_prompt_tokens:
@@ -128,13 +136,34 @@ class JobService:
         self, params: GenerationParams, owner: str, request_id: str | None, idempotency_key: str | None
     ) -> tuple[str, bytes]:
         """The new job's id, and the id of its `queued` event."""
+        if await self.aio.llen(self.queue.key) >= self.settings.max_queue:
+            raise QueueFull(f"the queue holds {self.settings.max_queue} jobs already; retry later")
         job_id = uuid.uuid4().hex
         payload = JobPayload(job_id=job_id, params=params, request_id=request_id)
-        queued_event_id = await anyio.to_thread.run_sync(
-            self._enqueue, payload, owner, utc_now(), request_id, idempotency_key
-        )
+        if idempotency_key:
+            claimed = await self.aio.set(
+                keys.idempotency(owner, idempotency_key), f"{job_id}:{_digest(params)}",
+                nx=True, ex=self.settings.result_ttl_s,
+            )
+            if not claimed:
+                raise IdempotencyConflict("Idempotency-Key is in use by a request in flight; retry")
+        # The job's record, its first event and RQ's own enqueue, in one transaction.
+        try:
+            async with self.aio.pipeline(transaction=True) as pipe:
+                pipe.hset(keys.job(job_id), mapping=new_record(utc_now(), request_id, owner))
+                pipe.expire(keys.job(job_id), UNFINISHED_RECORD_TTL_S)
+                pipe.xadd(keys.events(job_id), {"event": EVENT_STATUS, "data": '{"status":"queued"}'})
+                pipe.expire(keys.events(job_id), UNFINISHED_RECORD_TTL_S)
+                for command in self._rq_enqueue_commands(payload):
+                    pipe.execute_command(*command)
+                replies = await pipe.execute()
+        except Exception:
+            if idempotency_key:  # nothing was queued: free the key for the client's retry (best effort)
+                with contextlib.suppress(redis.exceptions.RedisError):
+                    await self.aio.delete(keys.idempotency(owner, idempotency_key))
+            raise
         logger.info("job queued", extra={"job_id": job_id, "request_id": request_id})
-        return job_id, queued_event_id
+        return job_id, replies[2]  # the XADD's entry id
 
     async def _idempotent_job(self, params: GenerationParams, owner: str, key: str) -> Job | None:
         stored = await self.aio.get(keys.idempotency(owner, key))
@@ -148,45 +177,26 @@ class JobService:
         except JobNotFound:
             return None  # the earlier job expired: the key is free again
 
-    def _enqueue(
-        self,
-        payload: JobPayload,
-        owner: str,
-        created_at,
-        request_id: str | None,
-        idempotency_key: str | None,
-    ) -> bytes:
-        if self.queue.count >= self.settings.max_queue:
-            raise QueueFull(f"the queue holds {self.settings.max_queue} jobs already; retry later")
-        job_id = payload.job_id
-        if idempotency_key:
-            claimed = self.sync.set(
-                keys.idempotency(owner, idempotency_key),
-                f"{job_id}:{_digest(payload.params)}",
-                nx=True,
-                ex=self.settings.result_ttl_s,
-            )
-            if not claimed:
-                raise IdempotencyConflict("Idempotency-Key is in use by a request in flight; retry")
-        with self.sync.pipeline(transaction=True) as pipe:
-            pipe.multi()  # explicitly, before RQ sees the pipeline, so it queues into this same transaction
-            pipe.hset(keys.job(job_id), mapping=new_record(created_at, request_id, owner))
-            pipe.expire(keys.job(job_id), UNFINISHED_RECORD_TTL_S)
-            pipe.xadd(keys.events(job_id), {"event": EVENT_STATUS, "data": '{"status":"queued"}'})
-            pipe.expire(keys.events(job_id), UNFINISHED_RECORD_TTL_S)
-            self.queue.enqueue_call(
-                func=keys.GENERATE_FUNC,
-                args=(payload.model_dump(mode="json"),),
-                timeout=self.settings.job_timeout_s,
-                result_ttl=self.settings.result_ttl_s,
-                failure_ttl=self.settings.result_ttl_s,
-                job_id=job_id,
-                # RQ shows the description in `rq info` and logs: never the prompt.
-                description=f"llamaq.generate {job_id}",
-                pipeline=pipe,
-            )
-            replies = pipe.execute()
-        return replies[2]  # the XADD's entry id
+    def _rq_enqueue_commands(self, payload: JobPayload) -> list[tuple]:
+        """RQ's commands for enqueueing the job (its job hash, the queue's registration, the push), collected by
+        RQ itself in a pipeline that is never executed: RQ's client is synchronous, and this way a submission
+        needs no worker thread and no second connection, and RQ's records stay RQ's own."""
+        collector = self.sync.pipeline(transaction=True)
+        collector.multi()
+        self.queue.enqueue_call(
+            func=keys.GENERATE_FUNC,
+            args=(payload.model_dump(mode="json"),),
+            timeout=self.settings.job_timeout_s,
+            result_ttl=self.settings.result_ttl_s,
+            failure_ttl=self.settings.result_ttl_s,
+            job_id=payload.job_id,
+            # RQ shows the description in `rq info` and logs: never the prompt.
+            description=f"llamaq.generate {payload.job_id}",
+            pipeline=collector,
+        )
+        commands = [args for args, _options in collector.command_stack]
+        collector.reset()
+        return commands
 
     # ---- read ------------------------------------------------------------------------------------------------
 
@@ -227,8 +237,8 @@ class JobService:
                 if reply:
                     entries = reply[0][1]
                     last_id = entries[-1][0]
-                    if any(fields.get(b"event") in (EVENT_STATUS.encode(), EVENT_DONE.encode())
-                           for _, fields in entries):
+                    # Only an ending changes what this returns; `running` and tokens just mean: wait on.
+                    if any(_ends(fields) for _, fields in entries):
                         job = await self.get(job_id, owner)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 outage_since = outage_since or time.monotonic()
@@ -237,7 +247,9 @@ class JobService:
                 await anyio.sleep(0.5)
                 continue
             outage_since = None
-        return job if job is not None else await self.get(job_id, owner)
+        if job is None or not job.status.is_terminal():
+            job = await self.get(job_id, owner)  # the wait ran out: the job as it is now
+        return job
 
     # ---- cancel ----------------------------------------------------------------------------------------------
 
@@ -269,6 +281,19 @@ class JobService:
             RQJob.fetch(job_id, connection=self.sync, serializer=JSONSerializer).cancel()
         except (NoSuchJobError, InvalidJobOperation):
             pass  # already claimed: the worker sees the canceled record and closes the RQ job itself
+
+
+def _ends(fields: dict) -> bool:
+    """Whether a job event says the job is over: `done`, or a status event with a terminal status."""
+    event = fields.get(b"event")
+    if event == EVENT_DONE.encode():
+        return True
+    if event != EVENT_STATUS.encode():
+        return False
+    try:
+        return JobStatus(json.loads(fields.get(b"data", b"{}")).get("status")).is_terminal()
+    except (ValueError, AttributeError):
+        return True  # unreadable: read the record itself
 
 
 def _digest(params: GenerationParams) -> str:

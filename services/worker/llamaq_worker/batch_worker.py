@@ -90,6 +90,10 @@ class BatchWorker(SimpleWorker):
     # RQ's idle loop retries a lost Redis with growing pauses up to this (its default, 60 s, would leave a worker
     # idle for up to a minute after Redis is back).
     max_connection_wait_time = 5.0
+    # What set_state last wrote, and when the last plain heartbeat went out (class attributes: RQ's __init__
+    # already calls both).
+    _state_written: str | None = None
+    _plain_heartbeat_at = float("-inf")
 
     def __init__(
         self, queues, *, engine: Engine | EchoEngine, settings: WorkerSettings, metrics: WorkerMetrics, **kwargs
@@ -473,19 +477,31 @@ class BatchWorker(SimpleWorker):
     # RQ's own loop (idle, between batches) survives Redis outages by itself only while it waits in its dequeue;
     # these make the calls around that wait tolerate them too, instead of ending work() ("unhandled exception").
 
+    # RQ writes the worker's state and heartbeat several times around every job, each its own round trip on the
+    # job's critical path; a write that changes nothing is skipped (the state), or kept to one a second (the
+    # plain heartbeat, which only pushes back a TTL of minutes).
+
     def set_state(self, state: str, pipeline=None):
         if pipeline is not None:
+            self._state_written = state
             return super().set_state(state, pipeline=pipeline)
+        if state == self._state_written:
+            self._state = state
+            return
         try:
             super().set_state(state)
+            self._state_written = state
         except REDIS_DOWN:
             self._state = state  # display only in Redis; the local state is what RQ's shutdown reads
 
     def heartbeat(self, timeout: int | None = None, pipeline=None):
         if pipeline is not None:
             return super().heartbeat(timeout, pipeline=pipeline)
+        if timeout is None and time.monotonic() - self._plain_heartbeat_at < 1.0:
+            return
         try:
             super().heartbeat(timeout)
+            self._plain_heartbeat_at = time.monotonic()
         except REDIS_DOWN as exc:
             logger.debug("RQ worker heartbeat skipped: %s", exc)
 
