@@ -63,6 +63,18 @@ def aof_stack():
         running.stop()
 
 
+@pytest.fixture(scope="module")
+def prompt_logging_stack():
+    """A stack of its own with LOG_PROMPTS=1 (the echo engine: no model to load, the log is what is checked)."""
+    workdir = Path(tempfile.mkdtemp(prefix="llamaq-logprompts-"))
+    running = Stack(stack_environment(LOG_PROMPTS="1", ENGINE="echo", LOG_FORMAT="json"), free_port(), workdir)
+    try:
+        running.start(wait_ready_s=180)
+        yield running
+    finally:
+        running.stop()
+
+
 @pytest.fixture
 def client(stack):
     with httpx.Client(base_url=stack.url, timeout=120) as http:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+
 JOBS = 4
 # Unusual enough that finding it in a log can only mean the prompt was logged.
 SECRET_PROMPT = "Spell the word zanzibarquux backwards"
@@ -150,3 +151,14 @@ def test_no_prompt_text_in_any_log(observed, stack):
     logs["nginx"] = stack.nginx.read_access_log() + stack.nginx.read_error_log()
     for name, text in logs.items():
         assert "zanzibarquux" not in text, f"the prompt leaked into the {name} log"
+
+
+def test_log_prompts_1_logs_each_jobs_messages(prompt_logging_stack):
+    stack = prompt_logging_stack
+    reply = httpx.post(f"{stack.url}/v1/generate", json={"prompt": SECRET_PROMPT, "wait_s": 30}, timeout=60)
+    assert reply.status_code == 200 and reply.json()["status"] == "succeeded", reply.text
+    job_id = reply.json()["id"]
+    lines = [e for e in _json_lines((stack.workdir / "worker.log").read_text()) if e.get("job_id") == job_id]
+    logged = [json.loads(e["messages"]) for e in lines if "messages" in e]
+    assert logged == [[{"role": "system", "content": "You are a helpful assistant."},
+                       {"role": "user", "content": SECRET_PROMPT}]]
