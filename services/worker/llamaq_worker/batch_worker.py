@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import redis.exceptions
 from pydantic import ValidationError
 from rq import Queue
+from rq.executions import Execution
 from rq.job import Job as RQJob
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
@@ -193,11 +194,7 @@ class BatchWorker(SimpleWorker):
             self._until_redis("closing a skipped job", close)
             return
 
-        def start() -> None:
-            self.prepare_execution(job)
-            self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
-
-        self._until_redis("starting a job", start)
+        self._until_redis("starting a job", self._start_in_rq, job, queue)
         job.started_at = now()
         timeout = job.timeout if job.timeout and job.timeout > 0 else self.queue_class.DEFAULT_TIMEOUT
         slot = Slot(
@@ -237,6 +234,23 @@ class BatchWorker(SimpleWorker):
             return
         logger.info("job %s admitted (%d prompt tokens, batch %d)", job.id, slot.prompt_tokens, len(self.slots),
                     extra={"job_id": job.id, "request_id": slot.request_id})
+
+    def _start_in_rq(self, job: RQJob, queue: Queue) -> None:
+        """What RQ's `prepare_execution` and `prepare_job_execution` write (rq 2.x), in one transaction instead of
+        two, before the job's first step: its execution record and place in the started registry, the worker busy
+        on it, the job started, and the job out of the intermediate queue."""
+        heartbeat_ttl = self.get_heartbeat_ttl(job)
+        with self.connection.pipeline() as pipe:
+            self.execution = Execution.create(job, heartbeat_ttl, pipeline=pipe, worker_name=self.name)
+            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            self.set_current_job_id(job.id, pipeline=pipe)
+            self.set_current_job_working_time(0, pipeline=pipe)
+            self.heartbeat(heartbeat_ttl, pipeline=pipe)
+            job.heartbeat(now(), heartbeat_ttl, pipeline=pipe)
+            job.prepare_for_execution(self.name, pipeline=pipe)
+            if len(self.queues) == 1:
+                pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            pipe.execute()
 
     def _sampling(self, params) -> SamplingParams:
         defaults = self.engine.defaults
