@@ -52,6 +52,21 @@ REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 REDIS_RETRY_MAX_S = 1.0
 
 
+def finish_keys(job_id: str) -> list[str]:
+    """FINISH_SCRIPT's keys for a job."""
+    return [keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS]
+
+
+@dataclass
+class Ending:
+    """How a job ended on this worker, fixed once so that every try of its finish sends the same arguments."""
+
+    status: JobStatus
+    output: JobOutput | None = None
+    error: JobError | None = None
+    finished_at: str = field(default_factory=lambda: utc_now().isoformat())
+
+
 class RedisOutageTooLong(Exception):
     """Redis stayed away longer than REDIS_OUTAGE_TOLERANCE_S: exit, and let the sweep re-queue the jobs."""
 
@@ -223,14 +238,14 @@ class BatchWorker(SimpleWorker):
                 )
             self.engine.add(job.id, prompt_ids, self._sampling(params))
         except ValidationError as exc:
-            self._end(job.id, JobStatus.failed, error=JobError(type="invalid_payload", message=str(exc)))
+            self._end(job.id, Ending(JobStatus.failed, error=JobError(type="invalid_payload", message=str(exc))))
             return
         except _JobRefused as exc:
-            self._end(job.id, JobStatus.failed, error=JobError(type=exc.error_type, message=exc.message))
+            self._end(job.id, Ending(JobStatus.failed, error=JobError(type=exc.error_type, message=exc.message)))
             return
         except Exception as exc:  # a bad job must never take the worker down
             logger.exception("job %s could not start", job.id)
-            self._end(job.id, JobStatus.failed, error=JobError(type="internal_error", message=str(exc)))
+            self._end(job.id, Ending(JobStatus.failed, error=JobError(type="internal_error", message=str(exc))))
             return
         logger.info("job %s admitted (%d prompt tokens, batch %d)", job.id, slot.prompt_tokens, len(self.slots),
                     extra={"job_id": job.id, "request_id": slot.request_id})
@@ -307,21 +322,24 @@ class BatchWorker(SimpleWorker):
                 slot.token_events += 1
             if out.finish_reason or out.error:
                 finished.append(out)
+        endings = {out.seq_id: self._ending(self.slots[out.seq_id], out) for out in finished}
         # While Redis is away decoding waits here, holding the tokens, rather than running on and dropping them.
-        self._until_redis("publishing tokens", self._write_tokens, {out.seq_id for out in finished})
-        for out in finished:
-            self._finish_output(out)
+        outcomes = self._until_redis("publishing tokens", self._write_tokens, endings)
+        for job_id, ending in endings.items():
+            self._end(job_id, ending, outcome=outcomes[job_id])
 
-    def _write_tokens(self, finishing: set[str]) -> None:
-        """Every slot's unpublished token events, in one round trip (TOKENS_SCRIPT skips any already written)."""
+    def _write_tokens(self, endings: dict[str, Ending]) -> dict[str, bytes]:
+        """Every slot's unpublished token events, then the finish of every job that ended in this step, in one round
+        trip (so a waiting client wakes once); returns each finish's outcome. TOKENS_SCRIPT skips events already
+        written and FINISH_SCRIPT recognises a finish already done, so a retry after a lost reply is harmless."""
         pending = [(job_id, slot) for job_id, slot in self.slots.items() if slot.unpublished and not slot.lost]
-        if not pending:
-            return
+        if not pending and not endings:
+            return {}
         current = time.monotonic()
         partial = {
             job_id: slot.output().model_dump_json()
             for job_id, slot in pending
-            if job_id not in finishing and current - slot.partial_written_at >= PARTIAL_OUTPUT_EVERY_S
+            if job_id not in endings and current - slot.partial_written_at >= PARTIAL_OUTPUT_EVERY_S
         }
 
         def send() -> list:
@@ -332,13 +350,19 @@ class BatchWorker(SimpleWorker):
                         self.name, slot.token_events - len(slot.unpublished), slot.max_new_tokens + 16,
                         partial.get(job_id, ""), *slot.unpublished,
                     )
+                for job_id, ending in endings.items():
+                    pipe.evalsha(self._finish.sha, len(finish_keys(job_id)), *finish_keys(job_id),
+                                 *self._finish_args(job_id, ending))
                 return pipe.execute()
 
         try:
-            written = send()
+            replies = send()
         except redis.exceptions.NoScriptError:
-            self.connection.script_load(TOKENS_SCRIPT)  # a restarted Redis has an empty script cache
-            written = send()
+            # A restarted Redis has an empty script cache.
+            self.connection.script_load(TOKENS_SCRIPT)
+            self.connection.script_load(FINISH_SCRIPT)
+            replies = send()
+        written, finished = replies[:len(pending)], replies[len(pending):]
         for (job_id, slot), count in zip(pending, written):
             if count < 0:
                 self._drop_lost(job_id, slot)
@@ -346,6 +370,7 @@ class BatchWorker(SimpleWorker):
             slot.unpublished.clear()
             if job_id in partial:
                 slot.partial_written_at = current
+        return dict(zip(endings, finished))
 
     def _drop_lost(self, job_id: str, slot: Slot) -> None:
         """The job is no longer this worker's (the sweep re-queued it while this worker was cut off): stop it."""
@@ -356,38 +381,41 @@ class BatchWorker(SimpleWorker):
             slot.cancel_sent = True
             self.engine.cancel(job_id)
 
-    def _finish_output(self, out: StepOutput) -> None:
-        slot = self.slots[out.seq_id]
+    @staticmethod
+    def _ending(slot: Slot, out: StepOutput) -> Ending:
         if out.error:
             error_type, _, message = out.error.partition(": ")
-            self._end(out.seq_id, JobStatus.failed, error=JobError(type=error_type, message=message or out.error))
-        elif slot.timed_out:
+            return Ending(JobStatus.failed, error=JobError(type=error_type, message=message or out.error))
+        if slot.timed_out:
             message = f"job ran past its timeout of {slot.rq_job.timeout} s"
-            self._end(out.seq_id, JobStatus.failed, output=slot.output(FinishReason.canceled),
-                      error=JobError(type="timeout", message=message))
-        elif out.finish_reason == FinishReason.canceled.value:
-            self._end(out.seq_id, JobStatus.canceled, output=slot.output(FinishReason.canceled))
-        else:
-            self._end(out.seq_id, JobStatus.succeeded, output=slot.output(FinishReason(out.finish_reason)))
+            return Ending(JobStatus.failed, output=slot.output(FinishReason.canceled),
+                          error=JobError(type="timeout", message=message))
+        if out.finish_reason == FinishReason.canceled.value:
+            return Ending(JobStatus.canceled, output=slot.output(FinishReason.canceled))
+        return Ending(JobStatus.succeeded, output=slot.output(FinishReason(out.finish_reason)))
 
     # ---- ending a job ----------------------------------------------------------------------------------------
 
-    def _end(self, job_id: str, status: JobStatus, output: JobOutput | None = None, error: JobError | None = None):
+    def _finish_args(self, job_id: str, ending: Ending) -> list:
+        return [
+            ending.status.value,
+            ending.finished_at,
+            ending.output.model_dump_json() if ending.output else "",
+            ending.error.model_dump_json() if ending.error else "",
+            self.settings.result_ttl_s,
+            job_id,
+            self.name,
+        ]
+
+    def _end(self, job_id: str, ending: Ending, outcome: bytes | None = None):
+        """Close a job that ended: its record (unless `outcome` says the finish script already ran), RQ's
+        registries, the metrics and the log."""
         slot = self.slots.pop(job_id)
-        # The same arguments on every try: a finish retried after a lost reply is recognised as done.
-        outcome = self._until_redis(
-            "finishing a job", self._finish,
-            keys=[keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS],
-            args=[
-                status.value,
-                utc_now().isoformat(),
-                output.model_dump_json() if output else "",
-                error.model_dump_json() if error else "",
-                self.settings.result_ttl_s,
-                job_id,
-                self.name,
-            ],
-        )
+        status, output, error = ending.status, ending.output, ending.error
+        if outcome is None:
+            # The same arguments on every try (one finished_at): a finish retried after a lost reply is recognised.
+            outcome = self._until_redis("finishing a job", self._finish, keys=finish_keys(job_id),
+                                        args=self._finish_args(job_id, ending))
         job, queue = slot.rq_job, slot.queue
         self.execution = slot.execution
         if outcome != b"finished":
