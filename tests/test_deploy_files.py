@@ -39,7 +39,6 @@ EXPECTED_ENV = {
 ONE_MIB = 1 << 20
 
 
-_missing = missing_tool
 
 
 # --- docker-compose.yml ---------------------------------------------------------------------
@@ -177,7 +176,7 @@ def test_hadolint() -> None:
     hadolint = Path(sys.executable).parent / "hadolint"
     binary = str(hadolint) if os.access(hadolint, os.X_OK) else shutil.which("hadolint")
     if not binary:
-        _missing("hadolint")
+        missing_tool("hadolint")
     result = subprocess.run(
         [binary, "--no-color", *map(str, DOCKERFILES)], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
@@ -233,6 +232,15 @@ def test_nginx_streaming_locations_do_not_buffer() -> None:
     assert re.search(r"proxy_read_timeout 360s;", NGINX_CONF.read_text())
 
 
+def test_nginx_outwaits_the_original_contracts_wait() -> None:
+    # POST / answers 504 with the job id after LEGACY_WAIT_S; nginx's own 504 (no id) must not come first.
+    from llamaq_gateway.settings import GatewaySettings
+
+    blocks = dict(re.findall(r"location ([^{@]+?) \{([^}]*)\}", NGINX_CONF.read_text()))
+    timeout = re.search(r"proxy_read_timeout (\d+)s;", blocks["= /"])
+    assert timeout and int(timeout.group(1)) > GatewaySettings().legacy_wait_s
+
+
 def test_render_rejects_a_config_it_cannot_rewrite() -> None:
     with pytest.raises(ValueError):
         render_nginx_conf("events {}\nhttp {}\n", 1, 2)
@@ -240,7 +248,7 @@ def test_render_rejects_a_config_it_cannot_rewrite() -> None:
 
 def _nginx_or_fail() -> None:
     if find_nginx() is None:
-        _missing("nginx")
+        missing_tool("nginx")
 
 
 def test_nginx_t(tmp_path: Path) -> None:
