@@ -45,11 +45,15 @@ def test_job_fails_as_worker_lost_when_retries_run_out(stack, client, store):
     job = client.post("/v1/jobs", json=LONG_JOB).json()
     # JOB_RETRIES=1: the first loss re-queues the job, the second fails it.
     kill_worker_mid_job(stack, client, job["id"])
-    wait_for_status(client, job["id"], "queued")
-    stack.start_worker()
+    try:
+        wait_for_status(client, job["id"], "queued")
+    finally:
+        stack.start_worker()  # whatever happens, the session stack keeps a worker for the tests after this one
     kill_worker_mid_job(stack, client, job["id"])
-    failed = wait_for_status(client, job["id"], "failed")
-    stack.start_worker()
+    try:
+        failed = wait_for_status(client, job["id"], "failed")
+    finally:
+        stack.start_worker()
     assert failed["error"]["type"] == "worker_lost"
     assert failed["finished_at"]
     wait_for_rq_status(store, job["id"], "failed")

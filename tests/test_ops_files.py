@@ -42,26 +42,21 @@ HISTOGRAMS = {"llamaq_job_queue_wait_seconds", "llamaq_job_run_seconds", "llamaq
               "llamaq_batch_size", "llamaq_http_request_duration_seconds"}
 
 
-_missing = missing_tool
-_compose = compose
-_config = compose_config
-
-
 @pytest.fixture(scope="module")
 def ops_config() -> dict:
-    return _config("--profile", "ops")
+    return compose_config("--profile", "ops")
 
 
 @pytest.fixture(scope="module")
 def multi_gpu_config() -> dict:
-    return _config("--profile", "*", files=(COMPOSE_FILE, MULTI_GPU))
+    return compose_config("--profile", "*", files=(COMPOSE_FILE, MULTI_GPU))
 
 
 def _promtool() -> str:
     local = ROOT / ".tools" / "promtool"
     binary = str(local) if os.access(local, os.X_OK) else shutil.which("promtool")
     if not binary:
-        _missing("promtool (.tools/promtool)")
+        missing_tool("promtool (.tools/promtool)")
     return binary
 
 
@@ -69,12 +64,12 @@ def _promtool() -> str:
 
 
 def test_ops_profile_validates() -> None:
-    result = _compose("--profile", "ops", "config", "-q")
+    result = compose("--profile", "ops", "config", "-q")
     assert result.returncode == 0, result.stderr
 
 
 def test_ops_services_only_with_the_profile(ops_config: dict) -> None:
-    assert set(_config()["services"]) == CORE  # plain `docker compose up` starts no dashboard
+    assert set(compose_config()["services"]) == CORE  # plain `docker compose up` starts no dashboard
     assert set(ops_config["services"]) == CORE | OPS
 
 
@@ -118,7 +113,7 @@ def test_rq_dashboard_image() -> None:
     hadolint = Path(sys.executable).parent / "hadolint"
     binary = str(hadolint) if os.access(hadolint, os.X_OK) else shutil.which("hadolint")
     if not binary:
-        _missing("hadolint")
+        missing_tool("hadolint")
     result = subprocess.run([binary, "--no-color", str(RQ_DASHBOARD_DOCKERFILE)], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -181,7 +176,7 @@ def test_promtool_check_config(name: str) -> None:
 def test_multi_gpu_override_validates() -> None:
     for profile in ("*", ""):
         args = ("--profile", profile) if profile else ()
-        result = _compose(*args, "config", "-q", files=(COMPOSE_FILE, MULTI_GPU))
+        result = compose(*args, "config", "-q", files=(COMPOSE_FILE, MULTI_GPU))
         assert result.returncode == 0, result.stderr
 
 

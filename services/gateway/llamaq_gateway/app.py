@@ -22,7 +22,6 @@ from .routers import events, generate, health, jobs, legacy, metrics, openai
 from .settings import GatewaySettings, get_settings
 from .sweeper import LostWorkerSweeper
 
-logger = logging.getLogger(__name__)
 access_log = logging.getLogger("llamaq_gateway.access")
 # Probes and scrapes, every few seconds: counted in the metrics, not logged.
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})

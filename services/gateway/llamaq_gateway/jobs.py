@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import re
 import time
@@ -19,7 +18,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 
-from llamaq_protocol import GenerationParams, Job, JobPayload, JobStatus, ModelCard, utc_now
+from llamaq_protocol import GenerationParams, Job, JobPayload, ModelCard, utc_now
 from llamaq_protocol import keys
 from llamaq_protocol.records import CANCEL_SCRIPT, EVENT_DONE, EVENT_STATUS, job_from_record, new_record
 
@@ -55,9 +54,12 @@ class JobService:
 
     # ---- readiness -------------------------------------------------------------------------------------------
 
+    def fresh_since(self) -> float:
+        """The oldest heartbeat time of a worker still counted as alive."""
+        return time.time() - self.settings.worker_stale_s
+
     async def ready_workers(self) -> list[str]:
-        fresh_since = time.time() - self.settings.worker_stale_s
-        names = await self.aio.zrangebyscore(keys.WORKERS, fresh_since, "+inf")
+        names = await self.aio.zrangebyscore(keys.WORKERS, self.fresh_since(), "+inf")
         return [n.decode() if isinstance(n, bytes) else n for n in names]
 
     async def served_model(self) -> ModelCard:
@@ -284,16 +286,8 @@ class JobService:
 
 
 def _ends(fields: dict) -> bool:
-    """Whether a job event says the job is over: `done`, or a status event with a terminal status."""
-    event = fields.get(b"event")
-    if event == EVENT_DONE.encode():
-        return True
-    if event != EVENT_STATUS.encode():
-        return False
-    try:
-        return JobStatus(json.loads(fields.get(b"data", b"{}")).get("status")).is_terminal()
-    except (ValueError, AttributeError):
-        return True  # unreadable: read the record itself
+    """Whether a job event says the job is over: every script that ends a job writes `done` in the same step."""
+    return fields.get(b"event") == EVENT_DONE.encode()
 
 
 def _digest(params: GenerationParams) -> str:

@@ -11,7 +11,6 @@ Three sources, one exposition:
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
@@ -44,18 +43,19 @@ class ClusterState:
     worker_metrics: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    async def read(cls, aio, queue_name: str, queue_key: str, worker_stale_s: float) -> ClusterState:
-        fresh_since = time.time() - worker_stale_s
+    async def read(cls, jobs) -> ClusterState:
+        """From the gateway's JobService: its Redis, its queue and its notion of a live worker."""
+        aio = jobs.aio
         async with aio.pipeline(transaction=False) as pipe:
-            pipe.llen(queue_key)
+            pipe.llen(jobs.queue.key)
             pipe.scard(keys.RUNNING)
             pipe.hgetall(keys.STATS)
-            pipe.zrangebyscore(keys.WORKERS, fresh_since, "+inf")
+            pipe.zrangebyscore(keys.WORKERS, jobs.fresh_since(), "+inf")
             depth, running, stats, workers = await pipe.execute()
         names = [name.decode() for name in workers]
         texts = await aio.mget([keys.worker_metrics(name) for name in names]) if names else []
         return cls(
-            queue_name=queue_name,
+            queue_name=jobs.settings.queue_name,
             queue_depth=depth,
             jobs_running=running,
             finished={k.decode(): int(v) for k, v in stats.items()},

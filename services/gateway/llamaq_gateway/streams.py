@@ -20,7 +20,7 @@ import redis.exceptions
 from fastapi.responses import StreamingResponse
 
 from llamaq_protocol import JobStatus, keys
-from llamaq_protocol.records import EVENT_DONE
+from llamaq_protocol.records import EVENT_DONE, event_data
 
 from .errors import InvalidRequest, JobNotFound
 
@@ -80,7 +80,7 @@ def sse_event(data: str, event: str | None = None, event_id: str | None = None) 
 
 def sse_data(payload: dict[str, Any] | str) -> str:
     """An unnamed `data:` event, as the OpenAI streaming format uses."""
-    text = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    text = payload if isinstance(payload, str) else event_data(payload)
     return sse_event(text)
 
 

@@ -26,7 +26,7 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from llamaq_protocol import JobError, keys, utc_now
-from llamaq_protocol.records import RECLAIM_SCRIPT
+from llamaq_protocol.records import RECLAIM_SCRIPT, end_keys
 
 from .jobs import JobService
 
@@ -71,13 +71,13 @@ class LostWorkerSweeper:
             return []  # the workers have not had the time to beat since Redis came back
         outcomes = [(job_id, "requeued") for job_id in await self._rescue_stranded()]
         running = [j.decode() for j in await aio.smembers(keys.RUNNING)]
-        fresh_since = time.time() - self.settings.worker_stale_s
+        fresh_since = self.jobs.fresh_since()
         for job_id in running:
-            worker = await aio.hget(keys.job(job_id), "worker")
+            worker = (await aio.hget(keys.job(job_id), "worker") or b"").decode()
             last_beat = await aio.zscore(keys.WORKERS, worker) if worker else None
             if last_beat is not None and last_beat >= fresh_since:
                 continue
-            outcome = await self._reclaim(job_id, worker.decode() if worker else "")
+            outcome = await self._reclaim(job_id, worker)
             if outcome == "queued" and await aio.lpos(self.jobs.queue.key, job_id) is None:
                 # Only a retried script sees its own re-queue (its first reply was lost): the RQ push is still due.
                 outcome = "requeued"
@@ -117,12 +117,8 @@ class LostWorkerSweeper:
         )
         outcome = await self.jobs.aio.eval(
             RECLAIM_SCRIPT,
-            5,
-            keys.job(job_id),
-            keys.events(job_id),
-            keys.CANCEL_REQUESTS,
-            keys.RUNNING,
-            keys.STATS,
+            len(end_keys(job_id)),
+            *end_keys(job_id),
             worker,
             self.settings.job_retries + 1,
             utc_now().isoformat(),

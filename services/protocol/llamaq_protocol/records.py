@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping
 from datetime import datetime
 
+from . import keys
 from .models import Job, JobError, JobOutput, JobStatus
 
 EVENT_STATUS = "status"
@@ -141,6 +142,11 @@ redis.call('HSET', KEYS[1], 'token_events', written)
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'output', ARGV[4]) end
 return written
 """
+
+
+def end_keys(job_id: str) -> list[str]:
+    """The keys of the scripts that can end a job, FINISH_SCRIPT and RECLAIM_SCRIPT, in their order."""
+    return [keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS]
 
 
 def _text(value: str | bytes | None) -> str | None:

@@ -39,7 +39,8 @@ def build_engine(settings: WorkerSettings, model_dir: str):
         return EchoEngine(model_dir, max_batch=settings.max_batch)
     from .engine import Engine
 
-    return Engine(model_dir, device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch)
+    with loading_progress(model_dir):
+        return Engine(model_dir, device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch)
 
 
 @contextlib.contextmanager
@@ -72,8 +73,7 @@ def main() -> int:
     model_dir = resolve_model_dir(settings)
     logger.info("loading %s on %s as %s (max batch %d)", model_dir, settings.device, settings.dtype, settings.max_batch)
     # Loaded once, in this process, before anything else happens; SimpleWorker never forks.
-    with loading_progress(model_dir):
-        engine = build_engine(settings, model_dir)
+    engine = build_engine(settings, model_dir)
     name = served_model_name(settings)
     metrics = WorkerMetrics(engine.device_memory)
     if settings.metrics_port:

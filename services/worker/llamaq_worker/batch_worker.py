@@ -7,7 +7,8 @@ so `rq info` shows the truth; RQ 2.x keeps one `worker.execution`, which is swap
 
 Redis may go away (a restart, a failover) while a batch runs: every write the batch needs is retried until
 Redis answers again, for up to REDIS_OUTAGE_TOLERANCE_S, with decoding paused meanwhile, so no token is
-dropped and none is written twice (the job-state scripts are idempotent). Past that the worker exits non-zero;
+dropped and no job event or state is written twice (the job-state scripts are idempotent; RQ's own bookkeeping,
+retried the same way, is not, and may record a result twice after a lost reply). Past that the worker exits non-zero;
 its supervisor restarts it and the lost-worker sweep re-queues the jobs.
 
 SIGTERM (RQ's warm shutdown) stops claiming; the running jobs finish within DRAIN_TIMEOUT_S, and those still
@@ -32,7 +33,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from llamaq_protocol import FinishReason, JobError, JobOutput, JobPayload, JobStatus, Usage, utc_now
 from llamaq_protocol import keys
-from llamaq_protocol.records import CLAIM_SCRIPT, FINISH_SCRIPT, RECLAIM_SCRIPT, TOKENS_SCRIPT, event_data
+from llamaq_protocol.records import CLAIM_SCRIPT, FINISH_SCRIPT, RECLAIM_SCRIPT, TOKENS_SCRIPT, end_keys, event_data
 
 from .metrics import WorkerMetrics, seconds_since
 from .sequences import SamplingParams, StepOutput
@@ -50,11 +51,6 @@ PARTIAL_OUTPUT_EVERY_S = 0.25
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 # Longest pause between two tries while Redis is away.
 REDIS_RETRY_MAX_S = 1.0
-
-
-def finish_keys(job_id: str) -> list[str]:
-    """FINISH_SCRIPT's keys for a job."""
-    return [keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS]
 
 
 @dataclass
@@ -351,7 +347,7 @@ class BatchWorker(SimpleWorker):
                         partial.get(job_id, ""), *slot.unpublished,
                     )
                 for job_id, ending in endings.items():
-                    pipe.evalsha(self._finish.sha, len(finish_keys(job_id)), *finish_keys(job_id),
+                    pipe.evalsha(self._finish.sha, len(end_keys(job_id)), *end_keys(job_id),
                                  *self._finish_args(job_id, ending))
                 return pipe.execute()
 
@@ -414,7 +410,7 @@ class BatchWorker(SimpleWorker):
         status, output, error = ending.status, ending.output, ending.error
         if outcome is None:
             # The same arguments on every try (one finished_at): a finish retried after a lost reply is recognised.
-            outcome = self._until_redis("finishing a job", self._finish, keys=finish_keys(job_id),
+            outcome = self._until_redis("finishing a job", self._finish, keys=end_keys(job_id),
                                         args=self._finish_args(job_id, ending))
         job, queue = slot.rq_job, slot.queue
         self.execution = slot.execution
@@ -518,10 +514,9 @@ class BatchWorker(SimpleWorker):
 
     # RQ's own loop (idle, between batches) survives Redis outages by itself only while it waits in its dequeue;
     # these make the calls around that wait tolerate them too, instead of ending work() ("unhandled exception").
-
-    # RQ writes the worker's state and heartbeat several times around every job, each its own round trip on the
-    # job's critical path; a write that changes nothing is skipped (the state), or kept to one a second (the
-    # plain heartbeat, which only pushes back a TTL of minutes).
+    # RQ also writes the worker's state and heartbeat several times around every job, each its own round trip on
+    # the job's critical path: a state write that changes nothing is skipped, and plain heartbeats (they only push
+    # back a TTL of minutes) are kept to one a second.
 
     def set_state(self, state: str, pipeline=None):
         if pipeline is not None:
@@ -591,7 +586,7 @@ class BatchWorker(SimpleWorker):
             self.engine.cancel(job_id)
             outcome = self._until_redis(
                 "handing a job back", self._reclaim,
-                keys=[keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS],
+                keys=end_keys(job_id),
                 args=[self.name, 0, utc_now().isoformat(), "", self.settings.result_ttl_s, job_id, "handback"],
             )
             outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from transformers import AutoTokenizer
 
-from .sequences import SamplingParams, StepOutput, read_generation_config, sampling_defaults
+from .sequences import SamplingParams, StepOutput, chat_token_ids, read_generation_config, sampling_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,7 @@ class EchoEngine:
         logger.info("echo engine ready (no model): tokenizer of %s, max_batch=%d", self.model_name, max_batch)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(out, "keys") and "input_ids" in out:
-            out = out["input_ids"]
-        ids = [int(t) for t in out]
+        ids = chat_token_ids(self.tokenizer, messages)
         user = [m.get("content", "") for m in messages if m.get("role") == "user"]
         with self._lock:
             self._user_text[tuple(ids)] = user[-1] if user else ""

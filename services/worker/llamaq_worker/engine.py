@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 # Re-exported: the dataclasses live in a torch-free module so the batch worker and the echo engine share them.
-from .sequences import SamplingParams, StepOutput, read_generation_config, sampling_defaults
+from .sequences import SamplingParams, StepOutput, chat_token_ids, read_generation_config, sampling_defaults
 
 __all__ = ["Engine", "SamplingParams", "StepOutput"]
 
@@ -182,9 +182,10 @@ class Engine:
         self.context_length = int(config.max_position_embeddings)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
 
-        gen_cfg = generation_config
-        self.defaults = self._defaults_from(gen_cfg)
-        self.eos_token_ids = self._eos_ids(gen_cfg, config) if eos_token_ids is None else frozenset(eos_token_ids)
+        self.defaults = sampling_defaults(generation_config)
+        self.eos_token_ids = (
+            self._eos_ids(generation_config, config) if eos_token_ids is None else frozenset(eos_token_ids)
+        )
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = getattr(config, "pad_token_id", None)
@@ -213,14 +214,6 @@ class Engine:
 
     # ------------------------------------------------------------------ configuration helpers
 
-    @staticmethod
-    def _read_generation_config(model_path: str) -> dict:
-        return read_generation_config(model_path)
-
-    @staticmethod
-    def _defaults_from(gen: dict) -> dict:
-        return sampling_defaults(gen)
-
     def _eos_ids(self, gen: dict, config: Any) -> frozenset[int]:
         ids: set[int] = set()
         for source in (gen.get("eos_token_id"), getattr(config, "eos_token_id", None) if not gen else None,
@@ -236,14 +229,7 @@ class Engine:
     # ------------------------------------------------------------------ public API
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(out, "keys") and "input_ids" in out:  # BatchEncoding / dict in transformers 5.x
-            out = out["input_ids"]
-        if isinstance(out, torch.Tensor):
-            out = out.tolist()
-        if out and isinstance(out[0], (list, tuple)):
-            out = out[0]
-        return [int(t) for t in out]
+        return chat_token_ids(self.tokenizer, messages)
 
     @property
     def active(self) -> int:

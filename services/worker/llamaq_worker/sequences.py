@@ -60,3 +60,16 @@ def sampling_defaults(gen: dict) -> dict:
         "top_k": int(top_k) if top_k is not None else 0,
         "repetition_penalty": float(rep) if rep is not None else 1.0,
     }
+
+
+def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt's token ids from the model's own chat template, whatever container transformers returns them
+    in (a list, a BatchEncoding in 5.x, a tensor, or a batch of one)."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(out, "keys") and "input_ids" in out:
+        out = out["input_ids"]
+    if hasattr(out, "tolist"):
+        out = out.tolist()
+    if out and isinstance(out[0], (list, tuple)):
+        out = out[0]
+    return [int(t) for t in out]

@@ -11,5 +11,5 @@ router = APIRouter(tags=["metrics"])
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(jobs: JobsDep) -> Response:
     """Prometheus exposition; names start with `llamaq_`."""
-    state = await ClusterState.read(jobs.aio, jobs.settings.queue_name, jobs.queue.key, jobs.settings.worker_stale_s)
+    state = await ClusterState.read(jobs)
     return Response(render(state), media_type=CONTENT_TYPE_LATEST)
