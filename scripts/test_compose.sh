@@ -241,10 +241,17 @@ for k in sys.argv[1].split("."): d = d[k]
 print(d)' "$1"; }
 
 # post_json PATH BODY EXPECTED_CODE: prints the answer's body; fails unless it came with EXPECTED_CODE.
+# A 503 (the API's "retry shortly", with Retry-After) is retried a few times, as a client would: podman's
+# container DNS has been seen to miss a lookup of `redis` once, right after the stack came up.
 post_json() {
-    local reply code
-    reply=$(curl -sS -X POST "$BASE_URL$1" -H 'Content-Type: application/json' -d "$2" -w '\n%{http_code}')
-    code=${reply##*$'\n'}
+    local reply code try
+    for try in 1 2 3 4 5; do
+        reply=$(curl -sS -X POST "$BASE_URL$1" -H 'Content-Type: application/json' -d "$2" -w '\n%{http_code}')
+        code=${reply##*$'\n'}
+        [[ $code == 503 && $try -lt 5 ]] || break
+        log "POST $1 answered 503 (${reply%$'\n'*}); retrying in 2 s"
+        sleep 2
+    done
     [[ $code == "$3" ]] || fail "POST $1 answered $code: ${reply%$'\n'*}"
     printf '%s\n' "${reply%$'\n'*}"
 }
