@@ -501,7 +501,7 @@ def write_suite_doc(args, model, clients_list, runs, quiet, load_before, load_af
     for n in clients_list:
         q, o = runs["llamaq"][n], runs["original"][n]
         ratio_rows.append(f"| {n} | {q.tokens_per_s / o.tokens_per_s:.2f}× | "
-                          f"{q.latency_p50_s / o.latency_p50_s:.2f} | {q.ttft_p50_s / o.ttft_p50_s:.3f} |")
+                          f"{q.latency_p50_s / o.latency_p50_s:.3f} | {q.ttft_p50_s / o.ttft_p50_s:.3f} |")
     verdicts = []
     if 16 in runs["llamaq"]:
         r = runs["llamaq"][16].tokens_per_s / runs["original"][16].tokens_per_s
@@ -509,7 +509,7 @@ def write_suite_doc(args, model, clients_list, runs, quiet, load_before, load_af
                         f"(target ≥ 6×: {'met' if r >= 6 else 'NOT met'}).")
     if 8 in runs["llamaq"]:
         r = runs["llamaq"][8].latency_p50_s / runs["original"][8].latency_p50_s
-        verdicts.append(f"- 8 clients: llamaq's p50 latency is **{r:.2f}** of the original's "
+        verdicts.append(f"- 8 clients: llamaq's p50 latency is **{r:.3f}** of the original's "
                         f"(target ≤ 1/3: {'met' if r <= 1 / 3 else 'NOT met'}).")
     cmd = (f".venv/bin/python scripts/bench.py --suite --dtype {args.dtype} --max-batch {args.max_batch} "
            f"--max-new-tokens {args.max_new_tokens} --clients-list {args.clients_list}"
