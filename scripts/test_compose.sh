@@ -24,13 +24,14 @@ ROOT=$PWD
 HERE=scripts/compose-podman
 CACHE=.cache/compose
 PROJECT=${COMPOSE_TEST_PROJECT:-llamaq-composetest}
-MODEL_DIR=.cache/models/SmolLM2-135M-Instruct
 ROOTFS=$CACHE/rootfs
 BASE_IMAGE=localhost/llamaq-standin/debian:bookworm
 SOCKET=$ROOT/$CACHE/podman.sock
 # The host's CA bundle (this machine's egress proxy re-signs TLS) and the CPU torch wheel pip finds here.
 HOST_CA=${HOST_CA:-/etc/ssl/certs/ca-certificates.crt}
 TORCH_WHEEL_DIR=${TORCH_WHEEL_DIR:-/opt/wheels}
+# The torch the venv pins (`make install`), so the pytorch stand-in carries the same CPU wheel.
+TORCH_VERSION=$(sed -n 's/^TORCH_VERSION := *//p' Makefile)
 READY_TIMEOUT_S=${COMPOSE_TEST_READY_TIMEOUT_S:-600}
 
 export CONTAINERS_CONF=$ROOT/$HERE/containers.conf
@@ -68,7 +69,8 @@ preflight() {
     local err
     err=$(podman info 2>&1 >/dev/null) || cannot_run "podman cannot run here: $(tail -n 3 <<<"$err")"
     [[ -r $HOST_CA ]] || cannot_run "no CA bundle at $HOST_CA (set HOST_CA) for pip inside the builds."
-    compgen -G "$TORCH_WHEEL_DIR/torch-2.13.0+cpu-*.whl" >/dev/null \
+    [[ -n $TORCH_VERSION ]] || fail "no \`TORCH_VERSION := ...\` line in the Makefile."
+    compgen -G "$TORCH_WHEEL_DIR/torch-$TORCH_VERSION+cpu-*.whl" >/dev/null \
         || cannot_run "no CPU torch wheel in $TORCH_WHEEL_DIR (set TORCH_WHEEL_DIR) for the pytorch stand-in."
 }
 
@@ -80,6 +82,8 @@ compose_binary() {
 
 preflight
 compose_binary
+# Where `make model` puts the small model: scripts/prepare_small_model.py's default (stdlib-only import).
+MODEL_DIR=$(python3 -B -c 'import sys; sys.path[0] = "scripts"; from prepare_small_model import DEFAULT_OUT; print(DEFAULT_OUT)')
 [[ -f $MODEL_DIR/config.json ]] || cannot_run "the small model is missing: run \`make model\`."
 if [[ ${1:-} == --preflight ]]; then
     echo "test-compose can run here: $(podman --version), $("$COMPOSE" version)"
@@ -99,7 +103,7 @@ HTTP_PORT=""
 HEALTH_PID=""
 
 compose() {
-    DOCKER_HOST=unix://$SOCKET DOCKER_BUILDKIT=0 HTTP_PORT=$HTTP_PORT \
+    DOCKER_HOST=unix://$SOCKET DOCKER_BUILDKIT=0 HTTP_PORT=$HTTP_PORT SMALL_MODEL_DIR=$MODEL_DIR \
         "$COMPOSE" -p "$PROJECT" -f docker-compose.yml -f "$HERE/cpu.override.yml" --env-file /dev/null "$@"
 }
 
@@ -176,7 +180,7 @@ declare -A STANDINS=(
 for target in python pytorch nginx redis; do
     log "stand-in ${STANDINS[$target]}"
     podman build -q --format docker --layers --target "$target" -t "${STANDINS[$target]}" \
-        --build-arg BASE="$BASE_IMAGE" \
+        --build-arg BASE="$BASE_IMAGE" --build-arg TORCH_VERSION="$TORCH_VERSION" \
         -v "$HOST_CA:/run/host-ca.crt:ro" -v "$TORCH_WHEEL_DIR:/wheels:ro" \
         -f "$HERE/standins.Containerfile" "$HERE" >"$CACHE/standin-$target.log" 2>&1 \
         || { tail -n 30 "$CACHE/standin-$target.log" >&2; fail "building the $target stand-in failed."; }

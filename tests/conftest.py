@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -38,41 +41,53 @@ def stack_environment(**overrides: str) -> dict[str, str]:
     return env
 
 
+def start_and_wait_ready(stack: Stack) -> None:
+    stack.start(wait_ready_s=180)
+
+
+@contextmanager
+def running_stack(
+    workdir_prefix: str, env: dict[str, str], start: Callable[[Stack], None] = start_and_wait_ready, **options
+) -> Iterator[Stack]:
+    """A Stack in a fresh temp dir, started by `start` and stopped whatever happens (a half-started one too)."""
+    stack = Stack(env, free_port(), Path(tempfile.mkdtemp(prefix=workdir_prefix)), **options)
+    try:
+        start(stack)
+        yield stack
+    finally:
+        stack.stop()
+
+
 @pytest.fixture(scope="session")
 def stack():
-    workdir = Path(tempfile.mkdtemp(prefix="llamaq-test-"))
-    running = Stack(stack_environment(), free_port(), workdir)
-    try:
-        running.start(wait_ready_s=180)
+    with running_stack("llamaq-test-", stack_environment()) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
 def aof_stack():
     """A stack of its own whose Redis keeps an append-only file (as compose runs it), for the tests that restart
     Redis or stop workers without disturbing the session stack."""
-    workdir = Path(tempfile.mkdtemp(prefix="llamaq-aof-"))
     # A drain time generous enough for these shared cores; the hand-back test sets its own tiny one.
-    running = Stack(stack_environment(DRAIN_TIMEOUT_S="120"), free_port(), workdir, redis_aof=True)
-    try:
-        running.start(wait_ready_s=180)
+    with running_stack("llamaq-aof-", stack_environment(DRAIN_TIMEOUT_S="120"), redis_aof=True) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
 def prompt_logging_stack():
     """A stack of its own with LOG_PROMPTS=1 (the echo engine: no model to load, the log is what is checked)."""
-    workdir = Path(tempfile.mkdtemp(prefix="llamaq-logprompts-"))
-    running = Stack(stack_environment(LOG_PROMPTS="1", ENGINE="echo", LOG_FORMAT="json"), free_port(), workdir)
-    try:
-        running.start(wait_ready_s=180)
+    env = stack_environment(LOG_PROMPTS="1", ENGINE="echo", LOG_FORMAT="json")
+    with running_stack("llamaq-logprompts-", env) as running:
         yield running
-    finally:
-        running.stop()
+
+
+@pytest.fixture(scope="module")
+def lone_redis():
+    """A Stack that runs only its redis-server, started as the full stacks start theirs (the Lua script tests)."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server not found: run `make system-deps`", pytrace=False)
+    with running_stack("llamaq-scripts-", dict(os.environ), start=Stack.start_redis) as running:
+        yield running
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ A missing tool fails (never skips): run `make tools`.
 from __future__ import annotations
 
 import http.client
+import importlib
 import json
 import os
 import re
@@ -22,6 +23,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from pydantic import TypeAdapter
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings
 
 import deploy_tools
 from deploy_tools import compose, missing_tool
@@ -31,10 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILES = [ROOT / "services" / "gateway" / "Dockerfile", ROOT / "services" / "worker" / "Dockerfile"]
 ENV_EXAMPLE = ROOT / ".env.example"
-EXPECTED_ENV = {
-    "HTTP_PORT", "REDIS_URL", "QUEUE_NAME", "LOG_LEVEL", "RESULT_TTL_S", "JOB_TIMEOUT_S",
-    "JOB_RETRIES", "GATEWAY_PORT", "WEB_CONCURRENCY", "MAX_NEW_TOKENS_LIMIT", "MAX_PROMPT_TOKENS",
-    "MAX_QUEUE", "API_KEYS", "MODEL_ID", "MODEL_PATH", "MODEL_CACHE", "DEVICE", "DTYPE", "MAX_BATCH",
+# Read by gunicorn_conf.py from the environment, outside the gateway's settings class.
+ENV_OUTSIDE_SETTINGS = {"GATEWAY_HOST", "WEB_CONCURRENCY"}
+# Settings no one should set: only named in a comment in .env.example, never given a value there.
+ENV_NOT_TO_SET = {
+    # Defaults to <hostname>:<pid>; the worker's healthcheck finds its own worker by that hostname prefix.
+    "WORKER_NAME",
 }
 ONE_MIB = 1 << 20
 
@@ -133,18 +139,70 @@ def test_compose_http_port_overridable(tmp_path: Path) -> None:
     assert [(p["target"], str(p["published"])) for p in ports] == [(6006, "7007")]
 
 
-def test_env_example_documents_every_variable() -> None:
-    documented: dict[str, bool] = {}
+def _settings_classes() -> list[type[BaseSettings]]:
+    """Every service's settings class (services/*/llamaq_*/settings.py)."""
+    classes = []
+    for path in sorted(ROOT.glob("services/*/llamaq_*/settings.py")):
+        module = importlib.import_module(f"{path.parent.name}.settings")
+        classes += [
+            value for value in vars(module).values()
+            if isinstance(value, type) and issubclass(value, BaseSettings) and value.__module__ == module.__name__
+        ]
+    return classes
+
+
+def _settings_fields() -> dict[str, list[FieldInfo]]:
+    """Environment variable name -> the settings fields (one per service reading it)."""
+    fields: dict[str, list[FieldInfo]] = {}
+    for cls in _settings_classes():
+        prefix = cls.model_config.get("env_prefix") or ""
+        for name, field in cls.model_fields.items():
+            fields.setdefault((prefix + name).upper(), []).append(field)
+    return fields
+
+
+def _env_example() -> dict[str, str]:
+    """Name -> value of every assignment in .env.example; each must follow a comment line."""
+    values: dict[str, str] = {}
     previous = ""
     for line in ENV_EXAMPLE.read_text().splitlines():
-        match = re.match(r"^([A-Z][A-Z0-9_]*)=", line)
+        match = re.match(r"^([A-Z][A-Z0-9_]*)=(.*)$", line)
         if match:
-            documented[match.group(1)] = previous.startswith("#")
+            assert previous.startswith("#"), f"no comment above {match.group(1)} in .env.example"
+            values[match.group(1)] = match.group(2)
         previous = line.strip()
-    assert EXPECTED_ENV <= set(documented), EXPECTED_ENV - set(documented)
-    assert all(documented.values()), [k for k, v in documented.items() if not v]
-    used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", COMPOSE_FILE.read_text()))
-    assert used <= set(documented), f"undocumented in .env.example: {used - set(documented)}"
+    return values
+
+
+def _compose_variables() -> set[str]:
+    return set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", COMPOSE_FILE.read_text()))
+
+
+def test_env_example_documents_every_variable() -> None:
+    classes = _settings_classes()
+    assert {cls.__name__ for cls in classes} >= {"GatewaySettings", "WorkerSettings"}
+    documented = set(_env_example())
+    expected = (set(_settings_fields()) | ENV_OUTSIDE_SETTINGS | _compose_variables()) - ENV_NOT_TO_SET
+    assert not expected - documented, f"add to .env.example: {sorted(expected - documented)}"
+    assert not documented & ENV_NOT_TO_SET, f"give no value in .env.example: {sorted(documented & ENV_NOT_TO_SET)}"
+    comments = ENV_EXAMPLE.read_text()
+    assert all(re.search(rf"^#.*\b{name}\b", comments, re.M) for name in ENV_NOT_TO_SET)
+
+
+def test_env_example_values_are_the_defaults() -> None:
+    # The values docker-compose.yml interpolates are its own defaults: the same config with .env.example as .env.
+    with_env_example = deploy_tools.compose_config("--profile", "*", env_file=ENV_EXAMPLE)
+    assert with_env_example == deploy_tools.compose_config("--profile", "*"), "a value differs from compose's default"
+    # The others are the settings classes' own defaults (where a default is a fixed value).
+    fields = _settings_fields()
+    compose_variables = _compose_variables()
+    for name, text in _env_example().items():
+        if name in compose_variables:
+            continue
+        for field in fields.get(name, []):
+            if field.default_factory is None:
+                value = TypeAdapter(field.annotation).validate_python(text)
+                assert value == field.default, f".env.example has {name}={text}, its default is {field.default!r}"
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -219,16 +277,34 @@ def test_nginx_conf_rules() -> None:
     assert "proxy_intercept_errors on" not in text
 
 
+STREAM_PATHS = ("/v1/jobs/abc123/events", "/v1/chat/completions", "/v1/completions")
+
+
+def _location_blocks() -> list[tuple[str, str]]:
+    """(match, body) of each location in nginx.conf, in order."""
+    return re.findall(r"^\s*location ([^{@\n]+?) \{([^}]*)\}", NGINX_CONF.read_text(), re.M)
+
+
+def _location_for(path: str) -> str:
+    """The body of the location nginx picks for `path`: exact match, else the first regex, else the longest prefix."""
+    blocks = _location_blocks()
+    assert not any(where.startswith("^~") for where, _ in blocks), "_location_for does not model ^~"
+    exact = [body for where, body in blocks if where == f"= {path}"]
+    regex = [body for where, body in blocks if where.startswith("~ ") and re.search(where[2:], path)]
+    prefixes = [(where, body) for where, body in blocks if where[0] not in "=~" and path.startswith(where)]
+    return (exact or regex or [max(prefixes, key=lambda block: len(block[0]))[1]])[0]
+
+
 def test_nginx_streaming_locations_do_not_buffer() -> None:
     # Static: with buffering on nginx still relays small chunks promptly, so the live test below
     # cannot tell the two apart; a slow client would make it hold a stream back.
-    blocks = dict(re.findall(r"location ([^{@]+?) \{([^}]*)\}", NGINX_CONF.read_text()))
-    for where in ("~ ^/v1/jobs/[^/]+/events$", "= /v1/chat/completions", "= /v1/completions"):
-        assert where in blocks, where
-        body = blocks[where]
-        assert "proxy_buffering off;" in body, where
-        assert "proxy_read_timeout 3600s;" in body, where
-        assert "proxy_pass http://gateway;" in body, where
+    for path in STREAM_PATHS:
+        body = _location_for(path)
+        assert "proxy_buffering off;" in body, path
+        assert "proxy_read_timeout 3600s;" in body, path
+        assert "proxy_pass http://gateway;" in body, path
+    for path in ("/v1/jobs/abc123", "/v1/chat/completions/x", "/v1/models"):
+        assert "proxy_buffering off;" not in _location_for(path), path
     assert re.search(r"proxy_read_timeout 360s;", NGINX_CONF.read_text())
 
 
@@ -236,8 +312,7 @@ def test_nginx_outwaits_the_original_contracts_wait() -> None:
     # POST / answers 504 with the job id after LEGACY_WAIT_S; nginx's own 504 (no id) must not come first.
     from llamaq_gateway.settings import GatewaySettings
 
-    blocks = dict(re.findall(r"location ([^{@]+?) \{([^}]*)\}", NGINX_CONF.read_text()))
-    timeout = re.search(r"proxy_read_timeout (\d+)s;", blocks["= /"])
+    timeout = re.search(r"proxy_read_timeout (\d+)s;", _location_for("/"))
     assert timeout and int(timeout.group(1)) > GatewaySettings().legacy_wait_s
 
 
@@ -378,7 +453,7 @@ class _FakeGateway(BaseHTTPRequestHandler):
         if self.path == "/gateway-error":
             body = b'{"error": {"type": "queue_full", "message": "from the gateway", "code": 503}}'
             self._send(503, body, {"Retry-After": "7", "X-Request-ID": "upstream-copy"})
-        elif self.path.endswith("/events") or self.path.startswith("/v1/chat/completions"):
+        elif self.path.endswith("/events") or self.path.startswith(("/v1/chat/completions", "/v1/completions")):
             # One event now, the rest only after the test has read the first one.
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -439,7 +514,7 @@ def test_nginx_forwards_headers(edge_with_fake_gateway) -> None:
     assert response.headers.get_all("X-Request-ID") == ["rid-2"]
 
 
-@pytest.mark.parametrize("path", ["/v1/jobs/abc123/events", "/v1/chat/completions"])
+@pytest.mark.parametrize("path", STREAM_PATHS)
 def test_nginx_relays_streams_as_they_come(edge_with_fake_gateway, path: str) -> None:
     _FakeGateway.release.clear()
     sock = socket.create_connection(("127.0.0.1", edge_with_fake_gateway.port), timeout=5)

@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
+from helpers import wait_until
 from nginx_local import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,16 +31,6 @@ def worker_pids(devstack_pid: int) -> list[int]:
     return pids
 
 
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def ready(url: str) -> bool:
     try:
         return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
@@ -57,22 +47,23 @@ def test_dev_stack_restarts_a_crashed_worker_and_stops_on_ctrl_c():
     dev = subprocess.Popen([sys.executable, "scripts/devstack.py"], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: ready(url), 120, "the dev stack to be ready")
+        wait_until(lambda: ready(url), 120, "the dev stack to be ready", interval_s=0.25)
         reply = httpx.post(url, json={"prompt": "What is the capital of France?"}, timeout=60)
         assert reply.status_code == 200 and "Paris" in reply.json()["response"]
 
         [first] = worker_pids(dev.pid)
         os.kill(first, signal.SIGKILL)
-        replacement = wait_until(lambda: [p for p in worker_pids(dev.pid) if p != first], 30, "a new worker")
+        replacement = wait_until(lambda: [p for p in worker_pids(dev.pid) if p != first], 30, "a new worker",
+                                 interval_s=0.25)
         assert replacement
-        wait_until(lambda: ready(url), 120, "the restarted worker to be ready")
+        wait_until(lambda: ready(url), 120, "the restarted worker to be ready", interval_s=0.25)
         assert httpx.post(url, json={"prompt": "Hi", "max_new_tokens": 4}, timeout=60).status_code == 200
 
         current_workers = worker_pids(dev.pid)
         dev.send_signal(signal.SIGINT)
         assert dev.wait(timeout=60) == 0
         assert not [p for p in current_workers if Path(f"/proc/{p}").exists()], "a worker outlived Ctrl-C"
-        wait_until(lambda: not ready(url), 10, "nginx to stop")
+        wait_until(lambda: not ready(url), 10, "nginx to stop", interval_s=0.25)
     finally:
         if dev.poll() is None:
             dev.kill()

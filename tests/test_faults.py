@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import signal
-import time
 
+from helpers import wait_for_job_status
 from rq_checks import wait_for_rq_status
 
 LONG_JOB = {"prompt": "Count from 1 to 500, one number per line.", "max_new_tokens": 400, "temperature": 0}
 SHORT_COUNT = {"prompt": "Count from 1 to 10, one number per line.", "max_new_tokens": 24, "temperature": 0}
-
-
-def wait_for_status(client, job_id: str, wanted: str, timeout_s: float = 45) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] == wanted:
-            return job
-        assert time.monotonic() < deadline, f"job stayed {job['status']}, wanted {wanted}"
-        time.sleep(0.1)
+# Time for each status change awaited here, the lost-worker sweep included (stale after WORKER_STALE_S).
+FAULT_WAIT_S = 45
 
 
 def kill_worker_mid_job(stack, client, job_id: str) -> None:
-    wait_for_status(client, job_id, "running")
+    wait_for_job_status(client, job_id, "running", FAULT_WAIT_S)
     stack.stop_process("worker", signal.SIGKILL)
 
 
@@ -30,7 +22,7 @@ def test_killed_worker_job_is_requeued_and_succeeds_on_the_restarted_worker(stac
     job = client.post("/v1/jobs", json=SHORT_COUNT).json()
     kill_worker_mid_job(stack, client, job["id"])
     try:
-        requeued = wait_for_status(client, job["id"], "queued")
+        requeued = wait_for_job_status(client, job["id"], "queued", FAULT_WAIT_S)
         assert requeued["started_at"] is None
     finally:
         stack.start_worker()
@@ -46,12 +38,12 @@ def test_job_fails_as_worker_lost_when_retries_run_out(stack, client, store):
     # JOB_RETRIES=1: the first loss re-queues the job, the second fails it.
     kill_worker_mid_job(stack, client, job["id"])
     try:
-        wait_for_status(client, job["id"], "queued")
+        wait_for_job_status(client, job["id"], "queued", FAULT_WAIT_S)
     finally:
         stack.start_worker()  # whatever happens, the session stack keeps a worker for the tests after this one
     kill_worker_mid_job(stack, client, job["id"])
     try:
-        failed = wait_for_status(client, job["id"], "failed")
+        failed = wait_for_job_status(client, job["id"], "failed", FAULT_WAIT_S)
     finally:
         stack.start_worker()
     assert failed["error"]["type"] == "worker_lost"

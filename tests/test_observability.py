@@ -11,6 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import poll, wait_until
 
 JOBS = 4
 # Unusual enough that finding it in a log can only mean the prompt was logged.
@@ -34,18 +35,17 @@ def total(samples, name: str, **labels: str) -> float:
                if all(sample_labels.get(k) == v for k, v in labels.items()))
 
 
+def queued_and_running(samples) -> tuple[float, float]:
+    return total(samples, "llamaq_queue_depth"), total(samples, "llamaq_jobs_running")
+
+
 @pytest.fixture(scope="module")
 def observed(stack):
     """Metrics before and after JOBS jobs sent through nginx, one of them with a request id of ours."""
     # Jobs of earlier tests may still be queued or running on the shared stack: start from an idle one, once the
     # worker's series in Redis are at least one heartbeat newer than its last job.
-    deadline = time.monotonic() + 300
-    while True:
-        idle = scrape(f"{stack.url}/metrics")
-        if total(idle, "llamaq_queue_depth") == 0 and total(idle, "llamaq_jobs_running") == 0:
-            break
-        assert time.monotonic() < deadline, "the stack never went idle"
-        time.sleep(0.5)
+    wait_until(lambda counts: counts == (0, 0), 300, "the stack to go idle (jobs queued, jobs running)",
+               observe=lambda: queued_and_running(scrape(f"{stack.url}/metrics")), interval_s=0.5)
     time.sleep(2 * float(stack.env.get("HEARTBEAT_S", "2")))
     before = scrape(f"{stack.url}/metrics")
     request_id = f"obs-{uuid.uuid4().hex}"
@@ -60,12 +60,8 @@ def observed(stack):
             done = client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
             assert done["status"] == "succeeded", done
     # Worker series reach the gateway with the next heartbeat (every HEARTBEAT_S).
-    deadline = time.monotonic() + 15
-    while True:
-        after = scrape(f"{stack.url}/metrics")
-        if delta(before, after, "llamaq_job_run_seconds_count") >= JOBS or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    after = poll(lambda: scrape(f"{stack.url}/metrics"),
+                 lambda after: delta(before, after, "llamaq_job_run_seconds_count") >= JOBS, 15, interval_s=0.5)
     return before, after, request_id, first_job
 
 

@@ -3,41 +3,19 @@ a command whose connection broke; the worker retries until Redis answers), so ea
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
-
 import pytest
 import redis
 
-from devstack import wait_for_port
 from llamaq_protocol import keys
 from llamaq_protocol.records import CANCEL_SCRIPT, CLAIM_SCRIPT, FINISH_SCRIPT, RECLAIM_SCRIPT, TOKENS_SCRIPT, event_data
-from nginx_local import free_port
 
 JOB = "0123456789abcdef"
 WORKER = "host:1"
 
 
-@pytest.fixture(scope="module")
-def server():
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server not found: run `make system-deps`", pytrace=False)
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="llamaq-scripts-")
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, proc, 10, "redis-server")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 @pytest.fixture
-def r(server):
-    client = redis.Redis(port=server)
+def r(lone_redis):
+    client = redis.Redis.from_url(lone_redis.env["REDIS_URL"])
     client.flushall()
     client.hset(keys.job(JOB), mapping={"status": "queued", "created_at": "t0", "owner": "public"})
     client.xadd(keys.events(JOB), {"event": "status", "data": '{"status":"queued"}'})

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import redis
 
+from helpers import poll, read_sse, wait_until
 from rq_checks import wait_for_rq_status
 
 PARIS = {"prompt": "What is the capital of France?", "max_new_tokens": 12, "temperature": 0}
@@ -45,23 +46,10 @@ def status_of(client, job_id: str) -> dict:
     return client.get(f"/v1/jobs/{job_id}").json()
 
 
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def finished(client, job_id: str, timeout_s: float = 300) -> dict:
-    """The job once terminal (generous: these machines' two cores are shared)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()
-        if job["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
-            return job
+    """The job once terminal (generous: these machines' two cores are shared); as it is, should time run out."""
+    return poll(lambda: client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json(),
+                lambda job: job["status"] in ("succeeded", "failed", "canceled"), timeout_s, interval_s=0)
 
 
 def token_events_in_redis(store, job_id: str) -> int:
@@ -69,22 +57,15 @@ def token_events_in_redis(store, job_id: str) -> int:
 
 
 def wait_for_tokens(store, job_id: str, count: int) -> None:
-    wait_until(lambda: token_events_in_redis(store, job_id) >= count, 60, f"{count} tokens of job {job_id}")
+    wait_until(lambda tokens: tokens >= count, 60, f"{count} tokens of job {job_id}",
+               observe=lambda: token_events_in_redis(store, job_id))
 
 
 def sse_events(client, job_id: str) -> list[tuple[str, dict]]:
     """The job's whole event stream, replayed through nginx (the job is finished)."""
     reply = client.get(f"/v1/jobs/{job_id}/events")
     assert reply.status_code == 200, reply.text
-    events, name, data = [], None, []
-    for line in reply.text.split("\n"):
-        if line.startswith("event: "):
-            name = line[len("event: "):]
-        elif line.startswith("data: "):
-            data.append(line[len("data: "):])
-        elif line == "" and name is not None:
-            events.append((name, json.loads("\n".join(data))))
-            name, data = None, []
+    events = [(event["event"], json.loads(event["data"])) for event in read_sse(reply)]
     assert events and events[-1][0] == "done", events[-3:]
     return events
 

@@ -10,6 +10,7 @@ from rq import Queue
 from rq.registry import CanceledJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
+from helpers import wait_for_job_status, wait_until
 from rq_checks import wait_for_rq_status
 
 PARIS = {"prompt": "What is the capital of France?"}
@@ -80,10 +81,7 @@ def test_cancel_queued_and_running_jobs(stack, client, store):
     batch = int(stack.env["MAX_BATCH"])
     fillers = [client.post("/v1/jobs", json=LONG_JOB).json() for _ in range(batch)]
     for filler in fillers:  # both claimed by the worker: the batch is full
-        deadline = time.monotonic() + 30
-        while client.get(f"/v1/jobs/{filler['id']}").json()["status"] != "running":
-            assert time.monotonic() < deadline, "worker did not start the filler jobs"
-            time.sleep(0.05)
+        wait_for_job_status(client, filler["id"], "running", 30)
     waiting = client.post("/v1/jobs", json={**PARIS, "max_new_tokens": 8}).json()
     polled = client.get(f"/v1/jobs/{waiting['id']}").json()
     assert polled["status"] == "queued" and polled["position"] == 0
@@ -109,10 +107,8 @@ def test_cancel_queued_and_running_jobs(stack, client, store):
     assert waiting["id"] not in rq_queue(store).get_job_ids()
     # The job record is the API's truth and changes first; the worker moves RQ's registries right after it.
     expected = {waiting["id"], *(f["id"] for f in fillers)}
-    deadline = time.monotonic() + 10
-    while not expected <= set(CanceledJobRegistry(queue=rq_queue(store)).get_job_ids()):
-        assert time.monotonic() < deadline, "RQ's canceled registry never caught up with the job records"
-        time.sleep(0.05)
+    wait_until(lambda canceled: expected <= canceled, 10, "RQ's canceled registry to catch up with the job records",
+               observe=lambda: set(CanceledJobRegistry(queue=rq_queue(store)).get_job_ids()))
 
 
 @pytest.mark.parametrize(

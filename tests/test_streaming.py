@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import openai
 import pytest
 from openai import OpenAI
+
+from helpers import read_sse
 
 PARIS_CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -34,26 +35,6 @@ def model(oai):
     return oai.models.list().data[0].id
 
 
-def read_sse(response: httpx.Response, limit: int | None = None) -> list[dict]:
-    """Parsed events (`id`, `event`, `data`; comments skipped) until the stream ends or `limit` token events."""
-    events, current, tokens = [], {}, 0
-    for line in response.iter_lines():
-        if line.startswith(":"):
-            continue
-        if line == "":
-            if current:
-                events.append(current)
-                tokens += current.get("event") == "token"
-                if limit is not None and tokens >= limit:
-                    break
-            current = {}
-            continue
-        field, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        current[field] = current.get(field, "") + ("\n" if field == "data" and field in current else "") + value
-    return events
-
-
 def stream_id(event: dict) -> tuple[int, int]:
     ms, _, seq = event["id"].partition("-")
     return int(ms), int(seq or 0)
@@ -70,7 +51,7 @@ def test_events_resume_after_disconnect_without_loss_or_duplicates(client):
         assert first.status_code == 200
         assert first.headers["content-type"].startswith("text/event-stream")
         assert first.headers["cache-control"] == "no-cache"
-        head = read_sse(first, limit=3)  # then hang up mid-generation
+        head = read_sse(first, token_limit=3)  # then hang up mid-generation
     assert head[0] == {"id": head[0]["id"], "event": "status", "data": '{"status":"queued"}'}
     assert [e["event"] for e in head].count("token") == 3
 

@@ -1,8 +1,8 @@
 """The one error shape, `{"error": {"type", "message", "code"}}`, mapped in one place from domain exceptions.
 
-On the OpenAI-compatible routes the same body also carries OpenAI's `param` (the offending field or null), and
-a request OpenAI would call invalid (bad or unsupported field, malformed JSON) has OpenAI's type
-`invalid_request_error`, so the body reads right to both API.md clients and OpenAI SDKs.
+On the OpenAI-compatible routes (those of class OpenAIRoute) the same body also carries OpenAI's `param` (the
+offending field or null), and a request OpenAI would call invalid (bad or unsupported field, malformed JSON) has
+OpenAI's type `invalid_request_error`, so the body reads right to both API.md clients and OpenAI SDKs.
 """
 
 from __future__ import annotations
@@ -13,20 +13,24 @@ import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llamaq_protocol import ErrorBody, ErrorDetail
+from llamaq_protocol import ErrorBody, ErrorDetail, Job
 
 logger = logging.getLogger(__name__)
 
 
-# Paths whose errors also carry OpenAI's `param` (routers/openai.py serves them).
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 OPENAI_INVALID_REQUEST = "invalid_request_error"
 
 
-def is_openai_path(path: str) -> bool:
-    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+class OpenAIRoute(APIRoute):
+    """A route whose errors take OpenAI's shape: routers/openai.py makes all its routes of this class."""
+
+
+def is_openai_route(request: Request) -> bool:
+    # Starlette sets the route on a method mismatch (405) too; only a path no route serves (404) has none.
+    return isinstance(request.scope.get("route"), OpenAIRoute)
 
 
 class LlamaqError(Exception):
@@ -108,6 +112,13 @@ class JobFailed(LlamaqError):
         super().__init__(message)
         self.error_type = error_type
 
+    @classmethod
+    def of(cls, job: Job) -> JobFailed:
+        """The failed job's error, as every answer that waited on it reports it."""
+        error = job.error
+        return cls(error.type if error else "internal_error",
+                   f"job {job.id} failed: {error.message if error else 'unknown error'}")
+
 
 def error_body(
     status_code: int, error_type: str, message: str, *, openai: bool = False, param: str | None = None
@@ -153,20 +164,17 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str, st
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    def openai(request: Request) -> bool:
-        return is_openai_path(request.scope.get("path", ""))
-
     @app.exception_handler(LlamaqError)
     async def _domain(request: Request, exc: LlamaqError) -> JSONResponse:
         return error_response(
             exc.status_code, exc.error_type, exc.message, exc.retry_after_s,
-            openai=openai(request), param=exc.param, retryable=exc.retryable,
+            openai=is_openai_route(request), param=exc.param, retryable=exc.retryable,
         )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         status_code, error_type, message, param = _describe_validation(exc)
-        if openai(request):
+        if is_openai_route(request):
             return error_response(status_code, OPENAI_INVALID_REQUEST, message, openai=True, param=param)
         return error_response(status_code, error_type, message)
 
@@ -176,17 +184,18 @@ def install_error_handlers(app: FastAPI) -> None:
         error_type = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )
-        return error_response(exc.status_code, error_type, str(exc.detail), openai=openai(request))
+        return error_response(exc.status_code, error_type, str(exc.detail), openai=is_openai_route(request))
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         logger.warning("redis unavailable: %s", exc)
         return error_response(
-            503, "unavailable", "the job store (Redis) is unreachable; retry shortly", 2, openai=openai(request)
+            503, "unavailable", "the job store (Redis) is unreachable; retry shortly", 2,
+            openai=is_openai_route(request),
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return error_response(500, "internal_error", "internal error", openai=openai(request))
+        return error_response(500, "internal_error", "internal error", openai=is_openai_route(request))

@@ -12,9 +12,10 @@ import json
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
-_BODY = json.dumps(
-    {"error": {"type": "bad_request", "message": "Malformed HTTP request.", "code": 400}}, separators=(",", ":")
-).encode()
+from .errors import error_body
+
+# The type and message of nginx's own 400 (nginx/nginx.conf): one answer for a malformed request, whoever parses it.
+_BODY = json.dumps(error_body(400, "bad_request", "Malformed HTTP request."), separators=(",", ":")).encode()
 
 
 class JsonErrorsHttpToolsProtocol(HttpToolsProtocol):

@@ -89,12 +89,13 @@ class JobService:
 
     # ---- submit ----------------------------------------------------------------------------------------------
 
-    async def check_params(self, params: GenerationParams) -> int:
-        """Refuse before queueing what the model could not run; returns the prompt's token count."""
-        limit = self.settings.max_new_tokens_limit
-        if params.max_new_tokens > limit:
-            raise InvalidRequest(f"max_new_tokens: must be at most {limit}")
-        card = await self.served_model()
+    async def check_params(self, params: GenerationParams, card: ModelCard | None = None) -> int:
+        """Refuse before queueing what the model could not run; returns the prompt's token count.
+
+        `card`: the served model's card when the caller has just read it (one read per request)."""
+        check_max_new_tokens(params.max_new_tokens, self.settings.max_new_tokens_limit)
+        if card is None:
+            card = await self.served_model()
         counter = await self._prompt_counter(card)
         messages = params.chat_messages()
         try:
@@ -116,9 +117,14 @@ class JobService:
         return prompt_tokens
 
     async def submit(
-        self, params: GenerationParams, owner: str, request_id: str | None, idempotency_key: str | None = None
+        self,
+        params: GenerationParams,
+        owner: str,
+        request_id: str | None,
+        idempotency_key: str | None = None,
+        card: ModelCard | None = None,
     ) -> Job:
-        await self.check_params(params)
+        await self.check_params(params, card)
         if idempotency_key:
             existing = await self._idempotent_job(params, owner, idempotency_key)
             if existing is not None:
@@ -127,10 +133,15 @@ class JobService:
         return await self.get(job_id, owner)
 
     async def submit_and_wait(
-        self, params: GenerationParams, owner: str, request_id: str | None, timeout_s: float
+        self,
+        params: GenerationParams,
+        owner: str,
+        request_id: str | None,
+        timeout_s: float,
+        card: ModelCard | None = None,
     ) -> Job:
         """Queue a job and wait for it (see `wait`), reading its events from the moment it was queued."""
-        await self.check_params(params)
+        await self.check_params(params, card)
         job_id, queued_event_id = await self._queue_job(params, owner, request_id, None)
         return await self.wait(job_id, owner, timeout_s, since=queued_event_id)
 
@@ -283,6 +294,15 @@ class JobService:
             RQJob.fetch(job_id, connection=self.sync, serializer=JSONSerializer).cancel()
         except (NoSuchJobError, InvalidJobOperation):
             pass  # already claimed: the worker sees the canceled record and closes the RQ job itself
+
+
+def check_max_new_tokens(
+    max_new_tokens: int, limit: int, field: str = "max_new_tokens", refusal: type[InvalidRequest] = InvalidRequest
+) -> None:
+    """The one cap on a job's new tokens. The OpenAI routes check it while translating, naming their own field
+    (`max_tokens`, `max_completion_tokens`) and refusal, before the protocol's looser bound can answer instead."""
+    if max_new_tokens > limit:
+        raise refusal(f"{field}: must be at most {limit}", param=field)
 
 
 def _ends(fields: dict) -> bool:

@@ -23,9 +23,9 @@ from llamaq_protocol.records import EVENT_DONE, EVENT_STATUS, EVENT_TOKEN
 
 from . import streams
 from .errors import InvalidParameter, JobFailed, JobNotFound, ModelNotFound, WaitTimeout, error_body
+from .jobs import JobService, check_max_new_tokens
 
 if TYPE_CHECKING:
-    from .jobs import JobService
     from .settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -201,8 +201,7 @@ def to_params(req: ChatCompletionRequest | CompletionRequest, max_new_tokens_lim
         limit_param, max_new_tokens = "max_tokens", req.max_tokens
     fields: dict[str, Any] = {"messages": messages}
     if max_new_tokens is not None:
-        if max_new_tokens > max_new_tokens_limit:
-            raise _refuse(limit_param, f"must be at most {max_new_tokens_limit}")
+        check_max_new_tokens(max_new_tokens, max_new_tokens_limit, limit_param, InvalidParameter)
         fields["max_new_tokens"] = max_new_tokens
     for name in ("temperature", "top_p", "stop", "seed"):
         value = getattr(req, name)
@@ -362,11 +361,8 @@ async def stream_completion(
             elif entry.event == EVENT_DONE:
                 final = await jobs.get(job.id, owner)
                 if final.status is JobStatus.failed:
-                    error = final.error
-                    yield _stream_error(
-                        500, error.type if error else "internal_error",
-                        f"job {job.id} failed: {error.message if error else 'unknown error'}",
-                    )
+                    failed = JobFailed.of(final)
+                    yield _stream_error(failed.status_code, failed.error_type, failed.message)
                 else:
                     for piece in chunks.closing(final):
                         yield piece
@@ -394,13 +390,11 @@ async def respond(
     card = await jobs.served_model()
     check_model(req.model, card)
     if req.stream:
-        job = await jobs.submit(params, owner, request_id)
+        job = await jobs.submit(params, owner, request_id, card=card)
         return streams.sse_response(stream_completion(kind, jobs, job, owner, card.name, req.include_usage()))
-    job = await jobs.submit_and_wait(params, owner, request_id, settings.max_generate_wait_s)
+    job = await jobs.submit_and_wait(params, owner, request_id, settings.max_generate_wait_s, card=card)
     if job.status is JobStatus.failed:
-        error = job.error
-        raise JobFailed(error.type if error else "internal_error",
-                        f"job {job.id} failed: {error.message if error else 'unknown error'}")
+        raise JobFailed.of(job)
     if not job.status.is_terminal():
         raise WaitTimeout(
             f"job {job.id} is still {job.status.value} after {settings.max_generate_wait_s:g} s; it runs on and "

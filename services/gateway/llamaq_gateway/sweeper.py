@@ -70,13 +70,7 @@ class LostWorkerSweeper:
         if uptime < self.settings.worker_stale_s:
             return []  # the workers have not had the time to beat since Redis came back
         outcomes = [(job_id, "requeued") for job_id in await self._rescue_stranded()]
-        running = [j.decode() for j in await aio.smembers(keys.RUNNING)]
-        fresh_since = self.jobs.fresh_since()
-        for job_id in running:
-            worker = (await aio.hget(keys.job(job_id), "worker") or b"").decode()
-            last_beat = await aio.zscore(keys.WORKERS, worker) if worker else None
-            if last_beat is not None and last_beat >= fresh_since:
-                continue
+        for job_id, worker in await self._jobs_of_lost_workers():
             outcome = await self._reclaim(job_id, worker)
             if outcome == "queued" and await aio.lpos(self.jobs.queue.key, job_id) is None:
                 # Only a retried script sees its own re-queue (its first reply was lost): the RQ push is still due.
@@ -87,14 +81,40 @@ class LostWorkerSweeper:
                 logger.warning("job %s: worker %s lost; %s", job_id, worker, outcome, extra={"job_id": job_id})
         return outcomes
 
+    async def _jobs_of_lost_workers(self) -> list[tuple[str, str]]:
+        """(job id, worker) of each running job whose worker has not beaten since `fresh_since` (or has no name),
+        read in one round trip for all of them."""
+        aio = self.jobs.aio
+        running = [j.decode() for j in await aio.smembers(keys.RUNNING)]
+        if not running:
+            return []
+        async with aio.pipeline(transaction=False) as pipe:
+            for job_id in running:
+                pipe.hget(keys.job(job_id), "worker")
+            pipe.zrangebyscore(keys.WORKERS, self.jobs.fresh_since(), "+inf")
+            *workers, fresh = await pipe.execute()
+        alive = {name.decode() for name in fresh}
+        lost = []
+        for job_id, worker in zip(running, workers):
+            worker = (worker or b"").decode()
+            if not worker or worker not in alive:
+                lost.append((job_id, worker))
+        return lost
+
     async def _rescue_stranded(self) -> list[str]:
         aio, queue = self.jobs.aio, self.jobs.queue
         stranded = [j.decode() for j in await aio.lrange(queue.intermediate_queue_key, 0, -1)]
         current = time.monotonic()
         self._stranded_since = {j: t for j, t in self._stranded_since.items() if j in stranded}
         rescued = []
-        for job_id in stranded:
-            if await aio.hget(keys.job(job_id), "status") != b"queued":
+        if not stranded:
+            return rescued
+        async with aio.pipeline(transaction=False) as pipe:
+            for job_id in stranded:
+                pipe.hget(keys.job(job_id), "status")
+            statuses = await pipe.execute()
+        for job_id, status in zip(stranded, statuses):
+            if status != b"queued":
                 continue  # claimed (the worker removes it from the list next), or ended
             first_seen = self._stranded_since.setdefault(job_id, current)
             if current - first_seen < self.settings.worker_stale_s:

@@ -213,6 +213,39 @@ def test_refusals_come_before_redis_in_both_error_shapes(offline_client):
     assert plain["error"]["type"] == "invalid_request" and "param" not in plain["error"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("GET", "/v1/chat/completions", None, 405),  # a method mismatch still knows its route
+        ("POST", "/v1/models", None, 405),
+        ("PUT", "/v1/models/x", None, 405),
+        ("GET", "/v1/models/x/y", None, 503),
+        ("POST", "/v1/completions", b"{", 400),
+    ],
+)
+def test_the_openai_shape_follows_the_route(offline_client, method, path, body, status):
+    reply = offline_client.request(method, path, content=body, headers={"Content-Type": "application/json"})
+    assert reply.status_code == status and reply.json()["error"]["param"] is None
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/nope"), ("PATCH", "/v1/jobs/abc"), ("GET", "/v1/chat")])
+def test_other_routes_and_unknown_paths_keep_the_plain_shape(offline_client, method, path):
+    error = offline_client.request(method, path).json()["error"]
+    assert error["code"] in (404, 405) and "param" not in error
+
+
+def test_the_new_tokens_cap_comes_before_redis_in_both_shapes(offline_client):
+    openai = offline_client.post("/v1/completions", json={"prompt": "hi", "max_tokens": LIMIT + 1}).json()
+    assert openai["error"] == {
+        "type": "invalid_request_error", "message": f"max_tokens: must be at most {LIMIT}", "code": 400,
+        "param": "max_tokens",
+    }
+    plain = offline_client.post("/v1/jobs", json={"prompt": "hi", "max_new_tokens": LIMIT + 1}).json()
+    assert plain["error"] == {
+        "type": "invalid_request", "message": f"max_new_tokens: must be at most {LIMIT}", "code": 400,
+    }
+
+
 def test_a_wait_timeout_tells_sdks_not_to_retry():
     exc = WaitTimeout("job x is still running")
     reply = error_response(exc.status_code, exc.error_type, exc.message, retryable=exc.retryable)

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import sys
-import threading
 import time
 
 import redis
@@ -19,6 +18,7 @@ from llamaq_protocol.logs import configure_logging
 from .batch_worker import BatchWorker
 from .metrics import WorkerMetrics
 from .model_source import resolve_model_dir
+from .periodic import PeriodicReporter
 from .presence import Heartbeat, model_mapping, publish_model
 from .settings import WorkerSettings
 
@@ -51,19 +51,12 @@ def loading_progress(model_dir: str, every_s: float = 10.0):
     total_gib = sum(entry.stat().st_size for entry in weights) / 2**30
     logger.info("loading model weights: %d file(s), %.2f GiB from %s", len(weights), total_gib, model_dir)
     started = time.monotonic()
-    done = threading.Event()
 
-    def report() -> None:
-        while not done.wait(every_s):
-            logger.info("still loading the model (%.0f s so far)", time.monotonic() - started)
+    def still_loading() -> None:
+        logger.info("still loading the model (%.0f s so far)", time.monotonic() - started)
 
-    reporter = threading.Thread(target=report, name="llamaq-loading", daemon=True)
-    reporter.start()
-    try:
+    with PeriodicReporter(every_s, still_loading, thread_name="llamaq-loading"):
         yield
-    finally:
-        done.set()
-        reporter.join()
     logger.info("model loaded in %.1f s", time.monotonic() - started)
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 import time
+
+from .periodic import PeriodicReporter
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,7 @@ class DownloadProgress:
         self.interval_s = interval_s
         # tqdm's bars off when nobody watches a terminal (TQDM_DISABLE is read by tqdm >= 4.66).
         self.quiet_tqdm = (not sys.stderr.isatty()) if quiet_tqdm is None else quiet_tqdm
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._reporter: PeriodicReporter | None = None
         self._saved_tqdm_env: str | None = None
         self._start_bytes = 0
         self._start_time = 0.0
@@ -73,24 +73,19 @@ class DownloadProgress:
         self._start_bytes = self._last_bytes = size
         self._start_time = self._last_time = time.monotonic()
         logger.info("download starting: %s in %d files already under %s", human_bytes(size), files, self.folder)
-        self._thread = threading.Thread(target=self._run, name="download-progress", daemon=True)
-        self._thread.start()
+        self._reporter = PeriodicReporter(self.interval_s, self.report, thread_name="download-progress")
+        self._reporter.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._reporter is not None:
+            self._reporter.stop()
         if self.quiet_tqdm:
             if self._saved_tqdm_env is None:
                 os.environ.pop("TQDM_DISABLE", None)
             else:
                 os.environ["TQDM_DISABLE"] = self._saved_tqdm_env
         self.report(final=True, failed=exc_type is not None)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.report()
 
     def report(self, final: bool = False, failed: bool = False) -> None:
         files, size = folder_usage(self.folder)

@@ -15,13 +15,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from transformers import AutoTokenizer
 
-from .sequences import SamplingParams, StepOutput, chat_token_ids, read_generation_config, sampling_defaults
+from .sequences import (
+    SamplingParams,
+    SequenceSlots,
+    StepOutput,
+    chat_token_ids,
+    read_generation_config,
+    sampling_defaults,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,21 +43,16 @@ class _EchoSeq:
     canceled: bool = False
 
 
-class EchoEngine:
+class EchoEngine(SequenceSlots[_EchoSeq]):
     def __init__(self, model_path: str, max_batch: int = 8, **_ignored) -> None:
         """Same arguments as `Engine` (``device`` and ``dtype`` are accepted and ignored)."""
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
-        self.max_batch = max_batch
+        super().__init__(max_batch)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model_name = os.path.basename(os.path.normpath(model_path))
         with open(os.path.join(model_path, "config.json"), encoding="utf-8") as fh:
             self.context_length = int(json.load(fh).get("max_position_embeddings", 2048))
         self.vocab_size = len(self.tokenizer)
         self.defaults = sampling_defaults(read_generation_config(model_path))
-        self._lock = threading.Lock()
-        self._pending: list[_EchoSeq] = []
-        self._by_id: dict[str, _EchoSeq] = {}
         self._user_text: OrderedDict[tuple[int, ...], str] = OrderedDict()
         logger.info("echo engine ready (no model): tokenizer of %s, max_batch=%d", self.model_name, max_batch)
 
@@ -64,46 +65,26 @@ class EchoEngine:
                 self._user_text.popitem(last=False)
         return ids
 
-    @property
-    def active(self) -> int:
-        with self._lock:
-            return len(self._by_id)
-
-    @property
-    def free_slots(self) -> int:
-        with self._lock:
-            return self.max_batch - len(self._by_id)
-
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         if params.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        with self._lock:
-            if seq_id in self._by_id:
-                raise ValueError(f"sequence {seq_id!r} is already active")
-            if len(self._by_id) >= self.max_batch:
-                raise ValueError(f"no free slot (max_batch={self.max_batch})")
-            # Prompts not built by encode_chat echo their own decoded text.
-            text = self._user_text.pop(tuple(int(t) for t in prompt_ids), None)
-            if text is None:
-                text = self.tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
-            seq = _EchoSeq(seq_id, text, params)
-            self._by_id[seq_id] = seq
-            self._pending.append(seq)
+        self._enqueue(seq_id, lambda: _EchoSeq(seq_id, self._answer_text(prompt_ids), params))
+
+    def _answer_text(self, prompt_ids: list[int]) -> str:
+        """The text to echo (call with the lock held: encode_chat fills the same map)."""
+        # Prompts not built by encode_chat echo their own decoded text.
+        text = self._user_text.pop(tuple(int(t) for t in prompt_ids), None)
+        if text is None:
+            text = self.tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+        return text
 
     def device_memory(self) -> tuple[int, int]:
         return 0, 0  # no model, no GPU
 
-    def cancel(self, seq_id: str) -> None:
-        with self._lock:
-            seq = self._by_id.get(seq_id)
-            if seq is not None:
-                seq.canceled = True
-
     def step(self) -> list[StepOutput]:
-        with self._lock:
-            batch, self._pending = self._pending, []
+        batch = self._take_pending()
         outputs = []
         for seq in batch:
             if seq.canceled:
@@ -117,7 +98,5 @@ class EchoEngine:
                 else:
                     text = seq.text
                 outputs.append(StepOutput(seq.seq_id, text, len(ids), reason))
-        with self._lock:
-            for seq in batch:
-                self._by_id.pop(seq.seq_id, None)
+        self._release(*batch)
         return outputs

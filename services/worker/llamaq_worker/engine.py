@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +36,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 # Re-exported: the dataclasses live in a torch-free module so the batch worker and the echo engine share them.
-from .sequences import SamplingParams, StepOutput, chat_token_ids, read_generation_config, sampling_defaults
+from .sequences import (
+    SamplingParams,
+    SequenceSlots,
+    StepOutput,
+    chat_token_ids,
+    read_generation_config,
+    sampling_defaults,
+)
 
 __all__ = ["Engine", "SamplingParams", "StepOutput"]
 
@@ -109,12 +115,11 @@ class _StepOutputs:
         return [o for o in self._by_id.values() if o.text or o.finish_reason is not None or o.error is not None]
 
 
-class Engine:
+class Engine(SequenceSlots[_Seq]):
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32", max_batch: int = 8) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of bfloat16, float16, float32")
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
+        super().__init__(max_batch)  # checks max_batch before the model loads
         torch_device = torch.device(device)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         load_kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "attn_implementation": "sdpa"}
@@ -123,7 +128,7 @@ class Engine:
         with torch.inference_mode():
             model = AutoModelForCausalLM.from_pretrained(model_path, **load_kwargs)
         self._setup(
-            model, tokenizer, max_batch, torch_device,
+            model, tokenizer, torch_device,
             model_name=os.path.basename(os.path.normpath(model_path)),
             generation_config=read_generation_config(model_path),
         )
@@ -144,11 +149,10 @@ class Engine:
         ``eos_token_ids`` overrides the end-of-sequence ids; an empty set never stops on a token, so every
         sequence runs to ``max_new_tokens`` (what load generators call "ignore EOS").
         """
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
         engine = cls.__new__(cls)
+        SequenceSlots.__init__(engine, max_batch)
         engine._setup(
-            model, tokenizer, max_batch, model.device, model_name=model_name,
+            model, tokenizer, model.device, model_name=model_name,
             generation_config=generation_config or {}, eos_token_ids=eos_token_ids,
         )
         return engine
@@ -157,7 +161,6 @@ class Engine:
         self,
         model: Any,
         tokenizer: Any,
-        max_batch: int,
         device: torch.device,
         *,
         model_name: str,
@@ -166,7 +169,6 @@ class Engine:
     ) -> None:
         self.device = device
         self.dtype = model.dtype
-        self.max_batch = max_batch
         self.tokenizer = tokenizer
         self.model = model
         # No requires_grad_(False): inference_mode already records no graph, and on CPU it made bf16 prefill
@@ -193,11 +195,7 @@ class Engine:
             pad = min(self.eos_token_ids) if self.eos_token_ids else 0
         self.pad_token_id = int(pad)
 
-        self._lock = threading.Lock()
-        self._pending: list[_Seq] = []
-        self._ids: set[str] = set()  # every active (pending or running) id
-        self._by_id: dict[str, _Seq] = {}
-        self._order = 0
+        self._order = 0  # admission counter, advanced under the slots' lock
 
         # running batch; row i of every tensor below belongs to self._running[i]
         self._running: list[_Seq] = []
@@ -208,8 +206,8 @@ class Engine:
         self._seen: torch.Tensor | None = None  # [B, vocab] bool, tokens in prompt + generated
         logger.info(
             "engine ready: model=%s device=%s dtype=%s max_batch=%d context=%d eos=%s defaults=%s",
-            self.model_name, self.device, str(self.dtype).removeprefix("torch."), max_batch, self.context_length, sorted(self.eos_token_ids),
-            self.defaults,
+            self.model_name, self.device, str(self.dtype).removeprefix("torch."), self.max_batch, self.context_length,
+            sorted(self.eos_token_ids), self.defaults,
         )
 
     # ------------------------------------------------------------------ configuration helpers
@@ -231,16 +229,6 @@ class Engine:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return chat_token_ids(self.tokenizer, messages)
 
-    @property
-    def active(self) -> int:
-        with self._lock:
-            return len(self._ids)
-
-    @property
-    def free_slots(self) -> int:
-        with self._lock:
-            return self.max_batch - len(self._ids)
-
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self._validate(prompt_ids, params)
         prompt = [int(t) for t in prompt_ids]
@@ -249,36 +237,25 @@ class Engine:
             generator.manual_seed(int(params.seed) & 0xFFFF_FFFF_FFFF_FFFF)
         else:
             generator.seed()
-        with self._lock:
-            if seq_id in self._ids:
-                raise ValueError(f"sequence {seq_id!r} is already active")
-            if len(self._ids) >= self.max_batch:
-                raise ValueError(f"no free slot (max_batch={self.max_batch})")
+        max_stop_len = max((len(s) for s in params.stop), default=0)
+
+        def admitted() -> _Seq:
             self._order += 1
-            seq = _Seq(
+            return _Seq(
                 seq_id=seq_id,
                 prompt_ids=prompt,
                 params=params,
                 order=self._order,
                 generator=generator,
-                max_stop_len=max((len(s) for s in params.stop), default=0),
+                max_stop_len=max_stop_len,
             )
-            self._ids.add(seq_id)
-            self._by_id[seq_id] = seq
-            self._pending.append(seq)
 
-    def cancel(self, seq_id: str) -> None:
-        with self._lock:
-            seq = self._by_id.get(seq_id)
-            if seq is not None:
-                seq.canceled = True
+        self._enqueue(seq_id, admitted)
 
     def step(self) -> list[StepOutput]:
         outputs = _StepOutputs()
         with torch.inference_mode():
-            with self._lock:
-                new = self._pending
-                self._pending = []
+            new = self._take_pending()
             # 1. cancellations
             still_new = []
             for seq in new:
@@ -712,9 +689,3 @@ class Engine:
     def _fail(self, seq: _Seq, error: str, outputs: _StepOutputs) -> None:
         outputs.add(seq, "", error=error)
         self._release(seq)
-
-    def _release(self, seq: _Seq) -> None:
-        with self._lock:
-            self._ids.discard(seq.seq_id)
-            if self._by_id.get(seq.seq_id) is seq:
-                del self._by_id[seq.seq_id]

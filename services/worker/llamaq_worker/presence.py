@@ -68,7 +68,7 @@ class Heartbeat(threading.Thread):
         if self._model is not None and not replies[-1]:
             logger.warning("model card of %s missing from Redis (restarted without its data?); publishing it again",
                            self._info.model)
-            self._client.hset(keys.model(self._info.model), mapping=self._model)
+            publish_model(self._client, self._model)
 
     def run(self) -> None:
         while not self._stopped.is_set():

@@ -2,15 +2,19 @@
 
 `SamplingParams` (one sequence's settings) and `StepOutput` (what one `step` produced for one sequence) are
 shared by the real engine (`engine.Engine`, the only torch module) and the test-only `echo_engine.EchoEngine`,
-so the batch worker and the echo engine never need torch for them. The generation-config helpers read a
-model folder's `generation_config.json` the same way for both.
+so the batch worker and the echo engine never need torch for them. So is `SequenceSlots`, the bookkeeping of
+which sequences hold one of the `max_batch` slots. The generation-config helpers read a model folder's
+`generation_config.json` the same way for both.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,69 @@ class StepOutput:
     completion_tokens: int  # tokens generated so far
     finish_reason: str | None  # "stop" | "length" | "canceled" | None while running
     error: str | None = None  # set when the sequence failed; then finish_reason is None and the sequence is gone
+
+
+class ActiveSequence(Protocol):
+    seq_id: str
+    canceled: bool
+
+
+SeqT = TypeVar("SeqT", bound=ActiveSequence)
+
+
+class SequenceSlots(Generic[SeqT]):
+    """An engine's active sequences (pending or running), at most `max_batch`, behind one lock.
+
+    `add`, `cancel`, `active` and `free_slots` may be called from another thread than `step`; the engine's own
+    step-thread state needs no lock. Subclasses queue with `_enqueue`, take the queued ones with
+    `_take_pending` and give a finished sequence's slot back with `_release`.
+    """
+
+    def __init__(self, max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.max_batch = max_batch
+        self._lock = threading.Lock()
+        self._pending: list[SeqT] = []
+        self._by_id: dict[str, SeqT] = {}
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._by_id)
+
+    @property
+    def free_slots(self) -> int:
+        with self._lock:
+            return self.max_batch - len(self._by_id)
+
+    def cancel(self, seq_id: str) -> None:
+        with self._lock:
+            seq = self._by_id.get(seq_id)
+            if seq is not None:
+                seq.canceled = True
+
+    def _enqueue(self, seq_id: str, build: Callable[[], SeqT]) -> None:
+        """Queue the sequence `build` makes; it runs under the lock, only once the id has a free slot."""
+        with self._lock:
+            if seq_id in self._by_id:
+                raise ValueError(f"sequence {seq_id!r} is already active")
+            if len(self._by_id) >= self.max_batch:
+                raise ValueError(f"no free slot (max_batch={self.max_batch})")
+            seq = build()
+            self._by_id[seq_id] = seq
+            self._pending.append(seq)
+
+    def _take_pending(self) -> list[SeqT]:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        return pending
+
+    def _release(self, *seqs: SeqT) -> None:
+        with self._lock:
+            for seq in seqs:
+                if self._by_id.get(seq.seq_id) is seq:
+                    del self._by_id[seq.seq_id]
 
 
 def read_generation_config(model_path: str) -> dict:

@@ -18,8 +18,8 @@ async def original_generate(
     params: GenerationParams, jobs: JobsDep, owner: OwnerDep, request_id: RequestIdDep, settings: SettingsDep
 ) -> LegacyResponse:
     job = await jobs.submit_and_wait(params, owner, request_id, settings.legacy_wait_s)
-    if job.status is JobStatus.failed and job.error:
-        raise JobFailed(job.error.type, f"job {job.id} failed: {job.error.message}")
+    if job.status is JobStatus.failed:
+        raise JobFailed.of(job)
     if not job.status.is_terminal():
         raise WaitTimeout(f"job {job.id} is still {job.status.value}; poll GET /v1/jobs/{job.id}")
     text = job.output.text if job.output else ""

@@ -4,10 +4,12 @@ from fastapi import APIRouter, Response
 
 from .. import openai_compat
 from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep
+from ..errors import OpenAIRoute
 from ..openai_compat import ChatCompletionRequest, CompletionRequest
 from ..schemas import error_responses
 
-router = APIRouter(tags=["openai"])
+# OpenAIRoute: these routes' errors carry OpenAI's `param` and type.
+router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 
 _STREAM = {
     200: {"content": {"application/json": {}, "text/event-stream": {}}},

@@ -1,0 +1,81 @@
+"""Helpers shared by the integration tests: waiting for a condition, and reading Server-Sent Events."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import httpx
+
+T = TypeVar("T")
+
+
+def poll(observe: Callable[[], T], done: Callable[[T], Any], timeout_s: float, interval_s: float = 0.05) -> T:
+    """`observe()` again and again until `done(value)` or `timeout_s` has passed; the last value either way
+    (for callers whose own assertions judge what came back)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = observe()
+        if done(value) or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval_s)
+
+
+def wait_until(
+    predicate: Callable[..., Any],
+    timeout_s: float,
+    what: str,
+    *,
+    observe: Callable[[], Any] | None = None,
+    interval_s: float = 0.05,
+) -> Any:
+    """Waits until `predicate()` is truthy and returns its value; with `observe`, until `predicate(observe())` is,
+    and returns what `observe` gave (so the failure can show the last thing seen, not just False)."""
+    if observe is None:
+        observe, predicate = predicate, bool
+    value = poll(observe, predicate, timeout_s, interval_s)
+    if not predicate(value):
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last seen: {value!r:.500}")
+    return value
+
+
+def wait_for_job_status(client, job_id: str, wanted: str, timeout_s: float) -> dict:
+    """The job's record (GET /v1/jobs/{id}) once its status is `wanted`."""
+    return wait_until(
+        lambda job: job["status"] == wanted, timeout_s, f"job {job_id} to be {wanted}",
+        observe=lambda: client.get(f"/v1/jobs/{job_id}").json(), interval_s=0.1,
+    )
+
+
+def read_sse(response: httpx.Response, token_limit: int | None = None) -> list[dict[str, str]]:
+    """Server-Sent Events as dicts of their fields (`id`, `event`, `data`; a multi-line `data` joined by newlines,
+    comments such as pings skipped), until the stream ends or `token_limit` token events have come (a stream left
+    there is hung up on when its `client.stream(...)` block ends)."""
+    events, current, tokens = [], {}, 0
+    for line in _sse_lines(response):
+        if line.startswith(":"):
+            continue
+        if line == "":
+            if current:
+                events.append(current)
+                tokens += current.get("event") == "token"
+                if token_limit is not None and tokens >= token_limit:
+                    break
+            current = {}
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        current[field] = current[field] + "\n" + value if field == "data" and field in current else value
+    return events
+
+
+def _sse_lines(response: httpx.Response) -> Iterator[str]:
+    # Split at line ends only: httpx's iter_lines (str.splitlines) also splits at U+2028 and its kin, which the
+    # JSON of a token's text may hold unescaped.
+    pending = ""
+    for text in response.iter_text():
+        *complete, pending = (pending + text).split("\n")
+        yield from (line.removesuffix("\r") for line in complete)
+    if pending:
+        yield pending.removesuffix("\r")
