@@ -35,8 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILES = [ROOT / "services" / "gateway" / "Dockerfile", ROOT / "services" / "worker" / "Dockerfile"]
 ENV_EXAMPLE = ROOT / ".env.example"
-# Read by gunicorn_conf.py from the environment, outside the gateway's settings class.
-ENV_OUTSIDE_SETTINGS = {"GATEWAY_HOST", "WEB_CONCURRENCY"}
 # Settings no one should set: only named in a comment in .env.example, never given a value there.
 ENV_NOT_TO_SET = {
     # Defaults to <hostname>:<pid>; the worker's healthcheck finds its own worker by that hostname prefix.
@@ -182,7 +180,7 @@ def test_env_example_documents_every_variable() -> None:
     classes = _settings_classes()
     assert {cls.__name__ for cls in classes} >= {"GatewaySettings", "WorkerSettings"}
     documented = set(_env_example())
-    expected = (set(_settings_fields()) | ENV_OUTSIDE_SETTINGS | _compose_variables()) - ENV_NOT_TO_SET
+    expected = (set(_settings_fields()) | _compose_variables()) - ENV_NOT_TO_SET
     assert not expected - documented, f"add to .env.example: {sorted(expected - documented)}"
     assert not documented & ENV_NOT_TO_SET, f"give no value in .env.example: {sorted(documented & ENV_NOT_TO_SET)}"
     comments = ENV_EXAMPLE.read_text()

@@ -8,8 +8,8 @@ from llamaq_gateway.settings import get_settings
 
 _settings = get_settings()
 
-bind = f"{os.environ.get('GATEWAY_HOST', '0.0.0.0')}:{_settings.gateway_port}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+bind = f"{_settings.gateway_host}:{_settings.gateway_port}"
+workers = _settings.web_concurrency
 # uvicorn_worker.UvicornWorker, answering what its HTTP parser refuses in the API's error shape.
 worker_class = "llamaq_gateway.http_worker.GatewayWorker"
 # Requests may legitimately wait up to the longest wait (300 s, or POST / longer); nginx times out first.

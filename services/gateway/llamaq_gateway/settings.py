@@ -17,7 +17,10 @@ class GatewaySettings(BaseSettings):
     log_level: str = "INFO"
     # json: one object per line carrying the request id; text: for reading in a terminal.
     log_format: Literal["json", "text"] = "json"
+    # Where gunicorn listens, and how many worker processes it runs.
+    gateway_host: str = "0.0.0.0"
     gateway_port: int = 8000
+    web_concurrency: int = Field(default=2, ge=1)
 
     result_ttl_s: int = Field(default=3600, ge=1)
     job_timeout_s: int = Field(default=600, ge=1)
