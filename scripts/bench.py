@@ -105,9 +105,21 @@ def percentile(values: list[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
+async def _sse_lines(response: httpx.Response):
+    # Split at line ends only: aiter_lines (str.splitlines) also splits at U+2028 and its kin, which the JSON of a
+    # token's text may hold unescaped (tests/helpers.py reads the stream the same way).
+    pending = ""
+    async for text in response.aiter_text():
+        *complete, pending = (pending + text).split("\n")
+        for line in complete:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending.removesuffix("\r")
+
+
 async def _sse_events(response: httpx.Response):
     event, data = "message", []
-    async for line in response.aiter_lines():
+    async for line in _sse_lines(response):
         if line == "":
             if data:
                 yield event, "\n".join(data)
@@ -648,6 +660,7 @@ def sequential_generate(url: str, n: int, max_new_tokens: int, warmup: int = 10)
 
 
 def in_process_echo(model: str, n: int, max_new_tokens: int, warmup: int = 10) -> list[float]:
+    from llamaq_protocol import GenerationParams
     from llamaq_worker.echo_engine import EchoEngine
     from llamaq_worker.sequences import SamplingParams
 
@@ -655,8 +668,7 @@ def in_process_echo(model: str, n: int, max_new_tokens: int, warmup: int = 10) -
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     latencies = []
     for i in range(warmup + n):
-        messages = [{"role": "system", "content": "You are a helpful assistant."},
-                    {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        messages = GenerationParams(prompt=PROMPTS[i % len(PROMPTS)]).chat_messages()  # as the gateway builds them
         start = time.perf_counter()
         engine.add(f"s{i}", engine.encode_chat(messages), params)
         done = False

@@ -35,19 +35,17 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+    from llamaq_protocol import GenerationParams
     from llamaq_worker.engine import Engine
-    from llamaq_worker.sequences import SamplingParams
+    from llamaq_worker.sequences import SamplingParams, chat_token_ids
 
     model_path = args.model_path or small_model()
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
-    prompts = []
-    for i in range(args.sequences):
-        messages = [{"role": "system", "content": "You are a helpful assistant."},
-                    {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    # The token ids the worker would queue for the same requests (the gateway's messages, the worker's template).
+    prompts = [chat_token_ids(tokenizer, GenerationParams(prompt=PROMPTS[i % len(PROMPTS)]).chat_messages())
+               for i in range(args.sequences)]
     eos = tokenizer.eos_token_id
     cap = args.max_new_tokens
 

@@ -127,16 +127,18 @@ class Stack:
             time.sleep(0.25)
         raise TimeoutError(f"stack not ready within {timeout_s} s; see the logs in {self.workdir}")
 
-    def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 15) -> None:
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 15) -> int | None:
+        """Send `sig` to the service's process group, SIGKILL it after `timeout_s`; returns its exit status
+        (None when it was not running, negative when a signal ended it)."""
         proc = self.procs.pop(name, None)
         if proc is None or proc.poll() is not None:
-            return
+            return None
         os.killpg(proc.pid, sig)
         try:
-            proc.wait(timeout_s)
+            return proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            return proc.wait()
 
     def stop(self) -> None:
         self._contexts.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -19,8 +20,26 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / ".cache" / "models" / "Sm
 logger = logging.getLogger("prepare_small_model")
 
 
+def make_readable(root: Path) -> None:
+    """Folders 0755, files 0644, all the way down: the containers' non-root user reads the model. Modes already
+    right are left alone (a folder someone else owns, already readable, needs no chmod)."""
+
+    def set_mode(path: Path, mode: int) -> None:
+        if stat.S_IMODE(path.stat().st_mode) != mode:
+            path.chmod(mode)
+
+    set_mode(root, 0o755)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            set_mode(Path(dirpath, name), 0o755)
+        for name in filenames:
+            set_mode(Path(dirpath, name), 0o644)
+
+
 def prepare(out_dir: Path = DEFAULT_OUT) -> Path:
     if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
+        # Also a folder prepared before this made it readable (mkdtemp's 0700, weights written 0600).
+        make_readable(out_dir)
         return out_dir
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -40,10 +59,8 @@ def prepare(out_dir: Path = DEFAULT_OUT) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    # mkdtemp makes the folder 0700 (and the weights come out 0600): the containers' non-root user must read it.
-    staging.chmod(0o755)
-    for path in staging.iterdir():
-        path.chmod(0o644)
+    # mkdtemp makes the folder 0700 (and the weights come out 0600).
+    make_readable(staging)
     staging.rename(out_dir)
     return out_dir
 

@@ -198,9 +198,6 @@ for _ in $(seq 100); do
 done
 curl -sf --unix-socket "$SOCKET" http://d/_ping >/dev/null || fail "podman system service did not answer on $SOCKET."
 
-# The images run as uid 10001; a model folder prepared before prepare_small_model.py made it readable was 0700.
-chmod -R a+rX "$MODEL_DIR"
-
 HTTP_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 BASE_URL=http://127.0.0.1:$HTTP_PORT
 

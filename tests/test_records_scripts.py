@@ -7,10 +7,21 @@ import pytest
 import redis
 
 from llamaq_protocol import keys
-from llamaq_protocol.records import CANCEL_SCRIPT, CLAIM_SCRIPT, FINISH_SCRIPT, RECLAIM_SCRIPT, TOKENS_SCRIPT, event_data
+from llamaq_protocol.records import (
+    CANCEL_SCRIPT,
+    CLAIM_SCRIPT,
+    FINISH_SCRIPT,
+    RECLAIM_SCRIPT,
+    TOKENS_SCRIPT,
+    end_keys,
+    event_data,
+    reclaim_keys,
+)
 
 JOB = "0123456789abcdef"
 WORKER = "host:1"
+RQ_QUEUE = "rq:queue:test"
+RQ_JOB = f"rq:job:{JOB}"
 
 
 @pytest.fixture
@@ -37,12 +48,12 @@ def token_texts(r):
 
 
 def finish(r, finished_at="t2", worker=WORKER):
-    return r.eval(FINISH_SCRIPT, 5, keys.job(JOB), keys.events(JOB), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS,
-                  "succeeded", finished_at, "", "", 60, JOB, worker)
+    return r.eval(FINISH_SCRIPT, len(end_keys(JOB)), *end_keys(JOB), "succeeded", finished_at, "", "", 60, JOB, worker)
 
 
 def reclaim(r, *extra, worker=WORKER, max_attempts=2):
-    return r.eval(RECLAIM_SCRIPT, 5, keys.job(JOB), keys.events(JOB), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS,
+    reclaiming = reclaim_keys(JOB, RQ_QUEUE, RQ_JOB)
+    return r.eval(RECLAIM_SCRIPT, len(reclaiming), *reclaiming,
                   worker, max_attempts, "t3", '{"type":"worker_lost","message":"m"}', 60, JOB, *extra)
 
 
@@ -102,7 +113,7 @@ def test_hand_back_of_a_job_whose_cancel_was_asked_ends_it_canceled(r):
 
 
 def test_cancel_of_a_queued_job_is_counted_once(r):
-    args = (CANCEL_SCRIPT, 4, keys.job(JOB), keys.events(JOB), keys.CANCEL_REQUESTS, keys.STATS, "t1", JOB, 60)
+    args = (CANCEL_SCRIPT, len(end_keys(JOB)), *end_keys(JOB), "t1", JOB, 60)
     assert r.eval(*args) == b"canceled"
     assert r.eval(*args) == b"canceled"
     assert r.hgetall(keys.STATS) == {b"canceled": b"1"}
@@ -113,3 +124,20 @@ def test_retries_exhausted_fail_once_as_lost(r):
     assert reclaim(r, max_attempts=1) == b"failed"
     assert reclaim(r, max_attempts=1) == b"failed"
     assert r.hgetall(keys.STATS) == {b"failed": b"1"}
+
+
+def test_a_requeue_pushes_the_job_onto_the_rq_queue_once_in_the_same_step(r):
+    r.hset(RQ_JOB, "status", "started")
+    claim(r)
+    assert reclaim(r) == b"requeued"
+    assert r.lrange(RQ_QUEUE, 0, -1) == [JOB.encode()]
+    assert r.hget(RQ_JOB, "status") == b"queued"
+    assert reclaim(r) == b"queued"  # the same call again (its reply lost): nothing pushed twice
+    assert r.lrange(RQ_QUEUE, 0, -1) == [JOB.encode()]
+
+
+def test_a_requeue_of_a_job_rq_no_longer_has_creates_no_rq_hash(r):
+    claim(r)
+    assert reclaim(r, "handback") == b"requeued"
+    assert r.lrange(RQ_QUEUE, 0, -1) == [JOB.encode()]
+    assert not r.exists(RQ_JOB)

@@ -9,29 +9,36 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
+import anyio
 import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from llamaq_protocol.logs import request_id_var
 
-from .errors import install_error_handlers
+from .errors import error_response, install_error_handlers, is_openai_scope
 from .jobs import MAX_BLOCK_MS, JobService
 from .metrics import HTTP_DURATION, HTTP_REQUESTS
 from .routers import events, generate, health, jobs, legacy, metrics, openai
 from .settings import GatewaySettings, get_settings
 from .sweeper import LostWorkerSweeper
 
+logger = logging.getLogger(__name__)
 access_log = logging.getLogger("llamaq_gateway.access")
 # Probes and scrapes, every few seconds: counted in the metrics, not logged.
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The longest startup waits for Redis to tell RQ its version (see _warm_rq).
+RQ_WARM_S = 5.0
 
 
 class RequestContext:
     """Per request: its id (the client's or nginx's X-Request-ID, else a new one) in `request.state`, in every
     log line written meanwhile and on the response; then one access-log line and the HTTP metrics.
+
+    An exception no handler took is logged and answered with the API's 500 here, while the id is still set:
+    Starlette's `Exception` handler would run outside this middleware, after it.
 
     Plain ASGI rather than `@app.middleware("http")`, which runs every request in an extra task.
     """
@@ -48,17 +55,24 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = request_id
         context = request_id_var.set(request_id)
         status = 500
+        started_response = False
 
         async def send_with_id(message):
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 message["headers"] = [*headers, (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("unhandled error")
+            if started_response:
+                raise  # too late for an error response: the server drops the connection
+            response = error_response(500, "internal_error", "internal error", openai=is_openai_scope(scope))
+            await response(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             # The route's template, not the path: one series per endpoint, whatever the job ids.
@@ -69,6 +83,19 @@ class RequestContext:
                 access_log.info("%s %s %d", scope["method"], route, status,
                                 extra={"status": status, "duration_ms": round(elapsed * 1000, 1)})
             request_id_var.reset(context)
+
+
+async def _warm_rq(jobs: JobService) -> None:
+    """Ask Redis its version now, in a thread: RQ asks it (a blocking INFO) at its first enqueue, which runs on
+    the event loop. A Redis that is down or slow is no reason not to start: the requests meanwhile get 503s, and
+    the first enqueue once it is back asks instead (or finds the answer the abandoned thread got)."""
+    with anyio.move_on_after(RQ_WARM_S) as waited:
+        try:
+            await anyio.to_thread.run_sync(jobs.queue.get_redis_server_version, abandon_on_cancel=True)
+        except Exception as exc:  # only a warm-up: nothing here may keep the gateway from starting
+            logger.warning("could not ask Redis its version at startup: %s", exc)
+    if waited.cancelled_caught:
+        logger.warning("Redis did not tell its version within %s s of startup; starting anyway", RQ_WARM_S)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -92,6 +119,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.api_keys = settings.api_key_list()
         app.state.jobs = JobService(settings, aio, sync)
+        await _warm_rq(app.state.jobs)
         sweeper = asyncio.create_task(LostWorkerSweeper(app.state.jobs).run_forever())
         try:
             yield

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from llamaq_protocol import ErrorBody, ErrorDetail, Job
 
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 OPENAI_INVALID_REQUEST = "invalid_request_error"
+# Our generic request-error types, as OpenAI names them on its routes; the specific ones (prompt_too_long...) stay.
+_OPENAI_TYPES = {"invalid_json": OPENAI_INVALID_REQUEST, "invalid_request": OPENAI_INVALID_REQUEST}
 
 
 class OpenAIRoute(APIRoute):
@@ -29,8 +32,12 @@ class OpenAIRoute(APIRoute):
 
 
 def is_openai_route(request: Request) -> bool:
+    return is_openai_scope(request.scope)
+
+
+def is_openai_scope(scope: Scope) -> bool:
     # Starlette sets the route on a method mismatch (405) too; only a path no route serves (404) has none.
-    return isinstance(request.scope.get("route"), OpenAIRoute)
+    return isinstance(scope.get("route"), OpenAIRoute)
 
 
 class LlamaqError(Exception):
@@ -123,7 +130,9 @@ class JobFailed(LlamaqError):
 def error_body(
     status_code: int, error_type: str, message: str, *, openai: bool = False, param: str | None = None
 ) -> dict:
-    """The error body every response and every in-stream error uses."""
+    """The error body every response and every in-stream error uses; `openai`: OpenAI's shape and type names."""
+    if openai:
+        error_type = _OPENAI_TYPES.get(error_type, error_type)
     body = ErrorBody(error=ErrorDetail(type=error_type, message=message, code=status_code)).model_dump()
     if openai:
         body["error"]["param"] = param
@@ -174,9 +183,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         status_code, error_type, message, param = _describe_validation(exc)
-        if is_openai_route(request):
-            return error_response(status_code, OPENAI_INVALID_REQUEST, message, openai=True, param=param)
-        return error_response(status_code, error_type, message)
+        return error_response(status_code, error_type, message, openai=is_openai_route(request), param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -195,7 +202,4 @@ def install_error_handlers(app: FastAPI) -> None:
             openai=is_openai_route(request),
         )
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
-        return error_response(500, "internal_error", "internal error", openai=is_openai_route(request))
+    # Any other exception is logged and answered with a 500 by app.RequestContext, while the request id is set.

@@ -19,8 +19,10 @@ graceful_timeout = 30
 keepalive = 75
 # nginx sits on another container's address in compose; trust its X-Forwarded-* headers.
 forwarded_allow_ips = "*"
-if os.path.isdir("/dev/shm"):
-    worker_tmp_dir = "/dev/shm"  # heartbeat files off the container's overlay disk
+# Heartbeat files (and the metrics below) in memory, off the container's overlay disk.
+_shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+if _shm:
+    worker_tmp_dir = _shm
 # The gateway logs each request itself (with its request id, as JSON); gunicorn's own lines go the same way.
 accesslog = None
 errorlog = "-"
@@ -41,8 +43,12 @@ logconfig_dict = {
 
 # Metrics from every gunicorn worker process are summed at scrape time (prometheus-client multiprocess mode):
 # each process writes its values into this folder, emptied at every start so no dead process is counted.
-# Set here, in the master, before any worker imports prometheus_client.
-_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="llamaq-gateway-metrics-")
+# Set here, in the master, before any worker imports prometheus_client. Named after the master's pid, so gateways
+# sharing a host never share it (in a container the pid, and so the folder, is the same at every start).
+_given_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+_metrics_dir = _given_metrics_dir or os.path.join(
+    _shm or tempfile.gettempdir(), f"llamaq-gateway-metrics-{os.getpid()}"
+)
 shutil.rmtree(_metrics_dir, ignore_errors=True)
 os.makedirs(_metrics_dir)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
@@ -52,3 +58,9 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    # The folder this master made goes with it; not one it was given, nor one a re-exec'd master (USR2) now uses.
+    if not _given_metrics_dir and not server.reexec_pid:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

@@ -20,7 +20,7 @@ from rq.serializers import JSONSerializer
 
 from llamaq_protocol import GenerationParams, Job, JobPayload, ModelCard, utc_now
 from llamaq_protocol import keys
-from llamaq_protocol.records import CANCEL_SCRIPT, EVENT_DONE, EVENT_STATUS, job_from_record, new_record
+from llamaq_protocol.records import CANCEL_SCRIPT, EVENT_DONE, EVENT_STATUS, end_keys, job_from_record, new_record
 
 from .errors import IdempotencyConflict, InvalidRequest, JobNotFound, NoReadyWorker, PromptTooLong, QueueFull
 from .prompt_tokens import PromptCounter
@@ -171,9 +171,10 @@ class JobService:
                     pipe.execute_command(*command)
                 replies = await pipe.execute()
         except Exception:
-            if idempotency_key:  # nothing was queued: free the key for the client's retry (best effort)
-                with contextlib.suppress(redis.exceptions.RedisError):
-                    await self.aio.delete(keys.idempotency(owner, idempotency_key))
+            if idempotency_key:  # free the key for the client's retry (best effort), unless the job was queued
+                with contextlib.suppress(redis.exceptions.RedisError):  # and only the transaction's reply was lost
+                    if not await self.aio.exists(keys.job(job_id)):
+                        await self.aio.delete(keys.idempotency(owner, idempotency_key))
             raise
         logger.info("job queued", extra={"job_id": job_id, "request_id": request_id})
         return job_id, replies[2]  # the XADD's entry id
@@ -272,11 +273,8 @@ class JobService:
             return job
         outcome = await self.aio.eval(
             CANCEL_SCRIPT,
-            4,
-            keys.job(job_id),
-            keys.events(job_id),
-            keys.CANCEL_REQUESTS,
-            keys.STATS,
+            len(end_keys(job_id)),
+            *end_keys(job_id),
             utc_now().isoformat(),
             job_id,
             self.settings.result_ttl_s,

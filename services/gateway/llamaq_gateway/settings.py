@@ -32,8 +32,10 @@ class GatewaySettings(BaseSettings):
     # Comma-separated bearer keys; unset or empty leaves the API open.
     api_keys: SecretStr | None = None
 
-    # How long `POST /` (the original contract) holds the request before answering 504 with the job id.
-    legacy_wait_s: float = Field(default=600, gt=0)
+    # How long `POST /` (the original contract) holds the request before answering 504 with the job id. At most
+    # 650: nginx/nginx.conf waits 660 s for `location = /`, and must outwait this so the client gets the job id
+    # rather than nginx's own 504.
+    legacy_wait_s: float = Field(default=600, gt=0, le=650)
     max_poll_wait_s: float = 60
     max_generate_wait_s: float = 300
     # A worker whose heartbeat is older than this is not counted as ready.

@@ -26,11 +26,15 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from llamaq_protocol import JobError, keys, utc_now
-from llamaq_protocol.records import RECLAIM_SCRIPT, end_keys
+from llamaq_protocol.records import RECLAIM_SCRIPT, reclaim_keys
 
 from .jobs import JobService
 
 logger = logging.getLogger(__name__)
+
+# Heartbeat entries older than this are dropped from the workers set: each worker start has a name of its own, so a
+# worker that died without saying goodbye would otherwise stay in it for good (readers only count fresh ones).
+STALE_WORKER_ENTRY_S = 3600
 
 # KEYS: the queue's intermediate list, the queue, the job record. ARGV: job id. Moves the id back to the front
 # of the queue only if it is still on the intermediate list and its job still unclaimed.
@@ -69,15 +73,16 @@ class LostWorkerSweeper:
         uptime = (await aio.info("server")).get("uptime_in_seconds", 0)
         if uptime < self.settings.worker_stale_s:
             return []  # the workers have not had the time to beat since Redis came back
+        await aio.zremrangebyscore(keys.WORKERS, "-inf", time.time() - STALE_WORKER_ENTRY_S)
         outcomes = [(job_id, "requeued") for job_id in await self._rescue_stranded()]
         for job_id, worker in await self._jobs_of_lost_workers():
+            # Before the re-queue, so a worker that takes the job at once keeps its own entry.
+            await self._forget_started(job_id)
             outcome = await self._reclaim(job_id, worker)
-            if outcome == "queued" and await aio.lpos(self.jobs.queue.key, job_id) is None:
-                # Only a retried script sees its own re-queue (its first reply was lost): the RQ push is still due.
-                outcome = "requeued"
             if outcome in ("requeued", "failed", "canceled"):
                 outcomes.append((job_id, outcome))
-                await anyio.to_thread.run_sync(self._sync_rq, job_id, outcome)
+                if outcome != "requeued":  # the script itself put it back on the RQ queue
+                    await anyio.to_thread.run_sync(self._end_in_rq, job_id, outcome)
                 logger.warning("job %s: worker %s lost; %s", job_id, worker, outcome, extra={"job_id": job_id})
         return outcomes
 
@@ -135,10 +140,11 @@ class LostWorkerSweeper:
             type="worker_lost",
             message=f"the worker running this job stopped responding, {self.settings.job_retries + 1} time(s)",
         )
+        reclaiming = reclaim_keys(job_id, self.jobs.queue.key, RQJob.key_for(job_id))
         outcome = await self.jobs.aio.eval(
             RECLAIM_SCRIPT,
-            len(end_keys(job_id)),
-            *end_keys(job_id),
+            len(reclaiming),
+            *reclaiming,
             worker,
             self.settings.job_retries + 1,
             utc_now().isoformat(),
@@ -148,20 +154,21 @@ class LostWorkerSweeper:
         )
         return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
 
-    def _sync_rq(self, job_id: str, outcome: str) -> None:
-        """Make RQ's registries tell the same story as the job record."""
-        sync, queue = self.jobs.sync, self.jobs.queue
-        registry = queue.started_job_registry
-        for member in sync.zrange(registry.key, 0, -1):
-            if member.decode().startswith(f"{job_id}:"):
-                sync.zrem(registry.key, member)
+    async def _forget_started(self, job_id: str) -> None:
+        """Drop the lost worker's executions of the job from RQ's started registry."""
+        registry_key = self.jobs.queue.started_job_registry.key
+        stale = [m for m in await self.jobs.aio.zrange(registry_key, 0, -1) if m.decode().startswith(f"{job_id}:")]
+        if stale:
+            await self.jobs.aio.zrem(registry_key, *stale)
+
+    def _end_in_rq(self, job_id: str, outcome: str) -> None:
+        """Make RQ's records of a job the sweep ended tell the same story as the job record."""
+        queue = self.jobs.queue
         try:
-            rq_job = RQJob.fetch(job_id, connection=sync, serializer=JSONSerializer)
+            rq_job = RQJob.fetch(job_id, connection=self.jobs.sync, serializer=JSONSerializer)
         except Exception:  # expired or never there: the record alone speaks
             return
-        if outcome == "requeued":
-            queue.enqueue_job(rq_job, at_front=True)
-        elif outcome == "canceled":
+        if outcome == "canceled":
             rq_job.cancel()
         else:
             rq_job.set_status("failed")

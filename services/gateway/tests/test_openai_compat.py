@@ -228,6 +228,14 @@ def test_the_openai_shape_follows_the_route(offline_client, method, path, body, 
     assert reply.status_code == status and reply.json()["error"]["param"] is None
 
 
+@pytest.mark.parametrize("body", [b"{", b'{"prompt": "\xff"}', b"[" * 5000])  # FastAPI's own 400s: the last two
+def test_a_body_that_does_not_parse_is_invalid_json_or_openais_invalid_request(offline_client, body):
+    headers = {"Content-Type": "application/json"}
+    for path, error_type in [("/v1/completions", "invalid_request_error"), ("/v1/jobs", "invalid_json")]:
+        reply = offline_client.post(path, content=body, headers=headers)
+        assert reply.status_code == 400 and reply.json()["error"]["type"] == error_type, reply.text
+
+
 @pytest.mark.parametrize(("method", "path"), [("GET", "/v1/nope"), ("PATCH", "/v1/jobs/abc"), ("GET", "/v1/chat")])
 def test_other_routes_and_unknown_paths_keep_the_plain_shape(offline_client, method, path):
     error = offline_client.request(method, path).json()["error"]

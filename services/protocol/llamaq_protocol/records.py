@@ -34,14 +34,15 @@ redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"running"
 return 'claimed'
 """
 
-# KEYS: job, events, cancel set, stats. ARGV: finished_at, job id, ttl seconds.
+# KEYS: those of `end_keys` (job, events, cancel set, running set (unused), stats). ARGV: finished_at, job id,
+# ttl seconds.
 # Returns "canceled" (was queued), "running" (flagged for the worker) or the terminal status.
 CANCEL_SCRIPT = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
 if s == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1])
-  redis.call('HINCRBY', KEYS[4], 'canceled', 1)
+  redis.call('HINCRBY', KEYS[5], 'canceled', 1)
   redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"canceled"}')
   redis.call('XADD', KEYS[2], '*', 'event', 'done', 'data', '{}')
   redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -78,11 +79,13 @@ redis.call('EXPIRE', KEYS[2], ARGV[5])
 return 'finished'
 """
 
-# KEYS: job, events, cancel set, running set, stats. ARGV: worker name believed lost, max attempts, finished_at,
-# error json, ttl, job id, and optionally "handback". A job still held by that worker goes back to the queue
-# while it has attempts left ("requeued": the caller pushes it onto the RQ queue), else fails as worker_lost
-# ("failed"); one whose cancel was requested ends "canceled". With "handback" the worker itself gives the job
-# back (it is shutting down): the attempt is not counted, so the job always goes back to the queue.
+# KEYS: job, events, cancel set, running set, stats, the RQ queue, the RQ job hash. ARGV: worker name believed
+# lost, max attempts, finished_at, error json, ttl, job id, and optionally "handback". A job still held by that
+# worker goes back to the front of the RQ queue while it has attempts left ("requeued"), else fails as
+# worker_lost ("failed"); one whose cancel was requested ends "canceled". The push and RQ's "queued" status are
+# written in the same atomic step as the record, so no crash in between can leave a queued job on no queue, and a
+# second run of the same call only sees "queued". With "handback" the worker itself gives the job back (it is
+# shutting down): the attempt is not counted, so the job always goes back to the queue.
 RECLAIM_SCRIPT = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
@@ -108,6 +111,8 @@ else
       if entry[2][2] == 'token' then redis.call('XDEL', KEYS[2], entry[1]) end
     end
     redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"queued","requeued":true}')
+    redis.call('LPUSH', KEYS[6], ARGV[6])
+    if redis.call('EXISTS', KEYS[7]) == 1 then redis.call('HSET', KEYS[7], 'status', 'queued') end
     return 'requeued'
   end
   redis.call('HSET', KEYS[1], 'error', ARGV[4])
@@ -145,8 +150,13 @@ return written
 
 
 def end_keys(job_id: str) -> list[str]:
-    """The keys of the scripts that can end a job, FINISH_SCRIPT and RECLAIM_SCRIPT, in their order."""
+    """The keys of the scripts that can end a job (FINISH_SCRIPT, CANCEL_SCRIPT), in their order."""
     return [keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS]
+
+
+def reclaim_keys(job_id: str, rq_queue_key: str, rq_job_key: str) -> list[str]:
+    """RECLAIM_SCRIPT's keys: those of `end_keys`, then the RQ queue and RQ job hash a re-queue writes."""
+    return [*end_keys(job_id), rq_queue_key, rq_job_key]
 
 
 def _text(value: str | bytes | None) -> str | None:

@@ -33,7 +33,15 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from llamaq_protocol import FinishReason, JobError, JobOutput, JobPayload, JobStatus, Usage, utc_now
 from llamaq_protocol import keys
-from llamaq_protocol.records import CLAIM_SCRIPT, FINISH_SCRIPT, RECLAIM_SCRIPT, TOKENS_SCRIPT, end_keys, event_data
+from llamaq_protocol.records import (
+    CLAIM_SCRIPT,
+    FINISH_SCRIPT,
+    RECLAIM_SCRIPT,
+    TOKENS_SCRIPT,
+    end_keys,
+    event_data,
+    reclaim_keys,
+)
 
 from .metrics import WorkerMetrics, seconds_since
 from .sequences import SamplingParams, StepOutput
@@ -584,28 +592,26 @@ class BatchWorker(SimpleWorker):
         for job_id in list(self.slots):
             slot = self.slots.pop(job_id)
             self.engine.cancel(job_id)
+            # RQ's execution closed first, so a worker that takes the job back at once is not disturbed by it.
+            self.execution = slot.execution
+            self._until_redis("handing a job back", self._close_execution, slot.rq_job)
             outcome = self._until_redis(
                 "handing a job back", self._reclaim,
-                keys=end_keys(job_id),
+                keys=reclaim_keys(job_id, slot.queue.key, slot.rq_job.key),
                 args=[self.name, 0, utc_now().isoformat(), "", self.settings.result_ttl_s, job_id, "handback"],
             )
             outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
-            self.execution = slot.execution
-            self._until_redis("handing a job back", self._hand_back_in_rq, slot.rq_job, slot.queue, outcome)
+            if outcome == "canceled":
+                self._until_redis("handing a job back", slot.rq_job.cancel)
             logger.warning("job %s handed back (%s) after %d tokens: not finished within DRAIN_TIMEOUT_S", job_id,
                            outcome, slot.completion_tokens, extra={"job_id": job_id, "request_id": slot.request_id})
         self.execution = None
 
-    def _hand_back_in_rq(self, job: RQJob, queue: Queue, outcome: str) -> None:
-        """RQ's side of a hand-back: this worker's execution closed, and the job queued again at the front."""
+    def _close_execution(self, job: RQJob) -> None:
+        """RQ's side of a hand-back: this worker's execution of the job closed (the script re-queues the job)."""
         with self.connection.pipeline() as pipe:
             self.cleanup_execution(job, pipeline=pipe)
             pipe.execute()
-        if outcome == "requeued" or (outcome == "queued" and self.connection.lpos(queue.key, job.id) is None):
-            # ("queued": the reply of a hand-back that did happen was lost; the RQ push had not.)
-            queue.enqueue_job(job, at_front=True)
-        elif outcome == "canceled":
-            job.cancel()
 
 
 class _JobRefused(Exception):

@@ -1,7 +1,8 @@
 """One-shot model download (the compose `model-download` service): exits 0 once the files are in place."""
 
-import logging
 import sys
+
+from llamaq_protocol.logs import configure_logging
 
 from .model_source import resolve_model_dir
 from .settings import WorkerSettings
@@ -9,7 +10,7 @@ from .settings import WorkerSettings
 
 def main() -> int:
     settings = WorkerSettings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("model-download", settings.log_level, settings.log_format)
     resolve_model_dir(settings)
     return 0
 

@@ -2,8 +2,9 @@
 
 modelscope draws tqdm bars, which need a terminal: in a container's log they are carriage-return runs that
 never end a line. While a download runs, `DownloadProgress` logs how much of the model cache is on disk every
-`interval_s` (partial files included, so a resumed download shows what it already has at once), and tqdm's
-bars are turned off when stderr is not a terminal.
+`interval_s` (partial files included, so a resumed download shows what it already has at once). The bars
+themselves are turned off by TQDM_DISABLE=1: set in the worker image, and by `disable_tqdm_without_terminal`
+for a process started elsewhere with its stderr in a file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,23 @@ from .periodic import PeriodicReporter
 logger = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 30.0
+
+
+def disable_tqdm_without_terminal() -> bool:
+    """Sets TQDM_DISABLE=1 when stderr is not a terminal and the variable is unset; True if bars are off.
+
+    tqdm (>= 4.66) reads its TQDM_* variables once, when `tqdm.std` is imported (the `@envwrap` on
+    `tqdm.__init__`), so this has to run before anything imports tqdm: modelscope
+    (`from modelscope import snapshot_download`), transformers."""
+    if "TQDM_DISABLE" in os.environ:
+        return os.environ["TQDM_DISABLE"] != ""  # tqdm takes any non-empty value as true, "0" included
+    if sys.stderr.isatty():
+        return False
+    os.environ["TQDM_DISABLE"] = "1"
+    if "tqdm.std" in sys.modules:
+        logger.warning("tqdm was imported before TQDM_DISABLE was set: its progress bars stay on")
+        return False
+    return True
 
 
 def folder_usage(folder: str) -> tuple[int, int]:
@@ -53,22 +71,16 @@ def human_bytes(n: float) -> str:
 class DownloadProgress:
     """Context manager: logs the growth of `folder` from a daemon thread until the block ends."""
 
-    def __init__(self, folder: str, interval_s: float = DEFAULT_INTERVAL_S, quiet_tqdm: bool | None = None):
+    def __init__(self, folder: str, interval_s: float = DEFAULT_INTERVAL_S):
         self.folder = folder
         self.interval_s = interval_s
-        # tqdm's bars off when nobody watches a terminal (TQDM_DISABLE is read by tqdm >= 4.66).
-        self.quiet_tqdm = (not sys.stderr.isatty()) if quiet_tqdm is None else quiet_tqdm
         self._reporter: PeriodicReporter | None = None
-        self._saved_tqdm_env: str | None = None
         self._start_bytes = 0
         self._start_time = 0.0
         self._last_bytes = 0
         self._last_time = 0.0
 
     def __enter__(self) -> DownloadProgress:
-        if self.quiet_tqdm:
-            self._saved_tqdm_env = os.environ.get("TQDM_DISABLE")
-            os.environ["TQDM_DISABLE"] = "1"
         files, size = folder_usage(self.folder)
         self._start_bytes = self._last_bytes = size
         self._start_time = self._last_time = time.monotonic()
@@ -80,11 +92,6 @@ class DownloadProgress:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._reporter is not None:
             self._reporter.stop()
-        if self.quiet_tqdm:
-            if self._saved_tqdm_env is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = self._saved_tqdm_env
         self.report(final=True, failed=exc_type is not None)
 
     def report(self, final: bool = False, failed: bool = False) -> None:

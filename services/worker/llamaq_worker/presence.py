@@ -88,4 +88,4 @@ class Heartbeat(threading.Thread):
                 pipe.delete(keys.worker(self._info.name), keys.worker_metrics(self._info.name))
                 pipe.execute()
         except redis.RedisError:
-            pass  # the entry ages out by itself
+            pass  # its hash expires, and the gateway's sweeper drops its stale entry from the workers set

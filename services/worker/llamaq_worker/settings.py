@@ -1,5 +1,6 @@
 import os
 import socket
+import uuid
 from typing import Literal
 
 from pydantic import Field
@@ -11,8 +12,12 @@ DEFAULT_MODEL_ID = "LLM-Research/Meta-Llama-3.1-8B-Instruct"
 
 
 def default_worker_name() -> str:
-    # Host first, so a container's healthcheck can find its own worker by hostname.
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """`<hostname>:<pid>:<random>`, new at every start. Host first, so a container's healthcheck can find its own
+    worker by hostname. The random part because a container keeps its hostname across restarts and its worker is
+    always PID 1: after an unclean exit RQ's `rq:worker:<name>` key outlives the process by minutes, and a
+    restarted worker under the same name would fail RQ's registration ("There exists an active worker named ...")
+    until it expired."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class WorkerSettings(BaseSettings):
