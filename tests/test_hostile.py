@@ -155,7 +155,7 @@ CASES: list[tuple[str, bytes, str | set[int]]] = [
      {400, 404}),
     ("unknown route", build("GET", "/admin"), {404}),
     ("nginx's error page from outside", build("GET", "/_llamaq_error/500"), {404}),
-    ("absolute URI as target", build("GET", "http://evil.example/v1/jobs"), {405}),  # GET /v1/jobs
+    ("absolute URI as target", build("GET", "http://evil.example/v1/jobs"), SERVED),  # GET /v1/jobs: the job list
     ("asterisk target", build("OPTIONS", "*"), {400, 404, 405}),
     # --- methods
     ("PUT on the queue", build("PUT", "/v1/jobs", b'{"prompt": "hi"}'), {405}),

@@ -156,10 +156,15 @@ def test_scaledobject_matches_keda_crd(objects: list[dict]) -> None:
 # --- what must agree ----------------------------------------------------------------------------
 
 
-def _redis_trigger(objects: list[dict]) -> dict:
+def _redis_triggers(objects: list[dict]) -> list[dict]:
+    """The ScaledObject's triggers: one Redis list per priority queue, interactive first."""
     triggers = _one(objects, "ScaledObject", "worker")["spec"]["triggers"]
-    assert [t["type"] for t in triggers] == ["redis"]
-    return triggers[0]["metadata"]
+    assert [(t["type"], t["name"]) for t in triggers] == [("redis", "interactive-queue"), ("redis", "batch-queue")]
+    return [t["metadata"] for t in triggers]
+
+
+def _redis_trigger(objects: list[dict]) -> dict:
+    return _redis_triggers(objects)[0]
 
 
 def test_keda_watches_the_queue_the_gateway_fills(objects: list[dict]) -> None:
@@ -174,6 +179,12 @@ def test_keda_watches_the_queue_the_gateway_fills(objects: list[dict]) -> None:
     # RQ keeps a queue's waiting job ids in the list rq:queue:<name>.
     assert Queue.redis_queue_namespace_prefix == "rq:queue:"
     assert _redis_trigger(objects)["listName"] == Queue.redis_queue_namespace_prefix + queue
+    # And the batch-priority queue beside it, every worker serving both.
+    from llamaq_protocol import keys
+
+    assert [t["listName"] for t in _redis_triggers(objects)] == [
+        Queue.redis_queue_namespace_prefix + name for name in keys.queue_names(queue)
+    ]
 
 
 def test_queue_name_lives_in_one_place(tmp_path: Path) -> None:
@@ -186,11 +197,12 @@ def test_queue_name_lives_in_one_place(tmp_path: Path) -> None:
     env_file.write_text(re.sub(r"(?m)^QUEUE_NAME=.*$", "QUEUE_NAME=other-queue", text))
     objects = _render(tmp_path / "deploy" / "k8s")
     assert _config(objects)["QUEUE_NAME"] == "other-queue"
-    assert _redis_trigger(objects)["listName"] == "rq:queue:other-queue"
+    assert [t["listName"] for t in _redis_triggers(objects)] == ["rq:queue:other-queue", "rq:queue:other-queue:batch"]
 
 
 def test_keda_reaches_the_redis_the_services_use(objects: list[dict]) -> None:
     trigger = _redis_trigger(objects)
+    assert all(t["address"] == trigger["address"] for t in _redis_triggers(objects))
     redis_url = urlparse(_config(objects)["REDIS_URL"])
     service = _one(objects, "Service", redis_url.hostname)
     port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "redis")
@@ -254,6 +266,33 @@ def test_worker_pod(objects: list[dict]) -> None:
         assert _effective_env(objects, container)["MODEL_CACHE"] == "/models"
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert pod["spec"]["securityContext"]["fsGroup"] == 10001  # the images' uid writes /models
+
+
+def test_worker_pod_fits_vllm(objects: list[dict]) -> None:
+    deployment = _one(objects, "Deployment", "worker")
+    pod = deployment["spec"]["template"]["spec"]
+    worker = _container(deployment, "worker")
+    env = _effective_env(objects, worker)
+    assert env["ENGINE"] == "vllm"
+    # One GPU per tensor-parallel rank.
+    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) == int(env["TENSOR_PARALLEL_SIZE"])
+    # vLLM's processes share memory through /dev/shm (64 MB in a container by default): a memory-backed emptyDir,
+    # bounded, and inside the container's memory limit (it counts against it).
+    mount = next(m for m in worker["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["emptyDir"]["medium"] == "Memory"
+    gib = {"Gi": 1, "Mi": 1 / 1024}
+    size = re.fullmatch(r"(\d+)(Gi|Mi)", volume["emptyDir"]["sizeLimit"])
+    limit = re.fullmatch(r"(\d+)(Gi|Mi)", worker["resources"]["limits"]["memory"])
+    assert 4 <= int(size.group(1)) * gib[size.group(2)] < int(limit.group(1)) * gib[limit.group(2)]
+    # Every vLLM setting is spelled out, with the worker's own default (and compose's: test_shared_settings...).
+    from llamaq_worker.settings import WorkerSettings
+    from pydantic import TypeAdapter
+
+    for name in ("GPU_MEMORY_UTILIZATION", "MAX_MODEL_LEN", "ENABLE_PREFIX_CACHING", "TENSOR_PARALLEL_SIZE",
+                 "ENFORCE_EAGER", "KV_CACHE_CPU_GIB", "DTYPE"):
+        field = WorkerSettings.model_fields[name.lower()]
+        assert TypeAdapter(field.annotation).validate_python(_env(worker)[name]) == field.default, name
 
 
 def test_gateway_pod_and_autoscaler(objects: list[dict]) -> None:
@@ -365,5 +404,7 @@ def test_shared_settings_match_compose(objects: list[dict], compose_services: di
         differ = {k: (compose_env[k], k8s_env[k]) for k in both if str(compose_env[k] or "") != str(k8s_env[k])}
         assert not differ, f"{name}: docker-compose.yml vs deploy/k8s: {differ}"
     worker_env = _effective_env(objects, _container(_one(objects, "Deployment", "worker"), "worker"))
-    for required in ("DEVICE", "DTYPE", "MAX_BATCH", "DRAIN_TIMEOUT_S", "REDIS_OUTAGE_TOLERANCE_S", "METRICS_PORT"):
+    for required in ("ENGINE", "DEVICE", "DTYPE", "MAX_BATCH", "DRAIN_TIMEOUT_S", "REDIS_OUTAGE_TOLERANCE_S",
+                     "METRICS_PORT", "GPU_MEMORY_UTILIZATION", "MAX_MODEL_LEN", "ENABLE_PREFIX_CACHING",
+                     "TENSOR_PARALLEL_SIZE", "ENFORCE_EAGER", "KV_CACHE_CPU_GIB"):
         assert required in worker_env, required

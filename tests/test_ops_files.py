@@ -184,6 +184,9 @@ def test_multi_gpu_one_worker_per_gpu(multi_gpu_config: dict) -> None:
         assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
         assert worker["healthcheck"] == services["worker"]["healthcheck"]
         assert worker["stop_grace_period"] == services["worker"]["stop_grace_period"]
+        # vLLM's shared memory, and one GPU per tensor-parallel rank (1 by default).
+        assert worker["shm_size"] == services["worker"]["shm_size"]
+        assert len(device["device_ids"]) == int(worker["environment"]["TENSOR_PARALLEL_SIZE"])
         assert any(v["source"] == "models" and v["target"] == "/models" for v in worker["volumes"])
         assert worker["image"] == services["worker"]["image"]
     assert seen == ["0", "1"]

@@ -13,9 +13,11 @@ from llamaq_protocol.records import (
     FINISH_SCRIPT,
     RECLAIM_SCRIPT,
     TOKENS_SCRIPT,
+    claim_keys,
     end_keys,
     event_data,
     reclaim_keys,
+    tokens_call,
 )
 
 JOB = "0123456789abcdef"
@@ -35,16 +37,27 @@ def r(lone_redis):
 
 
 def claim(r, worker=WORKER):
-    return r.eval(CLAIM_SCRIPT, 3, keys.job(JOB), keys.events(JOB), keys.RUNNING, "t1", worker, JOB)
+    return r.eval(CLAIM_SCRIPT, len(claim_keys(JOB)), *claim_keys(JOB), "t1", worker, JOB)
+
+
+def token_data(first, texts):
+    return [event_data({"index": first + i, "text": t}) for i, t in enumerate(texts)]
+
+
+def tokens_of_many(r, writes, worker=WORKER):
+    """One TOKENS_SCRIPT call for several jobs: `writes` holds (job id, first index, texts, partial output)."""
+    call_keys, args = tokens_call(worker, [(job, first, 100, partial, token_data(first, texts))
+                                           for job, first, texts, partial in writes])
+    return r.eval(TOKENS_SCRIPT, len(call_keys), *call_keys, *args)
 
 
 def tokens(r, first, texts, worker=WORKER):
-    data = [event_data({"index": first + i, "text": t}) for i, t in enumerate(texts)]
-    return r.eval(TOKENS_SCRIPT, 2, keys.job(JOB), keys.events(JOB), worker, first, 100, "", *data)
+    (count,) = tokens_of_many(r, [(JOB, first, texts, "")], worker=worker)
+    return count
 
 
-def token_texts(r):
-    return [fields[b"data"] for _, fields in r.xrange(keys.events(JOB)) if fields[b"event"] == b"token"]
+def token_texts(r, job=JOB):
+    return [fields[b"data"] for _, fields in r.xrange(keys.events(job)) if fields[b"event"] == b"token"]
 
 
 def finish(r, finished_at="t2", worker=WORKER):
@@ -78,6 +91,26 @@ def test_tokens_of_a_job_that_is_no_longer_this_workers_are_refused(r):
     assert reclaim(r) == b"requeued"
     assert tokens(r, 1, ["b"]) == -1
     assert token_texts(r) == []  # the void attempt's tokens went with the re-queue
+
+
+def test_one_call_writes_many_jobs_each_once_and_refuses_only_the_lost_one(r):
+    jobs = [JOB, "job-b", "job-c", "job-gone"]
+    claim(r)
+    for job in jobs[1:3]:
+        r.hset(keys.job(job), mapping={"status": "running", "worker": WORKER})
+    r.hset(keys.job("job-c"), "worker", "other:2")  # re-queued and claimed elsewhere meanwhile
+    writes = [(JOB, 0, ["a", "b"], '{"text":"ab"}'), ("job-b", 0, ["x"], ""), ("job-c", 0, ["y"], "{}"),
+              ("job-gone", 0, ["z"], "")]
+    assert tokens_of_many(r, writes) == [2, 1, -1, -1]
+    assert tokens_of_many(r, writes) == [2, 1, -1, -1]  # the same call again (its reply lost): nothing new
+    # The next step's call, overlapping what was written: only the new events are appended.
+    assert tokens_of_many(r, [("job-b", 0, ["x", "w"], ""), (JOB, 2, ["c"], "")]) == [2, 3]
+    assert token_texts(r) == [d.encode() for d in token_data(0, ["a", "b", "c"])]
+    assert token_texts(r, "job-b") == [d.encode() for d in token_data(0, ["x", "w"])]
+    assert token_texts(r, "job-c") == [] and not r.exists(keys.events("job-gone"))
+    assert r.hget(keys.job(JOB), "output") == b'{"text":"ab"}'  # the partial output, kept when none is sent
+    assert r.hget(keys.job("job-c"), "output") is None
+    assert r.hget(keys.job(JOB), "token_events") == b"3"
 
 
 def test_a_repeated_finish_is_recognised_and_a_different_one_is_not(r):
@@ -141,3 +174,25 @@ def test_a_requeue_of_a_job_rq_no_longer_has_creates_no_rq_hash(r):
     assert reclaim(r, "handback") == b"requeued"
     assert r.lrange(RQ_QUEUE, 0, -1) == [JOB.encode()]
     assert not r.exists(RQ_JOB)
+
+
+def test_webhook_deliveries_are_queued_once_per_wanted_event(r):
+    due = lambda: sorted(m.decode() for m in r.zrange(keys.WEBHOOKS_DUE, 0, -1))  # noqa: E731
+    claim(r)
+    assert due() == []  # a job without a webhook queues none
+    r.hset(keys.job(JOB), "webhook_events", "completed,failed")
+    finish(r)
+    finish(r)  # run twice: queued once
+    assert due() == [f"{JOB}:completed"]
+
+    r.delete(keys.WEBHOOKS_DUE)
+    r.hset(keys.job(JOB), mapping={"status": "queued", "webhook_events": "started,canceled"})
+    r.hdel(keys.job(JOB), "worker", "finished_at")
+    claim(r)
+    r.sadd(keys.CANCEL_REQUESTS, JOB)
+    assert reclaim(r) == b"canceled"
+    assert due() == [f"{JOB}:canceled", f"{JOB}:started"]
+    # A member already due (or leased: a future score) is left as it is.
+    r.zadd(keys.WEBHOOKS_DUE, {f"{JOB}:canceled": 99})
+    assert reclaim(r) == b"canceled"
+    assert r.zscore(keys.WEBHOOKS_DUE, f"{JOB}:canceled") == 99

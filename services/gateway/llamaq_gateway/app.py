@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -17,18 +18,23 @@ from fastapi import FastAPI
 from llamaq_protocol.logs import request_id_var
 
 from .errors import error_response, install_error_handlers, is_openai_scope
-from .jobs import MAX_BLOCK_MS, JobService
+from .event_hub import BLOCK_MS, EventHub
+from .jobs import REDIS_BLIP_S, JobService
+from .limits import StreamLimiter
 from .metrics import HTTP_DURATION, HTTP_REQUESTS
-from .routers import events, generate, health, jobs, legacy, metrics, openai
+from .routers import events, generate, health, jobs, legacy, metrics, openai, vllm_compat
 from .settings import GatewaySettings, get_settings
 from .sweeper import LostWorkerSweeper
+from .webhooks import WebhookDeliverer
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("llamaq_gateway.access")
 # Probes and scrapes, every few seconds: counted in the metrics, not logged.
-QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/health", "/metrics"})
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+COMMANDS_CLIENT_NAME = "llamaq-gateway"
+RQ_CLIENT_NAME = "llamaq-gateway-rq"
 # The longest startup waits for Redis to tell RQ its version (see _warm_rq).
 RQ_WARM_S = 5.0
 
@@ -109,22 +115,36 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 max_connections=settings.redis_max_connections,
                 timeout=5,
                 health_check_interval=30,
-                # redis-py's default read timeout (5 s) would cut the blocking XREADs that wait for jobs.
-                socket_timeout=MAX_BLOCK_MS / 1000 + 15,
+                # Nothing blocks here (the event hub has its own connections), but a slow Redis is not a dead one.
+                socket_timeout=BLOCK_MS / 1000 + 15,
                 socket_connect_timeout=5,
+                # Named, so CLIENT LIST tells the gateway's connections apart (tests count them).
+                client_name=COMMANDS_CLIENT_NAME,
             )
         )
         # RQ's API is synchronous; it runs in worker threads on its own small pool.
-        sync = redis.Redis.from_url(settings.redis_url, health_check_interval=30, socket_timeout=10)
+        sync = redis.Redis.from_url(settings.redis_url, health_check_interval=30, socket_timeout=10,
+                                    client_name=RQ_CLIENT_NAME)
         app.state.settings = settings
         app.state.api_keys = settings.api_key_list()
-        app.state.jobs = JobService(settings, aio, sync)
+        hub = EventHub(settings.redis_url, aio, readers=settings.stream_readers, outage_limit_s=REDIS_BLIP_S)
+        app.state.jobs = JobService(settings, aio, sync, hub)
+        app.state.stream_limiter = StreamLimiter(settings.max_streams_per_client)
+        hub.start()
         await _warm_rq(app.state.jobs)
         sweeper = asyncio.create_task(LostWorkerSweeper(app.state.jobs).run_forever())
+        # Only a deployment with a secret takes webhooks, so only then is there anything to deliver.
+        deliverer = (asyncio.create_task(WebhookDeliverer(settings, aio).run_forever())
+                     if settings.webhook_secret is not None else None)
         try:
             yield
         finally:
             sweeper.cancel()
+            if deliverer is not None:
+                deliverer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await deliverer
+            await hub.aclose()
             await aio.aclose()
             sync.close()
 
@@ -137,7 +157,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     app.add_middleware(RequestContext)
-    for router in (legacy.router, jobs.router, events.router, generate.router, openai.router, health.router,
-                   metrics.router):
+    for router in (legacy.router, jobs.router, events.router, generate.router, openai.router, vllm_compat.router,
+                   health.router, metrics.router):
         app.include_router(router)
     return app

@@ -13,6 +13,7 @@ from fastapi import Depends, Header, Request
 
 from .errors import Unauthorized
 from .jobs import JobService
+from .limits import StreamSlots
 from .settings import GatewaySettings
 
 PUBLIC_OWNER = "public"
@@ -47,7 +48,19 @@ async def _request_id(request: Request) -> str | None:
     return request.state.request_id
 
 
+async def _stream_slots(request: Request, owner: Annotated[str, Depends(_owner)]) -> StreamSlots:
+    """The cap on open streams and waits is per API key; with the API open, per client address (nginx's
+    X-Real-IP, which it sets from the connection and never passes from the client)."""
+    if owner != PUBLIC_OWNER:
+        client = f"key:{owner}"
+    else:
+        client = request.headers.get("x-real-ip") or (request.client.host if request.client else "unknown")
+        client = f"addr:{client}"
+    return StreamSlots(request.app.state.stream_limiter, client)
+
+
 SettingsDep = Annotated[GatewaySettings, Depends(_settings)]
 JobsDep = Annotated[JobService, Depends(_jobs)]
 OwnerDep = Annotated[str, Depends(_owner)]
 RequestIdDep = Annotated[str | None, Depends(_request_id)]
+StreamSlotsDep = Annotated[StreamSlots, Depends(_stream_slots)]

@@ -93,6 +93,14 @@ class QueueFull(LlamaqError):
     retry_after_s = 2
 
 
+class TooManyStreams(LlamaqError):
+    """The client already holds MAX_STREAMS_PER_CLIENT open streams and waits on this gateway process."""
+
+    status_code = 429
+    error_type = "too_many_streams"
+    retry_after_s = 5
+
+
 class ServiceUnavailable(LlamaqError):
     status_code = 503
     error_type = "unavailable"

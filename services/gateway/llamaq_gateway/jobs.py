@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import anyio
 import redis
@@ -18,10 +21,13 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 
-from llamaq_protocol import GenerationParams, Job, JobPayload, ModelCard, utc_now
+from llamaq_protocol import GenerationParams, Job, JobPayload, ModelCard, Priority, utc_now
+from llamaq_protocol.models import CAPABILITY_LOGPROBS, CAPABILITY_PROMPT_LOGPROBS
 from llamaq_protocol import keys
-from llamaq_protocol.records import CANCEL_SCRIPT, EVENT_DONE, EVENT_STATUS, end_keys, job_from_record, new_record
+from llamaq_protocol.records import CANCEL_SCRIPT, EVENT_STATUS, end_keys, job_from_record, new_record
 
+from .event_hub import EventHub
+from .job_list import add_to_owner_list, queue_positions
 from .errors import IdempotencyConflict, InvalidRequest, JobNotFound, NoReadyWorker, PromptTooLong, QueueFull
 from .prompt_tokens import PromptCounter
 from .settings import GatewaySettings
@@ -32,24 +38,35 @@ logger = logging.getLogger(__name__)
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # A record outlives a job that is never finished (a lost worker) long enough to be diagnosed, not forever.
 UNFINISHED_RECORD_TTL_S = 7 * 24 * 3600
-# Longest single XREAD block, so a dropped connection is noticed.
-MAX_BLOCK_MS = 20_000
 # A request already waiting on its job rides out a Redis restart this long (the job itself is safe) before 503.
 REDIS_BLIP_S = 30.0
 # Prompts shorter than this are counted on the event loop (well under a millisecond); longer ones in a thread.
 INLINE_COUNT_CHARS = 4000
+# How long the record read after a job's `done` is shared by the waiters that read that `done`.
+ENDED_RECORD_SHARED_S = 5.0
 # The served model's card is read from Redis at most this often (it changes only when a worker's model does).
 MODEL_CARD_CACHE_S = 1.0
 
+T = TypeVar("T")
+
 
 class JobService:
-    def __init__(self, settings: GatewaySettings, aio: aioredis.Redis, sync: redis.Redis):
+    def __init__(self, settings: GatewaySettings, aio: aioredis.Redis, sync: redis.Redis, hub: EventHub):
         self.settings = settings
         self.aio = aio
         self.sync = sync
-        self.queue = Queue(settings.queue_name, connection=sync, serializer=JSONSerializer)
+        # Every wait on a job's events goes through it: no Redis connection held per waiter.
+        self.hub = hub
+        # One RQ queue per priority (workers claim interactive jobs first); `queue` is the interactive one.
+        self.queues = {
+            priority: Queue(keys.queue_name(settings.queue_name, priority), connection=sync, serializer=JSONSerializer)
+            for priority in Priority
+        }
+        self.queue = self.queues[Priority.interactive]
         self._counters: dict[tuple[str, str], PromptCounter] = {}
         self._card: ModelCard | None = None
+        # Job id -> the read of its record after `done` (see `ended`).
+        self._endings: dict[str, asyncio.Future] = {}
         self._card_read_at = float("-inf")
 
     # ---- readiness -------------------------------------------------------------------------------------------
@@ -76,7 +93,8 @@ class JobService:
                     return self._card
         raise NoReadyWorker("no worker has a model loaded and a fresh heartbeat")
 
-    async def _prompt_counter(self, card: ModelCard) -> PromptCounter:
+    async def prompt_counter(self, card: ModelCard) -> PromptCounter:
+        """The model's tokenizer and chat template (kept while its tokenizer is unchanged)."""
         cache_key = (card.name, card.tokenizer_digest)
         counter = self._counters.get(cache_key)
         if counter is None:
@@ -96,15 +114,22 @@ class JobService:
         check_max_new_tokens(params.max_new_tokens, self.settings.max_new_tokens_limit)
         if card is None:
             card = await self.served_model()
-        counter = await self._prompt_counter(card)
-        messages = params.chat_messages()
-        try:
-            if sum(len(m.get("content") or "") for m in messages) < INLINE_COUNT_CHARS:
-                prompt_tokens = counter.count(messages)
-            else:
-                prompt_tokens = await anyio.to_thread.run_sync(counter.count, messages)
-        except Exception as exc:  # a template that refuses this conversation (e.g. roles out of order)
-            raise InvalidRequest(f"messages: the model's chat template rejected them: {exc}") from exc
+        check_capabilities(params, card)
+        counter = await self.prompt_counter(card)
+        check_token_ids(params, counter.vocab_size)
+        if params.prompt_token_ids is not None:
+            prompt_tokens = len(params.prompt_token_ids)
+        elif not params.templated:  # raw text, tokenized as the worker does (special tokens added, no template)
+            prompt = params.prompt or ""
+            prompt_tokens = len(await tokenize_sized(len(prompt), counter.encode, prompt, True))
+        else:
+            messages = params.chat_messages()
+            try:
+                prompt_tokens = await tokenize_sized(
+                    sum(len(m.get("content") or "") for m in messages), counter.count, messages
+                )
+            except Exception as exc:  # a template that refuses this conversation (e.g. roles out of order)
+                raise InvalidRequest(f"messages: the model's chat template rejected them: {exc}") from exc
         if prompt_tokens > self.settings.max_prompt_tokens:
             raise PromptTooLong(
                 f"prompt is {prompt_tokens} tokens; at most {self.settings.max_prompt_tokens} are accepted"
@@ -123,13 +148,16 @@ class JobService:
         request_id: str | None,
         idempotency_key: str | None = None,
         card: ModelCard | None = None,
+        priority: Priority = Priority.interactive,
+        webhook: dict[str, str] | None = None,
     ) -> Job:
+        """`webhook`: the record fields of the job's webhook (JobRequest.webhook_record)."""
         await self.check_params(params, card)
         if idempotency_key:
-            existing = await self._idempotent_job(params, owner, idempotency_key)
+            existing = await self._idempotent_job(params, owner, idempotency_key, priority, webhook)
             if existing is not None:
                 return existing
-        job_id, _ = await self._queue_job(params, owner, request_id, idempotency_key)
+        job_id, _ = await self._queue_job(params, owner, request_id, idempotency_key, priority, webhook)
         return await self.get(job_id, owner)
 
     async def submit_and_wait(
@@ -139,35 +167,48 @@ class JobService:
         request_id: str | None,
         timeout_s: float,
         card: ModelCard | None = None,
+        priority: Priority = Priority.interactive,
+        webhook: dict[str, str] | None = None,
     ) -> Job:
         """Queue a job and wait for it (see `wait`), reading its events from the moment it was queued."""
         await self.check_params(params, card)
-        job_id, queued_event_id = await self._queue_job(params, owner, request_id, None)
+        job_id, queued_event_id = await self._queue_job(params, owner, request_id, None, priority, webhook)
         return await self.wait(job_id, owner, timeout_s, since=queued_event_id)
 
     async def _queue_job(
-        self, params: GenerationParams, owner: str, request_id: str | None, idempotency_key: str | None
+        self,
+        params: GenerationParams,
+        owner: str,
+        request_id: str | None,
+        idempotency_key: str | None,
+        priority: Priority = Priority.interactive,
+        webhook: dict[str, str] | None = None,
     ) -> tuple[str, bytes]:
         """The new job's id, and the id of its `queued` event."""
-        if await self.aio.llen(self.queue.key) >= self.settings.max_queue:
-            raise QueueFull(f"the queue holds {self.settings.max_queue} jobs already; retry later")
+        # Each priority has its own bound, so a batch backlog never refuses an interactive submission.
+        limit = self.settings.max_batch_queue if priority is Priority.batch else self.settings.max_queue
+        if await self.aio.llen(self.queues[priority].key) >= limit:
+            raise QueueFull(f"the {priority.value} queue holds {limit} jobs already; retry later")
         job_id = uuid.uuid4().hex
         payload = JobPayload(job_id=job_id, params=params, request_id=request_id)
         if idempotency_key:
             claimed = await self.aio.set(
-                keys.idempotency(owner, idempotency_key), f"{job_id}:{_digest(params)}",
+                keys.idempotency(owner, idempotency_key), f"{job_id}:{_digest(params, priority, webhook)}",
                 nx=True, ex=self.settings.result_ttl_s,
             )
             if not claimed:
                 raise IdempotencyConflict("Idempotency-Key is in use by a request in flight; retry")
-        # The job's record, its first event and RQ's own enqueue, in one transaction.
+        # The job's record, its first event, its entry in the owner's list and RQ's own enqueue, in one transaction.
+        created_at = utc_now()
         try:
             async with self.aio.pipeline(transaction=True) as pipe:
-                pipe.hset(keys.job(job_id), mapping=new_record(utc_now(), request_id, owner))
+                pipe.hset(keys.job(job_id), mapping={**new_record(created_at, request_id, owner, priority),
+                                                     **(webhook or {})})
                 pipe.expire(keys.job(job_id), UNFINISHED_RECORD_TTL_S)
                 pipe.xadd(keys.events(job_id), {"event": EVENT_STATUS, "data": '{"status":"queued"}'})
                 pipe.expire(keys.events(job_id), UNFINISHED_RECORD_TTL_S)
-                for command in self._rq_enqueue_commands(payload):
+                add_to_owner_list(pipe, owner, job_id, created_at.timestamp())
+                for command in self._rq_enqueue_commands(payload, self.queues[priority]):
                     pipe.execute_command(*command)
                 replies = await pipe.execute()
         except Exception:
@@ -179,25 +220,28 @@ class JobService:
         logger.info("job queued", extra={"job_id": job_id, "request_id": request_id})
         return job_id, replies[2]  # the XADD's entry id
 
-    async def _idempotent_job(self, params: GenerationParams, owner: str, key: str) -> Job | None:
+    async def _idempotent_job(
+        self, params: GenerationParams, owner: str, key: str, priority: Priority = Priority.interactive,
+        webhook: dict[str, str] | None = None,
+    ) -> Job | None:
         stored = await self.aio.get(keys.idempotency(owner, key))
         if stored is None:
             return None
         job_id, _, digest = stored.decode().partition(":")
-        if digest != _digest(params):
+        if digest != _digest(params, priority, webhook):
             raise IdempotencyConflict("Idempotency-Key was already used with a different body")
         try:
             return await self.get(job_id, owner)
         except JobNotFound:
             return None  # the earlier job expired: the key is free again
 
-    def _rq_enqueue_commands(self, payload: JobPayload) -> list[tuple]:
+    def _rq_enqueue_commands(self, payload: JobPayload, queue: Queue) -> list[tuple]:
         """RQ's commands for enqueueing the job (its job hash, the queue's registration, the push), collected by
         RQ itself in a pipeline that is never executed: RQ's client is synchronous, and this way a submission
         needs no worker thread and no second connection, and RQ's records stay RQ's own."""
         collector = self.sync.pipeline(transaction=True)
         collector.multi()
-        self.queue.enqueue_call(
+        queue.enqueue_call(
             func=keys.GENERATE_FUNC,
             args=(payload.model_dump(mode="json"),),
             timeout=self.settings.job_timeout_s,
@@ -217,13 +261,36 @@ class JobService:
     async def get(self, job_id: str, owner: str) -> Job:
         if not JOB_ID_PATTERN.match(job_id):
             raise JobNotFound(f"no job {job_id!r}")
-        record = await self.aio.hgetall(keys.job(job_id))
+        return await self._job_of(job_id, await self.aio.hgetall(keys.job(job_id)), owner)
+
+    async def ended(self, job_id: str, owner: str) -> Job:
+        """The job once its `done` event has been read. Every waiter of this process that reads that `done` (a
+        thousand streams on one job) shares one read of the record, which no longer changes."""
+        read = self._endings.get(job_id)
+        if read is None:
+            read = asyncio.ensure_future(self.aio.hgetall(keys.job(job_id)))
+            self._endings[job_id] = read
+            read.add_done_callback(lambda _: asyncio.get_running_loop().call_later(
+                ENDED_RECORD_SHARED_S, self._endings.pop, job_id, None))
+        try:
+            record = await asyncio.shield(read)
+        except Exception:
+            if self._endings.get(job_id) is read:
+                del self._endings[job_id]  # the next waiter reads again
+            raise
+        return await self._job_of(job_id, record, owner)
+
+    async def _job_of(self, job_id: str, record: dict, owner: str) -> Job:
         if not record or record.get(b"owner", b"").decode() != owner:
             raise JobNotFound(f"no job {job_id!r}")
         position = None
         if record.get(b"status") == b"queued":
-            position = await self.aio.lpos(self.queue.key, job_id)
+            position = await self.position(job_id, record.get(b"priority", b"interactive").decode())
         return job_from_record(job_id, record, position)
+
+    async def position(self, job_id: str, priority: str) -> int | None:
+        """A queued job's 0-based place in the claim order (see job_list.queue_positions)."""
+        return (await queue_positions(self, [(job_id, priority)])).get(job_id)
 
     async def wait(self, job_id: str, owner: str, timeout_s: float, since: bytes | None = None) -> Job:
         """The job once terminal, or as it is when `timeout_s` runs out; wakes on the job's event stream.
@@ -236,31 +303,21 @@ class JobService:
         if since is None:
             latest = await self.aio.xrevrange(events_key, count=1) if JOB_ID_PATTERN.match(job_id) else []
             last_id = latest[0][0] if latest else b"0-0"
-            # Read the record after taking the stream position: a change made after that wakes the XREAD below.
+            # Read the record after taking the stream position: a change made after that wakes the wait below.
             job = await self.get(job_id, owner)
         else:
             last_id = since
         deadline = time.monotonic() + timeout_s
-        outage_since = None
-        while job is None or not job.status.is_terminal():
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                break
-            try:
-                reply = await self.aio.xread({events_key: last_id}, block=min(remaining_ms, MAX_BLOCK_MS), count=512)
-                if reply:
-                    entries = reply[0][1]
-                    last_id = entries[-1][0]
-                    # Only an ending changes what this returns; `running` and tokens just mean: wait on.
-                    if any(_ends(fields) for _, fields in entries):
-                        job = await self.get(job_id, owner)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                outage_since = outage_since or time.monotonic()
-                if time.monotonic() - outage_since > REDIS_BLIP_S:
-                    raise
-                await anyio.sleep(0.5)
-                continue
-            outage_since = None
+        # Only an ending changes what this returns: `running` and tokens do not wake it. A Redis outage meanwhile
+        # is ridden out (the hub reads on from where it was) until the hub has gone REDIS_BLIP_S without it.
+        if job is None or not job.status.is_terminal():
+            with await self.hub.subscribe(events_key, last_id, done_only=True) as subscription:
+                while job is None or not job.status.is_terminal():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    if await subscription.next_batch(remaining):
+                        job = await self.ended(job_id, owner)
         if job is None or not job.status.is_terminal():
             job = await self.get(job_id, owner)  # the wait ran out: the job as it is now
         return job
@@ -294,6 +351,13 @@ class JobService:
             pass  # already claimed: the worker sees the canceled record and closes the RQ job itself
 
 
+async def tokenize_sized(chars: int, tokenize: Callable[..., T], *args: Any) -> T:
+    """Run `tokenize` on the event loop for short text (well under a millisecond), in a thread for long."""
+    if chars < INLINE_COUNT_CHARS:
+        return tokenize(*args)
+    return await anyio.to_thread.run_sync(tokenize, *args)
+
+
 def check_max_new_tokens(
     max_new_tokens: int, limit: int, field: str = "max_new_tokens", refusal: type[InvalidRequest] = InvalidRequest
 ) -> None:
@@ -303,10 +367,34 @@ def check_max_new_tokens(
         raise refusal(f"{field}: must be at most {limit}", param=field)
 
 
-def _ends(fields: dict) -> bool:
-    """Whether a job event says the job is over: every script that ends a job writes `done` in the same step."""
-    return fields.get(b"event") == EVENT_DONE.encode()
+def check_capabilities(params: GenerationParams, card: ModelCard, names: dict[str, str] | None = None) -> None:
+    """400 before queueing for what the serving engine cannot do (its model card says what it can); `names`: the
+    request's own field for each GenerationParams one (the OpenAI routes')."""
+    for field in (CAPABILITY_LOGPROBS, CAPABILITY_PROMPT_LOGPROBS):
+        if getattr(params, field) is not None and field not in card.capabilities:
+            param = (names or {}).get(field, field)
+            raise InvalidRequest(
+                f"{param}: the {card.engine or 'serving'} engine of model {card.name} cannot compute log "
+                "probabilities", param=param,
+            )
 
 
-def _digest(params: GenerationParams) -> str:
-    return hashlib.sha256(params.model_dump_json().encode()).hexdigest()
+def check_token_ids(params: GenerationParams, vocab_size: int, names: dict[str, str] | None = None) -> None:
+    """Token ids the tokenizer does not have are refused before queueing; `names` as for check_capabilities."""
+    for field in ("prompt_token_ids", "stop_token_ids"):
+        ids = getattr(params, field) or ()
+        if any(i >= vocab_size for i in ids):
+            param = (names or {}).get(field, field)
+            raise InvalidRequest(f"{param}: token ids must be below the vocabulary size, {vocab_size}", param=param)
+
+
+def _digest(
+    params: GenerationParams, priority: Priority = Priority.interactive, webhook: dict[str, str] | None = None
+) -> str:
+    """The body an Idempotency-Key is bound to (a plain interactive job's digest is that of its parameters)."""
+    body = params.model_dump_json()
+    if priority is not Priority.interactive:
+        body += f"|priority={priority.value}"
+    if webhook:
+        body += f"|webhook={webhook['webhook']}|{webhook['webhook_events']}"
+    return hashlib.sha256(body.encode()).hexdigest()

@@ -34,8 +34,8 @@ TERMINAL_STATUSES = [status.value for status in JobStatus if status.is_terminal(
 class ClusterState:
     """What Redis says at scrape time."""
 
-    queue_name: str
-    queue_depth: int
+    # queue name -> jobs waiting in it (one RQ queue per priority)
+    queue_depths: dict[str, int]
     jobs_running: int
     finished: dict[str, int]
     workers_alive: int
@@ -47,16 +47,17 @@ class ClusterState:
         """From the gateway's JobService: its Redis, its queue and its notion of a live worker."""
         aio = jobs.aio
         async with aio.pipeline(transaction=False) as pipe:
-            pipe.llen(jobs.queue.key)
+            queues = list(jobs.queues.values())
+            for queue in queues:
+                pipe.llen(queue.key)
             pipe.scard(keys.RUNNING)
             pipe.hgetall(keys.STATS)
             pipe.zrangebyscore(keys.WORKERS, jobs.fresh_since(), "+inf")
-            depth, running, stats, workers = await pipe.execute()
+            *depths, running, stats, workers = await pipe.execute()
         names = [name.decode() for name in workers]
         texts = await aio.mget([keys.worker_metrics(name) for name in names]) if names else []
         return cls(
-            queue_name=jobs.settings.queue_name,
-            queue_depth=depth,
+            queue_depths={queue.name: depth for queue, depth in zip(queues, depths)},
             jobs_running=running,
             finished={k.decode(): int(v) for k, v in stats.items()},
             workers_alive=len(names),
@@ -65,7 +66,8 @@ class ClusterState:
 
     def collect(self):
         depth = GaugeMetricFamily("llamaq_queue_depth", "Jobs waiting in the queue", labels=["queue"])
-        depth.add_metric([self.queue_name], self.queue_depth)
+        for name, waiting in self.queue_depths.items():
+            depth.add_metric([name], waiting)
         yield depth
         yield GaugeMetricFamily("llamaq_jobs_running", "Jobs held by workers now", value=self.jobs_running)
         yield GaugeMetricFamily("llamaq_workers_alive", "Workers with a fresh heartbeat",

@@ -1,5 +1,6 @@
-"""Exact prompt token counts without torch: the worker publishes its tokenizer and chat template to Redis,
-and this renders the template the way transformers' `apply_chat_template` does, then encodes with `tokenizers`.
+"""Exact prompt token counts, `/tokenize` and `/detokenize` without torch: the worker publishes its tokenizer and
+chat template to Redis, and this renders the template the way transformers' `apply_chat_template` does, then
+encodes with `tokenizers`.
 """
 
 from __future__ import annotations
@@ -35,16 +36,35 @@ def _compile(chat_template: str) -> jinja2.Template:
 
 
 class PromptCounter:
+    """The served model's tokenizer and chat template, torch-free: prompt counts, and /tokenize and /detokenize."""
+
     def __init__(self, card: ModelCard, tokenizer_json: str):
         self.card = card
         self._tokenizer = Tokenizer.from_str(tokenizer_json)
         self._template = _compile(card.chat_template)
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def render(self, messages: list[dict[str, str]]) -> str:
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self._template.render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=True, **self.card.special_tokens
+            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+            **self.card.special_tokens,
         )
 
-    def count(self, messages: list[dict[str, str]]) -> int:
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, add_special_tokens: bool = False
+    ) -> list[int]:
         # apply_chat_template encodes the rendered text without adding special tokens again.
-        return len(self._tokenizer.encode(self.render(messages), add_special_tokens=False).ids)
+        return self.encode(self.render(messages, add_generation_prompt), add_special_tokens)
+
+    def count(self, messages: list[dict[str, str]]) -> int:
+        return len(self.encode_chat(messages))
+
+    def decode(self, ids: list[int]) -> str:
+        """As transformers' `decode` with its defaults: special tokens kept. Ids must be below `vocab_size`."""
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return [self._tokenizer.id_to_token(i) or "" for i in ids]

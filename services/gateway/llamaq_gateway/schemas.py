@@ -1,14 +1,15 @@
 """HTTP-only request and response bodies, and the error responses each route documents in its OpenAPI schema;
 the wire models live in llamaq_protocol."""
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Path
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-from llamaq_protocol import ErrorBody, GenerationParams
+from llamaq_protocol import ErrorBody, GenerationParams, Priority
 
 from .jobs import JOB_ID_PATTERN
+from .webhooks import DEFAULT_EVENTS, record_fields
 
 # A job id as the schema describes it; anything else is simply not found (404), so the pattern is documentation.
 JobId = Annotated[str, Path(description="the job's id", json_schema_extra={"pattern": JOB_ID_PATTERN.pattern})]
@@ -20,7 +21,8 @@ _ERRORS: dict[int, str] = {
     404: "no such job, or one another key created",
     413: "body over 1 MiB (answered by nginx)",
     422: "unknown field, wrong type or out-of-range value",
-    429: "queue full (MAX_QUEUE), or this client over its request rate (nginx); nothing was queued",
+    429: "queue full (MAX_QUEUE), this client over its request rate (nginx) or holding MAX_STREAMS_PER_CLIENT "
+         "open streams and waits already; nothing was queued",
     503: "Redis unreachable, or no worker with its model loaded",
     504: "the job is still queued or running; poll GET /v1/jobs/{id}",
 }
@@ -41,7 +43,41 @@ def error_responses(*codes: int, auth: bool = True) -> dict[int | str, dict[str,
     return responses
 
 
-class GenerateRequest(GenerationParams):
+class JobRequest(GenerationParams):
+    """`POST /v1/jobs`: the generation parameters plus what is about the job rather than its text."""
+
+    priority: Priority = Field(
+        default=Priority.interactive,
+        description="interactive jobs are claimed before every queued batch one; batch jobs fill the remaining room",
+    )
+
+    webhook: str | None = Field(
+        default=None, max_length=2048, pattern=r"^https?://[^/?#\s]+[^\s]*$",
+        description="an http(s) URL told of the job's `webhook_events` (Standard Webhooks signatures)",
+    )
+    webhook_events: list[Literal["completed", "failed", "canceled", "started"]] | None = Field(
+        default=None, min_length=1, max_length=4, description="default: completed, failed, canceled",
+    )
+
+    @model_validator(mode="after")
+    def _events_need_a_webhook(self):
+        if self.webhook_events is not None and self.webhook is None:
+            raise ValueError("webhook_events needs a webhook")
+        return self
+
+    def webhook_record(self) -> dict[str, str] | None:
+        """The record fields of the job's webhook, or None."""
+        if self.webhook is None:
+            return None
+        return record_fields(self.webhook, self.webhook_events or list(DEFAULT_EVENTS))
+
+    def generation_params(self) -> GenerationParams:
+        """The parameters alone, as the client set them (the job's own fields left out)."""
+        own = set(type(self).model_fields) - set(GenerationParams.model_fields)
+        return GenerationParams.model_validate(self.model_dump(exclude=own, exclude_unset=True))
+
+
+class GenerateRequest(JobRequest):
     wait_s: float = Field(default=60, ge=0, le=300, description="how long to hold the request for the result")
 
 

@@ -1,7 +1,7 @@
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llamaq_protocol.keys import DEFAULT_QUEUE_NAME
@@ -27,6 +27,8 @@ class GatewaySettings(BaseSettings):
     max_new_tokens_limit: int = Field(default=4096, ge=1)
     max_prompt_tokens: int = Field(default=8192, ge=1)
     max_queue: int = Field(default=1000, ge=1)
+    # The batch-priority queue's own bound (`priority: batch` submissions); it never refuses interactive ones.
+    max_batch_queue: int = Field(default=10000, ge=1)
     # Times a job whose worker died is put back on the queue before it fails as worker_lost.
     job_retries: int = Field(default=1, ge=0)
     # Comma-separated bearer keys; unset or empty leaves the API open.
@@ -40,7 +42,35 @@ class GatewaySettings(BaseSettings):
     max_generate_wait_s: float = 300
     # A worker whose heartbeat is older than this is not counted as ready.
     worker_stale_s: float = Field(default=15, gt=0)
-    redis_max_connections: int = Field(default=512, ge=8)
+    # Each process's pool for short commands; nothing blocks in it (waiters share the event hub's readers).
+    redis_max_connections: int = Field(default=64, ge=8)
+    # Redis connections each process's event hub reads every job stream through (one blocking XREAD each).
+    stream_readers: int = Field(default=1, ge=1, le=16)
+    # Open event streams and waits one client (API key, or address with the API open) may hold per process;
+    # over it: 429 + Retry-After.
+    max_streams_per_client: int = Field(default=1000, ge=1)
+
+    # Webhooks (`webhook` on POST /v1/jobs and /v1/generate): the Standard Webhooks signing secret, `whsec_` +
+    # base64; unset, submissions with a webhook are refused (400).
+    webhook_secret: SecretStr | None = None
+    # Let webhook URLs resolve to loopback, link-local or private addresses (a private network, tests).
+    webhook_allow_private: bool = False
+    # A failed delivery is tried again after WEBHOOK_BACKOFF_S, doubling each time (at most an hour apart), until
+    # WEBHOOK_RETRY_FOR_S have passed since its first attempt; each attempt waits WEBHOOK_TIMEOUT_S at most.
+    webhook_backoff_s: float = Field(default=5, gt=0)
+    webhook_retry_for_s: float = Field(default=86400, gt=0)
+    webhook_timeout_s: float = Field(default=10, gt=0, le=60)
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_is_standard(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            return None
+        if value is not None:
+            from .webhooks import secret_key
+
+            secret_key(value.get_secret_value())
+        return value
 
     def api_key_list(self) -> list[str]:
         if self.api_keys is None:

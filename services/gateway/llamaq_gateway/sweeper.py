@@ -21,11 +21,12 @@ import time
 import uuid
 
 import anyio
+from rq import Queue
 from rq.job import Job as RQJob
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from llamaq_protocol import JobError, keys, utc_now
+from llamaq_protocol import JobError, Priority, keys, utc_now
 from llamaq_protocol.records import RECLAIM_SCRIPT, reclaim_keys
 
 from .jobs import JobService
@@ -75,43 +76,59 @@ class LostWorkerSweeper:
             return []  # the workers have not had the time to beat since Redis came back
         await aio.zremrangebyscore(keys.WORKERS, "-inf", time.time() - STALE_WORKER_ENTRY_S)
         outcomes = [(job_id, "requeued") for job_id in await self._rescue_stranded()]
-        for job_id, worker in await self._jobs_of_lost_workers():
+        for job_id, worker, queue in await self._jobs_of_lost_workers():
             # Before the re-queue, so a worker that takes the job at once keeps its own entry.
-            await self._forget_started(job_id)
-            outcome = await self._reclaim(job_id, worker)
+            await self._forget_started(job_id, queue)
+            outcome = await self._reclaim(job_id, worker, queue)
             if outcome in ("requeued", "failed", "canceled"):
                 outcomes.append((job_id, outcome))
                 if outcome != "requeued":  # the script itself put it back on the RQ queue
-                    await anyio.to_thread.run_sync(self._end_in_rq, job_id, outcome)
+                    await anyio.to_thread.run_sync(self._end_in_rq, job_id, outcome, queue)
                 logger.warning("job %s: worker %s lost; %s", job_id, worker, outcome, extra={"job_id": job_id})
         return outcomes
 
-    async def _jobs_of_lost_workers(self) -> list[tuple[str, str]]:
-        """(job id, worker) of each running job whose worker has not beaten since `fresh_since` (or has no name),
-        read in one round trip for all of them."""
+    def _queue_of(self, priority: bytes | None):
+        """The RQ queue a job of this (recorded) priority waits in, so a re-queue puts it back on its own."""
+        try:
+            return self.jobs.queues[Priority((priority or b"interactive").decode())]
+        except ValueError:
+            return self.jobs.queue
+
+    async def _jobs_of_lost_workers(self) -> list[tuple[str, str, Queue]]:
+        """(job id, worker, its RQ queue) of each running job whose worker has not beaten since `fresh_since` (or
+        has no name), read in one round trip for all of them."""
         aio = self.jobs.aio
         running = [j.decode() for j in await aio.smembers(keys.RUNNING)]
         if not running:
             return []
         async with aio.pipeline(transaction=False) as pipe:
             for job_id in running:
-                pipe.hget(keys.job(job_id), "worker")
+                pipe.hmget(keys.job(job_id), "worker", "priority")
             pipe.zrangebyscore(keys.WORKERS, self.jobs.fresh_since(), "+inf")
-            *workers, fresh = await pipe.execute()
+            *records, fresh = await pipe.execute()
         alive = {name.decode() for name in fresh}
         lost = []
-        for job_id, worker in zip(running, workers):
+        for job_id, (worker, priority) in zip(running, records):
             worker = (worker or b"").decode()
             if not worker or worker not in alive:
-                lost.append((job_id, worker))
+                lost.append((job_id, worker, self._queue_of(priority)))
         return lost
 
     async def _rescue_stranded(self) -> list[str]:
-        aio, queue = self.jobs.aio, self.jobs.queue
-        stranded = [j.decode() for j in await aio.lrange(queue.intermediate_queue_key, 0, -1)]
-        current = time.monotonic()
-        self._stranded_since = {j: t for j, t in self._stranded_since.items() if j in stranded}
+        """Over every priority's queue (RQ uses the intermediate list when a worker serves one queue only)."""
         rescued = []
+        seen: list[str] = []
+        for queue in self.jobs.queues.values():
+            rescued += await self._rescue_stranded_from(queue, seen)
+        self._stranded_since = {j: t for j, t in self._stranded_since.items() if j in seen}
+        return rescued
+
+    async def _rescue_stranded_from(self, queue: Queue, seen: list[str]) -> list[str]:
+        aio = self.jobs.aio
+        stranded = [j.decode() for j in await aio.lrange(queue.intermediate_queue_key, 0, -1)]
+        seen += stranded
+        current = time.monotonic()
+        rescued: list[str] = []
         if not stranded:
             return rescued
         async with aio.pipeline(transaction=False) as pipe:
@@ -135,12 +152,12 @@ class LostWorkerSweeper:
                            extra={"job_id": job_id})
         return rescued
 
-    async def _reclaim(self, job_id: str, worker: str) -> str:
+    async def _reclaim(self, job_id: str, worker: str, queue: Queue) -> str:
         error = JobError(
             type="worker_lost",
             message=f"the worker running this job stopped responding, {self.settings.job_retries + 1} time(s)",
         )
-        reclaiming = reclaim_keys(job_id, self.jobs.queue.key, RQJob.key_for(job_id))
+        reclaiming = reclaim_keys(job_id, queue.key, RQJob.key_for(job_id))
         outcome = await self.jobs.aio.eval(
             RECLAIM_SCRIPT,
             len(reclaiming),
@@ -154,16 +171,15 @@ class LostWorkerSweeper:
         )
         return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
 
-    async def _forget_started(self, job_id: str) -> None:
-        """Drop the lost worker's executions of the job from RQ's started registry."""
-        registry_key = self.jobs.queue.started_job_registry.key
+    async def _forget_started(self, job_id: str, queue: Queue) -> None:
+        """Drop the lost worker's executions of the job from its queue's RQ started registry."""
+        registry_key = queue.started_job_registry.key
         stale = [m for m in await self.jobs.aio.zrange(registry_key, 0, -1) if m.decode().startswith(f"{job_id}:")]
         if stale:
             await self.jobs.aio.zrem(registry_key, *stale)
 
-    def _end_in_rq(self, job_id: str, outcome: str) -> None:
+    def _end_in_rq(self, job_id: str, outcome: str, queue: Queue) -> None:
         """Make RQ's records of a job the sweep ended tell the same story as the job record."""
-        queue = self.jobs.queue
         try:
             rq_job = RQJob.fetch(job_id, connection=self.jobs.sync, serializer=JSONSerializer)
         except Exception:  # expired or never there: the record alone speaks

@@ -35,6 +35,8 @@ def test_health_is_independent_of_redis(offline_client):
     ("method", "path", "body"),
     [
         ("GET", "/readyz", None),
+        ("GET", "/health", None),
+        ("POST", "/tokenize", {"prompt": "hi"}),
         ("POST", "/v1/jobs", {"prompt": "hi"}),
         ("POST", "/", {"prompt": "hi"}),
         ("GET", "/v1/jobs/abc", None),

@@ -23,7 +23,7 @@ def parse(text: bytes) -> dict:
 
 def test_workers_are_merged_into_one_family_each_labelled_by_worker():
     state = ClusterState(
-        queue_name="llamaq", queue_depth=3, jobs_running=2, finished={"succeeded": 5, "failed": 1},
+        queue_depths={"llamaq": 3, "llamaq:batch": 40}, jobs_running=2, finished={"succeeded": 5, "failed": 1},
         workers_alive=2,
         worker_metrics={"a:1": worker_exposition(7, [0.05]), "b:2": worker_exposition(4, [0.5, 2.0])},
     )
@@ -33,7 +33,8 @@ def test_workers_are_merged_into_one_family_each_labelled_by_worker():
     counts = {s.labels["worker"]: s.value for s in families["llamaq_job_queue_wait_seconds"].samples
               if s.name.endswith("_count")}
     assert counts == {"a:1": 1, "b:2": 2}
-    assert [(s.labels, s.value) for s in families["llamaq_queue_depth"].samples] == [({"queue": "llamaq"}, 3)]
+    assert [(s.labels, s.value) for s in families["llamaq_queue_depth"].samples] == [
+        ({"queue": "llamaq"}, 3), ({"queue": "llamaq:batch"}, 40)]
     finished = {s.labels["status"]: s.value for s in families["llamaq_jobs_finished"].samples}
     assert finished == {"succeeded": 5, "failed": 1, "canceled": 0}
     assert families["llamaq_workers_alive"].samples[0].value == 2

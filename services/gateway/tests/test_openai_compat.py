@@ -1,17 +1,20 @@
-"""The OpenAI-compatible layer without Redis: request translation, refusals, response objects, error shape."""
+"""The OpenAI-compatible layer: request translation, refusals, response objects, error shape; streaming from a job's
+events on a real Redis."""
 
 from datetime import datetime, timezone
 
 import anyio
 import pytest
+import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
 from llamaq_gateway import openai_compat
 from llamaq_gateway.app import create_app
+from llamaq_gateway.event_hub import EventHub
 from llamaq_gateway.errors import InvalidParameter, ModelNotFound, WaitTimeout, error_response
 from llamaq_gateway.openai_compat import ChatCompletionRequest, ChunkBuilder, CompletionRequest, to_params
 from llamaq_gateway.settings import GatewaySettings
-from llamaq_protocol import Job, JobOutput, JobStatus, ModelCard, Usage
+from llamaq_protocol import Job, JobOutput, JobStatus, ModelCard, Usage, keys
 from nginx_local import free_port
 
 LIMIT = 4096
@@ -89,8 +92,8 @@ def test_completions_prompt_is_one_user_turn():
         (chat(tool_choice="auto"), "tool_choice"),
         (chat(functions=[{"name": "f"}]), "functions"),
         (chat(function_call="auto"), "function_call"),
-        (chat(logprobs=True), "logprobs"),
-        (chat(top_logprobs=3), "top_logprobs"),
+        (chat(top_logprobs=3), "top_logprobs"),  # without logprobs: true
+        (chat(min_tokens=10, max_tokens=5), "min_tokens"),
         (chat(response_format={"type": "json_object"}), "response_format"),
         (chat(frequency_penalty=0.5), "frequency_penalty"),
         (chat(presence_penalty=-1), "presence_penalty"),
@@ -104,11 +107,11 @@ def test_completions_prompt_is_one_user_turn():
          "messages.0.content.0"),
         (text(n=3), "n"),
         (text(best_of=2), "best_of"),
-        (text(echo=True), "echo"),
+        (text(max_tokens=0), "max_tokens"),  # 0 only with echo
         (text(suffix="end"), "suffix"),
-        (text(logprobs=1), "logprobs"),
         (text(prompt=["a", "b"]), "prompt"),
-        (text(prompt=[1, 2, 3]), "prompt"),
+        (text(prompt=[[1, 2], [3]]), "prompt"),
+        (text(prompt=[]), "prompt"),
     ],
 )
 def test_unsupported_options_are_refused_naming_the_field(request_, param):
@@ -181,6 +184,101 @@ def test_stream_chunks():
     assert plain.opening() is None
     assert '"text":"Par"' in plain.text("Par") and "usage" not in plain.text("Par")
     assert len(plain.closing(job())) == 1
+
+
+# ---- vLLM's sampling extensions, logprobs and echo ---------------------------------------------------------------
+
+
+def test_vllm_sampling_extensions_reach_the_job():
+    fields = dict(top_k=-1, min_p=0.1, repetition_penalty=1.2, ignore_eos=True, min_tokens=3, stop_token_ids=[2, 7],
+                  skip_special_tokens=False, include_stop_str_in_output=True, max_tokens=40,
+                  stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    for request_ in (chat(**fields), text(**fields)):
+        params = to_params(request_, LIMIT)
+        assert (params.top_k, params.min_p, params.repetition_penalty, params.ignore_eos, params.min_tokens) == (
+            0, 0.1, 1.2, True, 3)  # top_k -1 is vLLM's "off", as 0
+        assert params.stop_token_ids == [2, 7] and params.skip_special_tokens is False
+        assert params.include_stop_str_in_output is True and params.logprobs is None
+        assert request_.continuous_usage()
+    assert not chat(stream=True, stream_options={"continuous_usage_stats": True}).continuous_usage()
+
+
+@pytest.mark.parametrize("fields", [{"min_p": 1.5}, {"top_k": -2}, {"stop_token_ids": [-1]}, {"min_tokens": -1},
+                                    {"top_logprobs": 21}, {"repetition_penalty": 0}])
+def test_vllm_ranges(fields):
+    with pytest.raises(ValueError):
+        chat(**fields)
+
+
+def test_logprobs_and_echo_translation():
+    assert to_params(chat(logprobs=True), LIMIT).logprobs == 0
+    assert to_params(chat(logprobs=True, top_logprobs=5), LIMIT).logprobs == 5
+    assert to_params(chat(logprobs=False), LIMIT).logprobs is None
+    plain = to_params(text(logprobs=2), LIMIT)  # no echo: the chat-rendered prompt, generated tokens' logprobs
+    assert plain.logprobs == 2 and plain.prompt_logprobs is None and plain.templated
+    # lm-eval's local-completions log-likelihood request: raw text (or token ids), echo, logprobs, max_tokens 1
+    raw = to_params(text(prompt="The sky is", echo=True, logprobs=1, max_tokens=1, temperature=0), LIMIT)
+    assert (raw.prompt, raw.raw_prompt, raw.templated) == ("The sky is", True, False)
+    assert (raw.logprobs, raw.prompt_logprobs, raw.max_new_tokens) == (1, 1, 1)
+    ids = to_params(text(prompt=[[5, 6, 7]], echo=True, logprobs=0, max_tokens=0), LIMIT)
+    assert ids.prompt_token_ids == [5, 6, 7] and ids.max_new_tokens == 1 and ids.prompt_logprobs == 0
+    assert to_params(text(prompt=[5, 6]), LIMIT).prompt_token_ids == [5, 6]  # ids are always raw
+
+
+def _entry(token: str, logprob: float, *top: tuple[str, float]) -> dict:
+    return {"token": token, "id": len(token), "logprob": logprob,
+            "top": [{"token": t, "id": len(t), "logprob": lp} for t, lp in top]}
+
+
+def logprob_job() -> Job:
+    output = JobOutput(
+        text=" blue.", finish_reason="stop", usage=Usage(prompt_tokens=3, completion_tokens=2),
+        logprobs=[_entry(" blue", -0.5, (" blue", -0.5), (" grey", -1.5)), _entry(".", -0.1, (".", -0.1), ("!", -3.0))],
+        prompt_logprobs=[None, _entry(" sky", -4.0, (" is", -2.0), (" sky", -4.0)), _entry(" is", -1.0, (" is", -1.0))],
+    )
+    return Job(id="abc", status=JobStatus.succeeded, created_at=datetime(2024, 1, 1, tzinfo=timezone.utc),
+               output=output)
+
+
+def test_chat_logprobs_in_openais_shape():
+    reply = openai_compat.completion("chat", logprob_job(), "m", openai_compat.Rendering(logprobs=1))
+    content = reply["choices"][0]["logprobs"]["content"]
+    assert content[0] == {"token": " blue", "logprob": -0.5, "bytes": list(b" blue"),
+                          "top_logprobs": [{"token": " blue", "logprob": -0.5, "bytes": list(b" blue")}]}
+    assert [c["token"] for c in content] == [" blue", "."]
+
+
+def test_completions_echo_with_logprobs_as_vllm():
+    rendering = openai_compat.Rendering(logprobs=1, echo="The sky is", first_prompt_token="The")
+    choice = openai_compat.completion("text", logprob_job(), "m", rendering)["choices"][0]
+    assert choice["text"] == "The sky is blue."
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == ["The", " sky", " is", " blue", "."]
+    assert logprobs["token_logprobs"] == [None, -4.0, -1.0, -0.5, -0.1]
+    # the chosen token first, then up to `logprobs` alternatives by rank (vLLM: at most logprobs + 1)
+    assert logprobs["top_logprobs"] == [None, {" sky": -4.0, " is": -2.0}, {" is": -1.0}, {" blue": -0.5},
+                                        {".": -0.1}]
+    assert logprobs["text_offset"] == [0, 3, 7, 10, 15]
+    only = openai_compat.completion("text", logprob_job(), "m", openai_compat.Rendering(
+        logprobs=1, echo="The sky is", first_prompt_token="The", echo_only=True))["choices"][0]
+    assert only["text"] == "The sky is" and only["logprobs"]["tokens"] == ["The", " sky", " is"]
+
+
+def test_stream_chunks_with_logprobs_echo_and_continuous_usage():
+    rendering = openai_compat.Rendering(logprobs=0, echo="The sky is", first_prompt_token="The",
+                                        continuous_usage=True, prompt_tokens=3)
+    chunks = ChunkBuilder("text", logprob_job(), "m", include_usage=True, rendering=rendering)
+    out = logprob_job().output.model_dump()
+    first = chunks.token_event({"index": 0, "text": " blue", "completion_tokens": 1,
+                                "logprobs": out["logprobs"][:1], "prompt_logprobs": out["prompt_logprobs"]})
+    assert '"text":"The sky is blue"' in first and '"tokens":["The"," sky"," is"," blue"]' in first
+    assert '"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}' in first
+    second = chunks.token_event({"index": 1, "text": ".", "completion_tokens": 2, "logprobs": out["logprobs"][1:]})
+    assert '"text_offset":[15]' in second and '"completion_tokens":2' in second
+    assert chunks.token_event({"index": 2, "text": "", "completion_tokens": 2}) is None
+    finish, usage_chunk = chunks.closing(logprob_job())
+    assert '"finish_reason":"stop"' in finish and '"total_tokens":5' in finish
+    assert '"choices":[]' in usage_chunk
 
 
 # ---- the error shape on the wire -------------------------------------------------------------------------------
@@ -264,34 +362,44 @@ def test_a_wait_timeout_tells_sdks_not_to_retry():
 
 
 class FakeJobs:
-    """A JobService stand-in: XREAD serves the given entries once, `get` the terminal job."""
+    """A JobService stand-in: the real event hub on a real Redis, and `get` answering the terminal job."""
 
-    def __init__(self, entries, final: Job):
-        self.aio = self
-        self.entries = [(eid.encode(), {b"event": ev.encode(), b"data": data.encode()}) for eid, ev, data in entries]
+    def __init__(self, hub: EventHub, final: Job):
+        self.hub = hub
         self.final = final
 
-    async def xread(self, streams_, count=None, block=None):
-        entries, self.entries = self.entries, []
-        return [[b"k", entries]] if entries else []
-
-    async def hget(self, key, field):
-        return self.final.status.value.encode()
-
-    async def get(self, job_id, owner):
+    async def ended(self, job_id, owner):
         return self.final
 
 
-def streamed(entries, final=None) -> list[str]:
-    jobs = FakeJobs(entries, final or job())
+@pytest.fixture
+def streamed(redis_url, store):
+    """The chunks `stream_completion` makes of these (id, event, data) entries on the job's stream."""
 
-    async def run():
-        return [p async for p in openai_compat.stream_completion("chat", jobs, job(), "o", "m", False, 0.01)]
+    def run_stream(entries, final=None) -> list[str]:
+        final = final or job()
+        store.delete(keys.events(final.id))
+        for entry_id, event, data in entries:
+            store.xadd(keys.events(final.id), {"event": event, "data": data}, id=entry_id)
+        store.hset(keys.job(final.id), mapping={"status": final.status.value})
 
-    return anyio.run(run)
+        async def run():
+            commands = aioredis.Redis.from_url(redis_url)
+            hub = EventHub(redis_url, commands)
+            hub.start()
+            try:
+                return [p async for p in openai_compat.stream_completion(
+                    "chat", FakeJobs(hub, final), job(), "o", "m", False, 0.01)]
+            finally:
+                await hub.aclose()
+                await commands.aclose()
+
+        return anyio.run(run)
+
+    return run_stream
 
 
-def test_stream_from_events_to_done():
+def test_stream_from_events_to_done(streamed):
     pieces = streamed([
         ("1-0", "status", '{"status":"running"}'),
         ("2-0", "token", '{"index":0,"text":"Par"}'),
@@ -303,7 +411,7 @@ def test_stream_from_events_to_done():
     assert '"finish_reason":"stop"' in pieces[3] and pieces[4] == "data: [DONE]\n\n"
 
 
-def test_stream_of_a_failed_job_ends_with_an_error_event():
+def test_stream_of_a_failed_job_ends_with_an_error_event(streamed):
     failed = Job(id="abc", status=JobStatus.failed, created_at=datetime(2024, 1, 1, tzinfo=timezone.utc),
                  error={"type": "timeout", "message": "too slow"})
     pieces = streamed([("1-0", "status", '{"status":"failed"}'), ("2-0", "done", "{}")], failed)
@@ -311,7 +419,7 @@ def test_stream_of_a_failed_job_ends_with_an_error_event():
     assert pieces[-1] == "data: [DONE]\n\n"
 
 
-def test_stream_restarted_by_a_lost_worker():
+def test_stream_restarted_by_a_lost_worker(streamed):
     requeued = ("3-0", "status", '{"status":"queued","requeued":true}')
     # Nothing sent yet: the client never notices.
     quiet = streamed([("1-0", "status", '{"status":"running"}'), requeued, ("4-0", "token", '{"index":0,"text":"P"}'),

@@ -1,28 +1,14 @@
 """The gateway's torch-free count must equal what the worker's tokenizer.apply_chat_template produces."""
 
-import hashlib
-import os
-
 import pytest
-from transformers import AutoTokenizer
 
 from llamaq_gateway.prompt_tokens import PromptCounter
-from llamaq_protocol import GenerationParams, ModelCard
+from llamaq_protocol import GenerationParams
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(os.environ["LLAMAQ_TEST_MODEL"])
-
-
-@pytest.fixture(scope="module")
-def counter(tokenizer):
-    tokenizer_json = tokenizer.backend_tokenizer.to_str()
-    card = ModelCard(
-        name="small", context_length=8192, chat_template=tokenizer.chat_template,
-        special_tokens=tokenizer.special_tokens_map, tokenizer_digest=hashlib.sha256(tokenizer_json.encode()).hexdigest(),
-    )
-    return PromptCounter(card, tokenizer_json)
+def counter(published_model):
+    return PromptCounter(*published_model)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,13 @@
-"""The SSE reader without Redis: resume points, event framing, heartbeats and when a stream ends."""
+"""The SSE reader: resume points and event framing; heartbeats and when a stream ends, on a real Redis."""
 
-import anyio
+import asyncio
+
 import pytest
+import redis.asyncio as aioredis
 
 from llamaq_gateway import streams
 from llamaq_gateway.errors import InvalidRequest
+from llamaq_gateway.event_hub import EventHub
 from llamaq_protocol import keys
 
 
@@ -14,7 +17,7 @@ def test_resume_point():
     assert streams.resume_point("5-1", "3-0") == "5-1"  # the header (what EventSource resends) wins
     assert streams.resume_point(None, " 3-0 ") == "3-0"
     assert streams.resume_point("1700000000000", None) == "1700000000000"
-    for bad in ("abc", "1-2-3", "-1", "1-", "$", ">", "9" * 30):
+    for bad in ("abc", "1-2-3", "-1", "1-", "$", ">", "9" * 30, str(2**64), f"1-{2**64}"):
         with pytest.raises(InvalidRequest):
             streams.resume_point(bad, None)
 
@@ -26,52 +29,48 @@ def test_sse_framing():
     assert streams.PING == ": ping\n\n"
 
 
-class FakeRedis:
-    """Serves a fixed list of XREAD replies (None = a block that timed out) and a job status."""
-
-    def __init__(self, replies, status=b"running"):
-        self.replies = list(replies)
-        self.status = status
-        self.reads = []
-
-    async def xread(self, streams_, count=None, block=None):
-        self.reads.append((dict(streams_), block))
-        if block is None or not self.replies:
-            return []
-        reply = self.replies.pop(0)
-        return [] if reply is None else [[keys.events("j").encode(), reply]]
-
-    async def hget(self, key, field):
-        return self.status
+async def _collect(redis_url, job_id, after, write=None, heartbeat_s=0.05):
+    """Everything `read_events` yields for the job (None for a ping), while `write(client)` runs alongside."""
+    commands = aioredis.Redis.from_url(redis_url)
+    hub = EventHub(redis_url, commands)
+    hub.start()
+    try:
+        writer = asyncio.create_task(write(commands)) if write else None
+        items = [item async for item in streams.read_events(hub, job_id, after, heartbeat_s=heartbeat_s)]
+        if writer:
+            await writer
+        return items
+    finally:
+        await hub.aclose()
+        await commands.aclose()
 
 
-def entry(entry_id, event, data="{}"):
-    return (entry_id.encode(), {b"event": event.encode(), b"data": data.encode()})
+def test_reader_pings_on_silence_and_stops_after_done(redis_url, store):
+    store.hset(keys.job("j"), mapping={"status": "running"})
+    store.xadd(keys.events("j"), {"event": "status", "data": '{"status":"queued"}'})
+
+    async def write(r):
+        await asyncio.sleep(0.2)  # silence: pings
+        for event, data in (("token", '{"index":0,"text":"Hi"}'), ("status", "{}"), ("done", "{}"), ("token", "{}")):
+            await r.xadd(keys.events("j"), {"event": event, "data": data})
+
+    items = asyncio.run(_collect(redis_url, "j", streams.START, write))
+    assert items[0].event == "status" and items[1] is None
+    assert [i.event for i in items if i is not None] == ["status", "token", "status", "done"]  # done ends it
+    tokens = [i for i in items if i is not None and i.event == "token"]
+    assert tokens[0].payload() == {"index": 0, "text": "Hi"}
+    assert tokens[0].sse == f'id: {tokens[0].id}\nevent: token\ndata: {{"index":0,"text":"Hi"}}\n\n'.encode()
 
 
-def collect(fake, after=streams.START):
-    async def run():
-        return [item async for item in streams.read_events(fake, "j", after, heartbeat_s=0.01)]
-
-    return anyio.run(run)
-
-
-def test_reader_pings_on_silence_and_stops_after_done():
-    fake = FakeRedis([
-        [entry("1-0", "status", '{"status":"queued"}')],
-        None,
-        [entry("2-0", "token", '{"index":0,"text":"Hi"}'), entry("3-0", "status"), entry("4-0", "done")],
-        [entry("5-0", "token")],  # never read: done ends the stream
-    ])
-    items = collect(fake)
-    assert [None if i is None else (i.id, i.event) for i in items] == [
-        ("1-0", "status"), None, ("2-0", "token"), ("3-0", "status"), ("4-0", "done"),
-    ]
-    assert items[2].payload() == {"index": 0, "text": "Hi"}
-    assert [ids[keys.events("j")] for ids, _ in fake.reads] == ["0-0", "1-0", "1-0"]
-    assert all(block == 10 for _, block in fake.reads)
+def test_reader_of_a_finished_job_past_its_done_ends_without_pinging(redis_url, store):
+    store.hset(keys.job("j"), mapping={"status": "succeeded"})
+    assert asyncio.run(_collect(redis_url, "j", "9-0")) == []
+    assert asyncio.run(_collect(redis_url, "gone", "9-0")) == []  # expired record
 
 
-def test_reader_of_a_finished_job_past_its_done_ends_without_pinging():
-    assert collect(FakeRedis([None], status=b"succeeded"), after="9-0") == []
-    assert collect(FakeRedis([None], status=None), after="9-0") == []  # expired record
+def test_reader_catches_a_done_the_hub_has_not_handed_over(redis_url, store):
+    """The job ends just as a heartbeat passes: the status says so before the hub has read `done`."""
+    done_id = store.xadd(keys.events("j"), {"event": "done", "data": "{}"}).decode()
+    store.hset(keys.job("j"), mapping={"status": "succeeded"})
+    items = asyncio.run(_collect(redis_url, "j", "1-0", heartbeat_s=0.001))
+    assert [(i.id, i.event) for i in items if i is not None] == [(done_id, "done")]

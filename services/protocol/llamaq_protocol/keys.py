@@ -2,8 +2,22 @@
 
 PREFIX = "llamaq"
 DEFAULT_QUEUE_NAME = "llamaq"
+# Batch-priority jobs wait in an RQ queue of their own beside the interactive one (QUEUE_NAME itself); workers
+# serve both in that order (rq's ordered queues), so a queued interactive job is always claimed before a batch one.
+BATCH_QUEUE_SUFFIX = ":batch"
 # The gateway enqueues this path as a string; only the worker ever imports it.
 GENERATE_FUNC = "llamaq_worker.tasks.generate"
+
+
+def queue_name(base: str, priority: str = "interactive") -> str:
+    """The RQ queue a job of this priority waits in (`base`: QUEUE_NAME)."""
+    return base + BATCH_QUEUE_SUFFIX if str(getattr(priority, "value", priority)) == "batch" else base
+
+
+def queue_names(base: str) -> list[str]:
+    """Every RQ queue of a deployment, in the order workers claim from them."""
+    return [queue_name(base, "interactive"), queue_name(base, "batch")]
+
 
 CANCEL_REQUESTS = f"{PREFIX}:cancel"
 # Jobs a worker holds right now; swept for jobs whose worker stopped sending heartbeats.
@@ -13,6 +27,10 @@ SWEEP_LOCK = f"{PREFIX}:sweep-lock"
 WORKERS = f"{PREFIX}:workers"
 # Jobs ended so far, by final status (a hash), counted by the job-state scripts.
 STATS = f"{PREFIX}:stats"
+# Webhook deliveries ("<job id>:<event>") by the time each is next due (a sorted set; the job-state scripts add
+# them, due at once), and each one's attempts so far (a hash): the gateway's deliverers work through them.
+WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
+WEBHOOK_ATTEMPTS = f"{PREFIX}:webhooks:attempts"
 
 
 def worker_metrics(name: str) -> str:
@@ -34,6 +52,11 @@ def worker(name: str) -> str:
 
 def model(name: str) -> str:
     return f"{PREFIX}:model:{name}"
+
+
+def owner_jobs(owner: str) -> str:
+    """A sorted set of the owner's job ids by creation time (GET /v1/jobs), written with each job's record."""
+    return f"{PREFIX}:jobs-of:{owner}"
 
 
 def idempotency(owner: str, key: str) -> str:

@@ -65,3 +65,21 @@ def configure_logging(service: str, level: str, log_format: str = "json") -> Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def logging_dict_config(service: str, level: str, log_format: str, logger_name: str) -> dict:
+    """The same format as `configure_logging`, as a `logging.config.dictConfig` document, for libraries that
+    configure their own loggers in processes of their own (vLLM's EngineCore: VLLM_LOGGING_CONFIG_PATH)."""
+    if log_format == "json":
+        chosen = {"()": f"{__name__}.JsonFormatter", "service": service}
+    else:
+        chosen = {"format": TEXT_FORMAT}
+    handler = {"class": "logging.StreamHandler", "formatter": "llamaq", "stream": "ext://sys.stderr"}
+    target = {"handlers": ["llamaq"], "level": level.upper(), "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"llamaq": chosen},
+        "handlers": {"llamaq": handler},
+        "loggers": {logger_name: target},
+    }

@@ -8,22 +8,38 @@ that end a job also count it in the stats hash (jobs by final status, for /metri
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
 from . import keys
-from .models import Job, JobError, JobOutput, JobStatus
+from .models import Job, JobError, JobOutput, JobStatus, Priority
 
 EVENT_STATUS = "status"
 EVENT_TOKEN = "token"
 EVENT_DONE = "done"
 
-# KEYS: job, events, running set. ARGV: started_at, worker name, job id.
+# One job's part of a TOKENS_SCRIPT call: job id, index of its first event, stream maxlen, partial output json or
+# "", the data (JSON) of its events in index order.
+TokenWrite = tuple[str, int, int, str, Sequence[str]]
+
+# Lua that queues a job's webhook delivery for `event` (started, completed, failed, canceled) when the job asked for
+# it (its record's `webhook_events`): a member "<job id>:<event>" of the webhooks-due sorted set, due now (score
+# 0). ZADD NX: a script run twice queues it once. The gateway's deliverers send it (gateway webhooks.py).
+NOTIFY_LUA = """
+local function notify(due_key, job_key, job_id, event)
+  local wanted = redis.call('HGET', job_key, 'webhook_events')
+  if wanted and string.find(',' .. wanted .. ',', ',' .. event .. ',', 1, true) then
+    redis.call('ZADD', due_key, 'NX', 0, job_id .. ':' .. event)
+  end
+end
+"""
+
+# KEYS: job, events, running set, webhooks due. ARGV: started_at, worker name, job id.
 # Returns "claimed" or the status that prevented it. The running set is what the lost-worker sweep scans.
 # Every script here may run twice for one call: redis-py re-sends a command whose connection broke, and the
 # worker retries until Redis answers. So each is idempotent for its caller: a second claim by the same worker
 # is "claimed" again (one attempt counted), a second finish with the same finished_at is "finished".
-CLAIM_SCRIPT = """
+CLAIM_SCRIPT = NOTIFY_LUA + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[2] then return 'claimed' end
 if s ~= 'queued' then return s or 'missing' end
@@ -31,13 +47,15 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker'
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"running"}')
+notify(KEYS[4], KEYS[1], ARGV[3], 'started')
 return 'claimed'
 """
 
-# KEYS: those of `end_keys` (job, events, cancel set, running set (unused), stats). ARGV: finished_at, job id,
+# KEYS: those of `end_keys` (job, events, cancel set, running set (unused), stats, webhooks due). ARGV: finished_at,
+# job id,
 # ttl seconds.
 # Returns "canceled" (was queued), "running" (flagged for the worker) or the terminal status.
-CANCEL_SCRIPT = """
+CANCEL_SCRIPT = NOTIFY_LUA + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
 if s == 'queued' then
@@ -47,6 +65,7 @@ if s == 'queued' then
   redis.call('XADD', KEYS[2], '*', 'event', 'done', 'data', '{}')
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
+  notify(KEYS[6], KEYS[1], ARGV[2], 'canceled')
   return 'canceled'
 end
 if s == 'running' then
@@ -56,10 +75,10 @@ end
 return s
 """
 
-# KEYS: job, events, cancel set, running set, stats. ARGV: status, finished_at, output json or "",
+# KEYS: job, events, cancel set, running set, stats, webhooks due. ARGV: status, finished_at, output json or "",
 # error json or "", ttl, job id, worker name. Only the worker that holds the job may finish it: one whose job was given away as
 # lost (it stalled past the heartbeat deadline) gets "lost" and must drop it.
-FINISH_SCRIPT = """
+FINISH_SCRIPT = NOTIFY_LUA + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s ~= 'running' then
   if s == ARGV[1] and redis.call('HGET', KEYS[1], 'finished_at') == ARGV[2] then return 'finished' end
@@ -76,17 +95,19 @@ redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"' .. ARG
 redis.call('XADD', KEYS[2], '*', 'event', 'done', 'data', '{}')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
+notify(KEYS[6], KEYS[1], ARGV[6], ARGV[1] == 'succeeded' and 'completed' or ARGV[1])
 return 'finished'
 """
 
-# KEYS: job, events, cancel set, running set, stats, the RQ queue, the RQ job hash. ARGV: worker name believed
+# KEYS: job, events, cancel set, running set, stats, webhooks due, the RQ queue, the RQ job hash. ARGV: worker name
+# believed
 # lost, max attempts, finished_at, error json, ttl, job id, and optionally "handback". A job still held by that
 # worker goes back to the front of the RQ queue while it has attempts left ("requeued"), else fails as
 # worker_lost ("failed"); one whose cancel was requested ends "canceled". The push and RQ's "queued" status are
 # written in the same atomic step as the record, so no crash in between can leave a queued job on no queue, and a
 # second run of the same call only sees "queued". With "handback" the worker itself gives the job back (it is
 # shutting down): the attempt is not counted, so the job always goes back to the queue.
-RECLAIM_SCRIPT = """
+RECLAIM_SCRIPT = NOTIFY_LUA + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
   if s ~= 'running' then redis.call('SREM', KEYS[4], ARGV[6]) end
@@ -111,8 +132,8 @@ else
       if entry[2][2] == 'token' then redis.call('XDEL', KEYS[2], entry[1]) end
     end
     redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"queued","requeued":true}')
-    redis.call('LPUSH', KEYS[6], ARGV[6])
-    if redis.call('EXISTS', KEYS[7]) == 1 then redis.call('HSET', KEYS[7], 'status', 'queued') end
+    redis.call('LPUSH', KEYS[7], ARGV[6])
+    if redis.call('EXISTS', KEYS[8]) == 1 then redis.call('HSET', KEYS[8], 'status', 'queued') end
     return 'requeued'
   end
   redis.call('HSET', KEYS[1], 'error', ARGV[4])
@@ -123,35 +144,66 @@ redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"' .. fin
 redis.call('XADD', KEYS[2], '*', 'event', 'done', 'data', '{}')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
+notify(KEYS[6], KEYS[1], ARGV[6], final)
 return final
 """
 
-# KEYS: job, events. ARGV: worker name, index of the first text below, stream maxlen, partial output json or "",
-# then the data (JSON) of each token event, in index order. Appends only the events not written yet (the job's
-# `token_events` counts them), so publishing again after a lost reply never writes an event twice. Returns
-# how many token events the job has, or -1 when it is no longer this worker's (re-queued or ended elsewhere).
+# KEYS: the job and events keys of each job, in pairs (`tokens_call` builds them). ARGV: worker name, then for each
+# job in KEYS' order: the index of its first event below, how many events follow, its stream's maxlen, its partial
+# output json or "", then the data (JSON) of each of its token events, in index order. One call carries every job
+# with news in a decoding step. For each job it appends only the events not written yet (the job's `token_events`
+# counts them), so publishing again after a lost reply never writes an event twice. Returns, per job, how many
+# token events it has, or -1 when it is no longer this worker's (re-queued or ended elsewhere): nothing is
+# written for that job, and the others are written as usual.
 TOKENS_SCRIPT = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
-  return -1
-end
-local written = tonumber(redis.call('HGET', KEYS[1], 'token_events') or '0')
-local first = tonumber(ARGV[2])
-for i = 5, #ARGV do
-  local index = first + i - 5
-  if index >= written then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', 'token', 'data', ARGV[i])
-    written = index + 1
+local counts = {}
+local a = 2
+for k = 1, #KEYS, 2 do
+  local first, n, maxlen, partial = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3]
+  local data = a + 4
+  a = data + n
+  local record = redis.call('HMGET', KEYS[k], 'status', 'worker', 'token_events')
+  if record[1] ~= 'running' or record[2] ~= ARGV[1] then
+    counts[#counts + 1] = -1
+  else
+    local had = tonumber(record[3] or '0')
+    local written = had
+    for i = 0, n - 1 do
+      if first + i >= written then
+        redis.call('XADD', KEYS[k + 1], 'MAXLEN', '~', maxlen, '*', 'event', 'token', 'data', ARGV[data + i])
+        written = first + i + 1
+      end
+    end
+    if partial ~= '' then
+      redis.call('HSET', KEYS[k], 'token_events', written, 'output', partial)
+    elseif written ~= had then
+      redis.call('HSET', KEYS[k], 'token_events', written)
+    end
+    counts[#counts + 1] = written
   end
 end
-redis.call('HSET', KEYS[1], 'token_events', written)
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'output', ARGV[4]) end
-return written
+return counts
 """
 
 
 def end_keys(job_id: str) -> list[str]:
     """The keys of the scripts that can end a job (FINISH_SCRIPT, CANCEL_SCRIPT), in their order."""
-    return [keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS]
+    return [keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS, keys.WEBHOOKS_DUE]
+
+
+def claim_keys(job_id: str) -> list[str]:
+    """CLAIM_SCRIPT's keys."""
+    return [keys.job(job_id), keys.events(job_id), keys.RUNNING, keys.WEBHOOKS_DUE]
+
+
+def tokens_call(worker_name: str, jobs: Iterable[TokenWrite]) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV of one TOKENS_SCRIPT call that writes `jobs`' token events (and partial outputs)."""
+    call_keys: list[str] = []
+    args: list[str | int] = [worker_name]
+    for job_id, first, maxlen, partial, events in jobs:
+        call_keys += (keys.job(job_id), keys.events(job_id))
+        args += (first, len(events), maxlen, partial, *events)
+    return call_keys, args
 
 
 def reclaim_keys(job_id: str, rq_queue_key: str, rq_job_key: str) -> list[str]:
@@ -165,8 +217,11 @@ def _text(value: str | bytes | None) -> str | None:
     return value
 
 
-def new_record(created_at: datetime, request_id: str | None, owner: str) -> dict[str, str]:
-    record = {"status": JobStatus.queued.value, "created_at": created_at.isoformat(), "owner": owner}
+def new_record(
+    created_at: datetime, request_id: str | None, owner: str, priority: Priority = Priority.interactive
+) -> dict[str, str]:
+    record = {"status": JobStatus.queued.value, "created_at": created_at.isoformat(), "owner": owner,
+              "priority": Priority(priority).value}
     if request_id:
         record["request_id"] = request_id
     return record
@@ -180,6 +235,7 @@ def job_from_record(job_id: str, record: Mapping[str | bytes, str | bytes], posi
     return Job(
         id=job_id,
         status=status,
+        priority=fields.get("priority") or Priority.interactive,
         position=position if status is JobStatus.queued else None,
         created_at=fields["created_at"],
         started_at=fields.get("started_at") or None,

@@ -41,3 +41,19 @@ def test_exceptions_and_odd_values_stay_on_one_line():
     assert "\n" not in line
     parsed = json.loads(line)
     assert "ValueError: boom" in parsed["exc_info"] and parsed["when"].startswith("<object")
+
+
+def test_dict_config_gives_another_library_the_same_json_lines(capsys):
+    import logging.config
+
+    from llamaq_protocol.logs import logging_dict_config
+
+    logging.config.dictConfig(logging_dict_config("worker", "INFO", "json", "some_library"))
+    library = logging.getLogger("some_library.engine")
+    library.info("engine %s ready", "core", extra={"job_id": "j1"})
+    library.debug("below the level")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert entry["service"] == "worker" and entry["logger"] == "some_library.engine"
+    assert entry["message"] == "engine core ready" and entry["job_id"] == "j1"

@@ -13,6 +13,10 @@ from datetime import datetime, timezone
 from prometheus_client import (
     CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest, start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from .engines.base import EngineStats
 
 # Counters without their `_created` twins: half the series, and the gateway's merge stays simple.
 disable_created_metrics()
@@ -23,7 +27,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class WorkerMetrics:
-    def __init__(self, device_memory: Callable[[], tuple[int, int]]):
+    def __init__(self, device_memory: Callable[[], tuple[int, int]], engine_stats: EngineStats | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.queue_wait = Histogram("llamaq_job_queue_wait_seconds", "Time from enqueue to a worker admitting the job",
@@ -43,6 +47,25 @@ class WorkerMetrics:
                          "worker)", registry=r)
         used.set_function(lambda: device_memory()[0])
         reserved.set_function(lambda: device_memory()[1])
+        if engine_stats is not None:
+            self._engine_series(engine_stats)
+
+    def _engine_series(self, stats: EngineStats) -> None:
+        """What the engine's own scheduler knows (vLLM: its running and waiting sequences, KV cache, preemptions)."""
+        r = self.registry
+        Gauge("llamaq_engine_requests_running", "Sequences the engine is decoding now", registry=r).set_function(
+            lambda: stats.running)
+        Gauge("llamaq_engine_requests_waiting", "Sequences handed to the engine and waiting for room in it",
+              registry=r).set_function(lambda: stats.waiting)
+        Gauge("llamaq_engine_kv_cache_usage_ratio", "Share of the engine's KV cache blocks in use (0..1)",
+              registry=r).set_function(lambda: stats.kv_cache_usage)
+
+        class Preemptions(Collector):
+            def collect(self):
+                yield CounterMetricFamily("llamaq_engine_preemptions", "Sequences the engine preempted (KV cache "
+                                          "full) to recompute later", value=stats.preemptions)
+
+        r.register(Preemptions())
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

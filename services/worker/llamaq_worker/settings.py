@@ -41,12 +41,38 @@ class WorkerSettings(BaseSettings):
     model_path: str | None = None
     model_cache: str = "/models"
     device: str = "cuda"
-    dtype: str = "bfloat16"
+    # auto: bfloat16 on CUDA and on CPUs with native bf16 (AMX or avx512_bf16), float32 otherwise.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # Most sequences generated together (vLLM's max_num_seqs).
     max_batch: int = Field(default=32, ge=1)
-    # Test only: "echo" runs no model and answers each job with its last user message (queue-overhead benchmarks).
-    engine: Literal["transformers", "echo"] = "transformers"
+    # vllm: vLLM's AsyncLLM (paged KV cache, CUDA graphs, its own scheduler); transformers: llamaq's own
+    # continuous batching over transformers (CPU development, reference). Test only: "echo" runs no model and
+    # answers each job with its last user message; "paced" runs no model and emits max_new_tokens tokens per job
+    # at PACED_TOKENS_PER_S (a GPU's token rate, with the model's cost taken out).
+    engine: Literal["transformers", "vllm", "echo", "paced"] = "transformers"
+    # ENGINE=paced: tokens per second per sequence (a step every 1/paced_tokens_per_s s gives every running sequence a
+    # token, as a GPU's batched step does).
+    paced_tokens_per_s: float = Field(default=25.0, gt=0)
+
+    # ---- ENGINE=vllm (vLLM's own names, in upper case) --------------------------------------------------------
+    # Fraction of GPU memory vLLM may use for weights, activations and its KV cache.
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    # Context length to serve; 0: the model's own (max_position_embeddings).
+    max_model_len: int = Field(default=0, ge=0)
+    # Reuse the KV cache of a shared prompt prefix (the system prompt, earlier turns).
+    enable_prefix_caching: bool = True
+    # GPUs one worker spreads the model over.
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    # No CUDA graphs or torch.compile: faster start, slower decoding.
+    enforce_eager: bool = False
+    # GiB of CPU memory: the KV cache itself on a CPU build of vLLM (VLLM_CPU_KVCACHE_SPACE), and on a GPU the
+    # CPU space for KV blocks offloaded from it; 0: vLLM's default.
+    kv_cache_cpu_gib: float = Field(default=0, ge=0)
 
     result_ttl_s: int = Field(default=3600, ge=1)
+    # Times a job is re-queued after its worker or engine died under it before it fails (the gateway's sweep
+    # reads the same variable).
+    job_retries: int = Field(default=1, ge=0)
     heartbeat_s: float = Field(default=2.0, gt=0)
     # Read by the container healthcheck; the gateway uses the same variable to declare a worker gone.
     worker_stale_s: float = Field(default=15, gt=0)

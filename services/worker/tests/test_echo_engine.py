@@ -1,9 +1,8 @@
-"""The test-only echo engine: Engine's interface, no model, answers with the last user message."""
+"""The test-only echo engine: the Engine interface, no model, answers with the last user message."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,8 +13,8 @@ try:
 except ImportError:  # package not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamaq_worker.echo_engine import EchoEngine
-from llamaq_worker.sequences import SamplingParams
+from llamaq_worker.engines.base import SamplingParams
+from llamaq_worker.engines.echo import EchoEngine
 from llamaq_worker.settings import WorkerSettings
 
 MODEL = os.environ.get("LLAMAQ_TEST_MODEL", "/tmp/smol")
@@ -78,15 +77,19 @@ def test_selected_by_engine_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert WorkerSettings().engine == "transformers"
     monkeypatch.setenv("ENGINE", "echo")
     assert WorkerSettings().engine == "echo"
-    monkeypatch.setenv("ENGINE", "vllm")
+    monkeypatch.setenv("ENGINE", "tgi")
     with pytest.raises(ValueError):
         WorkerSettings()
 
 
-def test_echo_engine_never_builds_a_model() -> None:
-    """Importing the echo engine (and the batch worker) loads no model code of the real engine."""
-    code = (
-        "import sys; import llamaq_worker.echo_engine, llamaq_worker.batch_worker; "
-        "assert 'llamaq_worker.engine' not in sys.modules, 'engine imported'"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+def test_logprobs_are_refused_not_invented(engine: EchoEngine) -> None:
+    """No model, no log probabilities: the job is refused in `add` (the gateway refuses it before queueing)."""
+    assert engine.capabilities == frozenset()
+    for wanted in ({"logprobs": 0}, {"prompt_logprobs": 1}):
+        with pytest.raises(ValueError, match="cannot compute log probabilities"):
+            engine.add("lp", [1, 2], SamplingParams(max_new_tokens=4, temperature=0.0, **wanted))
+    assert engine.active == 0
+    # the other sampling settings are accepted
+    engine.add("ok", [1, 2], SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True, min_tokens=2,
+                                            stop_token_ids=(3,), min_p=0.1, skip_special_tokens=False))
+    assert [o.seq_id for o in engine.step()] == ["ok"]

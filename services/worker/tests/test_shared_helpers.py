@@ -17,7 +17,7 @@ except ImportError:  # package not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llamaq_worker.periodic import PeriodicReporter
-from llamaq_worker.sequences import SequenceSlots
+from llamaq_worker.engines.base import SequenceSlots
 
 
 @dataclass(eq=False)
@@ -88,14 +88,14 @@ def test_periodic_reporter_waits_one_interval_first() -> None:
 
 
 def test_loading_progress_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from llamaq_worker.__main__ import loading_progress
+    from llamaq_worker.engines import loading_progress
 
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 1024)
     (tmp_path / "config.json").write_text("{}")
-    caplog.set_level(logging.INFO, logger="llamaq_worker")
+    caplog.set_level(logging.INFO, logger="llamaq_worker.engines")
     with loading_progress(str(tmp_path), every_s=0.01):
         time.sleep(0.1)
-    messages = [r.getMessage() for r in caplog.records if r.name == "llamaq_worker"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "llamaq_worker.engines"]
     assert messages[0] == f"loading model weights: 1 file(s), 0.00 GiB from {tmp_path}"
     assert any(m.startswith("still loading the model (") and m.endswith(" s so far)") for m in messages[1:-1])
     assert messages[-1].startswith("model loaded in ")

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 
 from .. import streams
-from ..deps import JobsDep, OwnerDep
+from ..deps import JobsDep, OwnerDep, StreamSlotsDep
 from ..schemas import JobId, error_responses
 
 # Documented, not enforced by FastAPI: a malformed id gets the API's own 400 (streams.resume_point).
@@ -27,6 +27,7 @@ async def job_events(
     job_id: JobId,
     jobs: JobsDep,
     owner: OwnerDep,
+    slots: StreamSlotsDep,
     # Typed `str` with a None default (not `str | None`), so the schema says "a string, or leave it out".
     last_event_id_header: Annotated[str, Header(alias="last-event-id", json_schema_extra=_EVENT_ID)] = None,
     last_event_id: Annotated[
@@ -40,4 +41,5 @@ async def job_events(
     ):
         # EventSource reconnects after a stream ends, but not after a 204.
         return Response(status_code=204)
-    return streams.sse_response(streams.job_event_stream(jobs, job_id, owner, after))
+    # Counted while it streams (429 over the client's cap); the slot is freed when the stream ends.
+    return streams.sse_response(streams.job_event_stream(jobs, job_id, owner, after), release=slots.take())

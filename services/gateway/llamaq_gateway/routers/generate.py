@@ -3,10 +3,11 @@
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from llamaq_protocol import GenerationParams, Job
+from llamaq_protocol import Job
 
-from ..deps import JobsDep, OwnerDep, RequestIdDep
+from ..deps import JobsDep, OwnerDep, RequestIdDep, StreamSlotsDep
 from ..schemas import GenerateRequest, error_responses
+from ..webhooks import check_submission
 
 router = APIRouter(tags=["jobs"])
 
@@ -20,9 +21,13 @@ router = APIRouter(tags=["jobs"])
         **error_responses(400, 413, 422, 503),
     },
 )
-async def generate(body: GenerateRequest, jobs: JobsDep, owner: OwnerDep, request_id: RequestIdDep) -> JSONResponse:
-    params = GenerationParams.model_validate(body.model_dump(exclude={"wait_s"}, exclude_unset=True))
-    job = await jobs.submit_and_wait(params, owner, request_id, body.wait_s)
+async def generate(
+    body: GenerateRequest, jobs: JobsDep, owner: OwnerDep, request_id: RequestIdDep, slots: StreamSlotsDep
+) -> JSONResponse:
+    await check_submission(jobs.settings, body.webhook)
+    with slots.hold():
+        job = await jobs.submit_and_wait(body.generation_params(), owner, request_id, body.wait_s,
+                                         priority=body.priority, webhook=body.webhook_record())
     if job.status.is_terminal():
         return JSONResponse(job.public())
     return JSONResponse(job.public(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})

@@ -1,13 +1,15 @@
-"""`/v1/jobs`: submit, poll (optionally waiting), cancel."""
+"""`/v1/jobs`: submit, list, poll (optionally waiting), cancel."""
 
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
-from llamaq_protocol import GenerationParams, Job
+from llamaq_protocol import Job, JobStatus
 
-from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep
-from ..schemas import JobId, error_responses
+from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
+from ..job_list import MAX_LIMIT, list_jobs
+from ..schemas import JobId, JobRequest, error_responses
+from ..webhooks import check_submission
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -22,7 +24,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     },
 )
 async def submit_job(
-    params: GenerationParams,
+    body: JobRequest,
     response: Response,
     jobs: JobsDep,
     owner: OwnerDep,
@@ -30,9 +32,24 @@ async def submit_job(
     # `str` with a None default, so the schema says "a string, or leave it out" (not "null").
     idempotency_key: Annotated[str, Header(max_length=256)] = None,
 ) -> dict:
-    job = await jobs.submit(params, owner, request_id, idempotency_key)
+    await check_submission(jobs.settings, body.webhook)
+    job = await jobs.submit(body.generation_params(), owner, request_id, idempotency_key, priority=body.priority,
+                            webhook=body.webhook_record())
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job.public()
+
+
+@router.get("", response_model=None, responses=error_responses(400, 422, 503))
+async def list_own_jobs(
+    jobs: JobsDep,
+    owner: OwnerDep,
+    status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="jobs per page")] = 20,
+    after: Annotated[str, Query(max_length=64, description="the previous page's `last_id`")] = None,
+) -> dict:
+    """The caller's own jobs (its API key's), newest first: `{"object": "list", "data", "first_id", "last_id",
+    "has_more"}`; pass `last_id` as `after` for the next page."""
+    return await list_jobs(jobs, owner, status, limit, after)
 
 
 @router.get("/{job_id}", response_model=None, responses={200: {"model": Job}, **error_responses(404, 422, 503)})
@@ -41,10 +58,12 @@ async def get_job(
     jobs: JobsDep,
     owner: OwnerDep,
     settings: SettingsDep,
+    slots: StreamSlotsDep,
     wait: Annotated[float, Query(ge=0, le=60, description="seconds to hold until the job is terminal")] = 0,
 ) -> dict:
     if wait > 0:
-        return (await jobs.wait(job_id, owner, min(wait, settings.max_poll_wait_s))).public()
+        with slots.hold():
+            return (await jobs.wait(job_id, owner, min(wait, settings.max_poll_wait_s))).public()
     return (await jobs.get(job_id, owner)).public()
 
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from llamaq_protocol import GenerationParams, JobStatus
 
-from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep
+from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
 from ..errors import JobFailed, WaitTimeout
 from ..schemas import LegacyResponse, error_responses
 
@@ -15,9 +15,15 @@ router = APIRouter(tags=["original"])
 
 @router.post("/", response_model=LegacyResponse, responses=error_responses(400, 413, 422, 503, 504))
 async def original_generate(
-    params: GenerationParams, jobs: JobsDep, owner: OwnerDep, request_id: RequestIdDep, settings: SettingsDep
+    params: GenerationParams,
+    jobs: JobsDep,
+    owner: OwnerDep,
+    request_id: RequestIdDep,
+    settings: SettingsDep,
+    slots: StreamSlotsDep,
 ) -> LegacyResponse:
-    job = await jobs.submit_and_wait(params, owner, request_id, settings.legacy_wait_s)
+    with slots.hold():
+        job = await jobs.submit_and_wait(params, owner, request_id, settings.legacy_wait_s)
     if job.status is JobStatus.failed:
         raise JobFailed.of(job)
     if not job.status.is_terminal():

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Response
 
 from .. import openai_compat
-from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep
+from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
 from ..errors import OpenAIRoute
 from ..openai_compat import ChatCompletionRequest, CompletionRequest
 from ..schemas import error_responses
@@ -32,14 +32,24 @@ async def retrieve_model(model_id: str, jobs: JobsDep, owner: OwnerDep) -> dict:
 
 @router.post("/v1/chat/completions", response_class=Response, responses=_STREAM)
 async def chat_completions(
-    body: ChatCompletionRequest, jobs: JobsDep, owner: OwnerDep, request_id: RequestIdDep, settings: SettingsDep
+    body: ChatCompletionRequest,
+    jobs: JobsDep,
+    owner: OwnerDep,
+    request_id: RequestIdDep,
+    settings: SettingsDep,
+    slots: StreamSlotsDep,
 ) -> Response:
-    return await openai_compat.respond(openai_compat.CHAT, body, jobs, owner, request_id, settings)
+    return await openai_compat.respond(openai_compat.CHAT, body, jobs, owner, request_id, settings, slots)
 
 
 @router.post("/v1/completions", response_class=Response, responses=_STREAM)
 async def completions(
-    body: CompletionRequest, jobs: JobsDep, owner: OwnerDep, request_id: RequestIdDep, settings: SettingsDep
+    body: CompletionRequest,
+    jobs: JobsDep,
+    owner: OwnerDep,
+    request_id: RequestIdDep,
+    settings: SettingsDep,
+    slots: StreamSlotsDep,
 ) -> Response:
     """`prompt` becomes one user message under the model's chat template (no raw-text continuation)."""
-    return await openai_compat.respond(openai_compat.TEXT, body, jobs, owner, request_id, settings)
+    return await openai_compat.respond(openai_compat.TEXT, body, jobs, owner, request_id, settings, slots)

@@ -1,33 +1,20 @@
 """A test-only engine that runs no model: each sequence's answer is its prompt's last user message.
 
 `ENGINE=echo` makes the worker use it, so a benchmark can measure what the queue itself adds (nginx, gateway,
-Redis, RQ, the worker loop) with the model's cost taken out. It has `engine.Engine`'s public interface
-(`encode_chat`, `add`, `cancel`, `step`, `active`, `free_slots`, `tokenizer`, `defaults`, `context_length`,
-`model_name`, ...) and loads only the tokenizer. A sequence added before a `step` is answered in that step,
+Redis, RQ, the worker loop) with the model's cost taken out. It has the `Engine` interface (`engines.base`) and
+loads only the tokenizer. A sequence added before a `step` is answered in that step,
 whole, with `finish_reason` "stop" (or "length", cut at `max_new_tokens`) and `completion_tokens` = the token
 count of the answer. It is not for serving: its answers are the questions.
-
-(transformers' `AutoTokenizer` imports torch when torch is installed, but no model is built or run.)
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from transformers import AutoTokenizer
-
-from .sequences import (
-    SamplingParams,
-    SequenceSlots,
-    StepOutput,
-    chat_token_ids,
-    read_generation_config,
-    sampling_defaults,
-)
+from .base import SamplingParams, StepOutput, chat_token_ids
+from .tokenizer_only import TokenizerOnlyEngine
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +30,10 @@ class _EchoSeq:
     canceled: bool = False
 
 
-class EchoEngine(SequenceSlots[_EchoSeq]):
+class EchoEngine(TokenizerOnlyEngine[_EchoSeq]):
     def __init__(self, model_path: str, max_batch: int = 8, **_ignored) -> None:
-        """Same arguments as `Engine` (``device`` and ``dtype`` are accepted and ignored)."""
-        super().__init__(max_batch)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model_name = os.path.basename(os.path.normpath(model_path))
-        with open(os.path.join(model_path, "config.json"), encoding="utf-8") as fh:
-            self.context_length = int(json.load(fh).get("max_position_embeddings", 2048))
-        self.vocab_size = len(self.tokenizer)
-        self.defaults = sampling_defaults(read_generation_config(model_path))
+        """Same arguments as `TransformersEngine` (``device`` and ``dtype`` are accepted and ignored)."""
+        super().__init__(model_path, max_batch)
         self._user_text: OrderedDict[tuple[int, ...], str] = OrderedDict()
         logger.info("echo engine ready (no model): tokenizer of %s, max_batch=%d", self.model_name, max_batch)
 
@@ -66,10 +47,7 @@ class EchoEngine(SequenceSlots[_EchoSeq]):
         return ids
 
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise ValueError("prompt_ids must not be empty")
-        if params.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
+        self._check(prompt_ids, params)
         self._enqueue(seq_id, lambda: _EchoSeq(seq_id, self._answer_text(prompt_ids), params))
 
     def _answer_text(self, prompt_ids: list[int]) -> str:
@@ -79,9 +57,6 @@ class EchoEngine(SequenceSlots[_EchoSeq]):
         if text is None:
             text = self.tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
         return text
-
-    def device_memory(self) -> tuple[int, int]:
-        return 0, 0  # no model, no GPU
 
     def step(self) -> list[StepOutput]:
         batch = self._take_pending()

@@ -1,6 +1,6 @@
-"""Continuous-batching generation engine: the only module of the worker that imports torch.
+"""llamaq's own continuous batching over transformers: loading, the batched KV cache, prefill/decode, OOM handling.
 
-One ``Engine`` holds the model, the tokenizer and one running batch. The driver (the RQ worker loop)
+One ``TransformersEngine`` holds the model, the tokenizer and one running batch. The driver (the RQ worker loop)
 calls ``add`` for new sequences, ``cancel`` for cancelled ones and ``step`` in a loop while
 ``active`` is non-zero. Each ``step``:
 
@@ -10,8 +10,16 @@ calls ``add`` for new sequences, ``cancel`` for cancelled ones and ``step`` in a
    cache rows into the running batch's cache (the shorter side is padded on the left along the
    sequence axis, then the two are concatenated along the batch axis);
 3. runs ONE decode step (one token per row) for every running sequence, each row sampled with its
-   own parameters (greedy argmax, or temperature / top-k / top-p with its own ``torch.Generator``,
-   after an optional repetition penalty; HF semantics for each).
+   own parameters (``sampling.sample``: greedy argmax, or temperature / min-p / top-k / top-p with its own
+   ``torch.Generator``, after an optional repetition penalty; HF semantics for each, vLLM's for min-p).
+
+A sequence ends on one of the model's EOS tokens (unless ``ignore_eos``), one of its ``stop_token_ids`` or a stop
+string, none of them before ``min_tokens`` tokens (EOS and stop tokens are masked out of the logits until then, as
+vLLM does). With ``logprobs`` each token comes with its log probability and the top alternatives, from the raw
+distribution (log_softmax of the model's logits before any sampling setting: vLLM's default ``raw_logprobs``);
+``prompt_logprobs`` prefills that sequence alone with the logits of every position kept.
+
+Each sequence's text comes from ``engines.text.IncrementalText`` (incremental detokenization, stop strings).
 
 Rows of finished sequences are dropped from the cache at once (``index_select`` on the batch
 axis) and leading columns that are padding for every remaining row are trimmed, so the cache
@@ -26,6 +34,7 @@ called from one thread at a time.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass, field
@@ -35,17 +44,21 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-# Re-exported: the dataclasses live in a torch-free module so the batch worker and the echo engine share them.
-from .sequences import (
+from ..base import (
+    LOGPROBS,
+    PROMPT_LOGPROBS,
     SamplingParams,
     SequenceSlots,
     StepOutput,
+    TokenLogprobDict,
     chat_token_ids,
     read_generation_config,
     sampling_defaults,
+    token_text,
+    validate_request,
 )
-
-__all__ = ["Engine", "SamplingParams", "StepOutput"]
+from ..text import IncrementalText
+from .sampling import sample, top_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +81,6 @@ _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     }
 )
 
-_REPLACEMENT_CHAR = "\ufffd"
-
 
 @dataclass(eq=False)
 class _Seq:
@@ -80,13 +91,13 @@ class _Seq:
     generator: torch.Generator
     canceled: bool = False
     tokens: list[int] = field(default_factory=list)  # generated ids (eos included when it ends the sequence)
-    # incremental detokenization (prefix/read offsets into the text ids, as in TGI / vLLM)
-    prefix_offset: int = 0
-    read_offset: int = 0
-    text: str = ""  # all accepted text so far (stop string excluded)
-    emitted: int = 0  # chars of ``text`` already handed out
-    checked: int = 0  # chars of ``text`` already searched for stop strings
-    max_stop_len: int = 0
+    text: IncrementalText | None = None  # set by the engine: the sequence's text so far
+    stop_ids: frozenset[int] = frozenset()  # sampling one ends it: EOS (unless ignore_eos) and stop_token_ids
+    prompt_logprobs: list[TokenLogprobDict | None] | None = None  # computed at prefill, sent with the first output
+
+    def banned(self) -> tuple[int, ...]:
+        """What it may not sample now: its stop tokens while under min_tokens."""
+        return tuple(self.stop_ids) if len(self.tokens) < self.params.min_tokens else ()
 
 
 class _StepOutputs:
@@ -101,21 +112,23 @@ class _StepOutputs:
         text: str,
         finish_reason: str | None = None,
         error: str | None = None,
+        logprobs: list[TokenLogprobDict] | None = None,
     ) -> None:
+        new = StepOutput(seq.seq_id, text, len(seq.tokens), finish_reason, error, logprobs, seq.prompt_logprobs)
+        seq.prompt_logprobs = None  # sent once
         out = self._by_id.get(seq.seq_id)
         if out is None:
-            self._by_id[seq.seq_id] = StepOutput(seq.seq_id, text, len(seq.tokens), finish_reason, error)
+            self._by_id[seq.seq_id] = new
         else:
-            out.text += text
-            out.completion_tokens = len(seq.tokens)
-            out.finish_reason = finish_reason
-            out.error = error
+            out.merge(new)
 
     def result(self) -> list[StepOutput]:
-        return [o for o in self._by_id.values() if o.text or o.finish_reason is not None or o.error is not None]
+        return [o for o in self._by_id.values() if o.has_news]
 
 
-class Engine(SequenceSlots[_Seq]):
+class TransformersEngine(SequenceSlots[_Seq]):
+    capabilities = frozenset({LOGPROBS, PROMPT_LOGPROBS})
+
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32", max_batch: int = 8) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of bfloat16, float16, float32")
@@ -143,7 +156,7 @@ class Engine(SequenceSlots[_Seq]):
         model_name: str = "model",
         generation_config: dict | None = None,
         eos_token_ids: frozenset[int] | None = None,
-    ) -> Engine:
+    ) -> TransformersEngine:
         """An engine around a model already built and placed on its device (benchmarks: random weights).
 
         ``eos_token_ids`` overrides the end-of-sequence ids; an empty set never stops on a token, so every
@@ -175,6 +188,10 @@ class Engine(SequenceSlots[_Seq]):
         # about 7x slower (a 16x38-token prefill of SmolLM2-135M: 1.3 s instead of 0.18 s, torch 2.13).
         self.model.eval()
         config = self.model.config
+        # The cache's keyword: `cache` in newer transformers 5.x, `past_key_values` up to 5.19 (where an unknown
+        # `cache=` is swallowed by **kwargs and every step would run without the cache).
+        forward_params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
         layer_types = {type(layer) for layer in DynamicCache(config=config).layers}
         if layer_types - {DynamicLayer}:
             # sliding-window / linear-attention caches keep extra state that row merging does not handle
@@ -196,6 +213,7 @@ class Engine(SequenceSlots[_Seq]):
         self.pad_token_id = int(pad)
 
         self._order = 0  # admission counter, advanced under the slots' lock
+        self._token_texts: dict[int, str] = {}  # token id -> its text alone, for logprobs
 
         # running batch; row i of every tensor below belongs to self._running[i]
         self._running: list[_Seq] = []
@@ -230,14 +248,15 @@ class Engine(SequenceSlots[_Seq]):
         return chat_token_ids(self.tokenizer, messages)
 
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        self._validate(prompt_ids, params)
+        validate_request(prompt_ids, params, self.context_length, self.vocab_size)
         prompt = [int(t) for t in prompt_ids]
         generator = torch.Generator(device=self.device)
         if params.seed is not None:
             generator.manual_seed(int(params.seed) & 0xFFFF_FFFF_FFFF_FFFF)
         else:
             generator.seed()
-        max_stop_len = max((len(s) for s in params.stop), default=0)
+        decode = self._decode_ids if params.skip_special_tokens else self._decode_ids_with_special
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
 
         def admitted() -> _Seq:
             self._order += 1
@@ -247,7 +266,9 @@ class Engine(SequenceSlots[_Seq]):
                 params=params,
                 order=self._order,
                 generator=generator,
-                max_stop_len=max_stop_len,
+                text=IncrementalText(decode, params.stop, include_stop=params.include_stop_str_in_output,
+                                     stops_active=params.min_tokens == 0),
+                stop_ids=stop_ids,
             )
 
         self._enqueue(seq_id, admitted)
@@ -269,37 +290,15 @@ class Engine(SequenceSlots[_Seq]):
                 for i in canceled_rows:
                     self._finish(self._running[i], "canceled", outputs)
                 self._drop_rows(set(canceled_rows))
-            # 2. admission (prefill)
-            if new:
-                self._admit(new, outputs)
+            # 2. admission (prefill); a sequence that wants its prompt's logprobs is prefilled alone, since every
+            # position's logits are kept for it
+            plain = [s for s in new if s.params.prompt_logprobs is None]
+            for group in ([plain] if plain else []) + [[s] for s in new if s.params.prompt_logprobs is not None]:
+                self._admit(group, outputs)
             # 3. one decode step for every running sequence
             if self._running:
                 self._decode(outputs)
         return outputs.result()
-
-    # ------------------------------------------------------------------ validation
-
-    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise ValueError("prompt_ids must not be empty")
-        if len(prompt_ids) >= self.context_length:
-            raise ValueError(
-                f"prompt has {len(prompt_ids)} tokens; the context length is {self.context_length}"
-            )
-        if any(not 0 <= int(t) < self.vocab_size for t in prompt_ids):
-            raise ValueError("prompt_ids contain an id outside the vocabulary")
-        if params.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if not params.temperature >= 0.0:
-            raise ValueError("temperature must be >= 0")
-        if not 0.0 < params.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-        if params.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if not params.repetition_penalty > 0.0:
-            raise ValueError("repetition_penalty must be > 0")
-        if any(not s for s in params.stop):
-            raise ValueError("stop strings must not be empty")
 
     # ------------------------------------------------------------------ model
 
@@ -310,8 +309,10 @@ class Engine(SequenceSlots[_Seq]):
         position_ids: torch.Tensor,
         cache: DynamicCache,
         phase: str,
+        all_positions: bool = False,
     ) -> torch.Tensor:
-        """One forward pass; returns float32 logits of the last position, shape [B, vocab].
+        """One forward pass; returns float32 logits of the last position, shape [B, vocab] (of every position,
+        [B, L, vocab], with ``all_positions``).
 
         ``phase`` is "prefill" or "decode"; tests wrap this method to inject failures.
         """
@@ -319,11 +320,11 @@ class Engine(SequenceSlots[_Seq]):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=True,
-            logits_to_keep=1,
+            **{self._cache_kwarg: cache},
+            logits_to_keep=0 if all_positions else 1,
         )
-        return out.logits[:, -1, :].float()
+        return out.logits.float() if all_positions else out.logits[:, -1, :].float()
 
     def _free_memory(self) -> None:
         if self.device.type == "cuda":
@@ -350,13 +351,21 @@ class Engine(SequenceSlots[_Seq]):
         position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
         try:
             cache = DynamicCache(config=self.model.config)
-            logits = self._forward(ids, mask, position_ids, cache, phase="prefill")
+            if new[0].params.prompt_logprobs is not None:  # alone in its group (see `step`)
+                every = self._forward(ids, mask, position_ids, cache, phase="prefill", all_positions=True)
+                new[0].prompt_logprobs = self._prompt_logprobs(every[0], new[0])
+                logits = every[:, -1, :]
+                del every
+            else:
+                logits = self._forward(ids, mask, position_ids, cache, phase="prefill")
             # tokens seen so far per row (prompt + generated), for the repetition penalty
             real = mask.bool()
             rows = torch.arange(len(new), device=dev)[:, None].expand_as(ids)
             seen = torch.zeros((len(new), logits.shape[-1]), dtype=torch.bool, device=dev)
             seen[rows[real], ids[real]] = True
-            first, first_dev = self._sample(logits, new, seen)
+            first, first_dev = sample(logits, [s.params for s in new], [s.generator for s in new], seen,
+                                      [s.banned() for s in new])
+            first_logprobs = self._logprobs(logits, first_dev, new)
             del logits
             seen[torch.arange(len(new), device=dev), first_dev] = True
         except _OOM_ERRORS as exc:
@@ -366,7 +375,7 @@ class Engine(SequenceSlots[_Seq]):
                 self._fail(s, f"out_of_memory: prefill of {len(new)} sequence(s) failed: {exc}", outputs)
             return
 
-        keep = [i for i, s in enumerate(new) if not self._accept(s, first[i], outputs)]
+        keep = [i for i, s in enumerate(new) if not self._accept(s, first[i], outputs, first_logprobs[i])]
         if not keep:
             return
         rows = torch.tensor(keep, dtype=torch.long, device=dev)
@@ -438,7 +447,11 @@ class Engine(SequenceSlots[_Seq]):
             mask = torch.nn.functional.pad(self._mask, (0, 1), value=1)
             try:
                 logits = self._forward(self._last[:, None], mask, self._pos[:, None], self._cache, phase="decode")
-                tokens, tokens_dev = self._sample(logits, self._running, self._seen)
+                tokens, tokens_dev = sample(
+                    logits, [s.params for s in self._running], [s.generator for s in self._running], self._seen,
+                    [s.banned() for s in self._running],
+                )
+                token_logprobs = self._logprobs(logits, tokens_dev, self._running)
                 del logits
                 break
             except _OOM_ERRORS as exc:
@@ -459,7 +472,7 @@ class Engine(SequenceSlots[_Seq]):
         self._pos = self._pos + 1
         self._last = tokens_dev
         self._seen[torch.arange(len(tokens), device=self.device), tokens_dev] = True
-        done = {i for i, s in enumerate(self._running) if self._accept(s, tokens[i], outputs)}
+        done = {i for i, s in enumerate(self._running) if self._accept(s, tokens[i], outputs, token_logprobs[i])}
         if done:
             self._drop_rows(done)
 
@@ -497,168 +510,75 @@ class Engine(SequenceSlots[_Seq]):
             layer.values = layer.values[..., first:, :]
         self._mask = self._mask[:, first:]
 
-    # ------------------------------------------------------------------ sampling
-
-    def _sample(
-        self, logits: torch.Tensor, seqs: list[_Seq], seen: torch.Tensor
-    ) -> tuple[list[int], torch.Tensor]:
-        """Pick one token per row with each row's own parameters. Returns (host list, device tensor).
-
-        HF order and semantics: repetition penalty, then temperature, top-k, top-p. Greedy rows take
-        the argmax and never touch the sampling machinery. A sampled row's draw depends only on its
-        own logits, parameters and generator, never on the other rows of the batch.
-        """
-        dev = logits.device
-        params = [s.params for s in seqs]
-        if any(p.repetition_penalty != 1.0 for p in params):
-            penalty = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype, device=dev)[:, None]
-            penalized = torch.where(logits < 0, logits * penalty, logits / penalty)  # exact for penalty 1
-            logits = torch.where(seen, penalized, logits)
-        chosen = logits.argmax(dim=-1)
-        vocab = logits.shape[-1]
-        sampled = [i for i, p in enumerate(params) if p.temperature > 0.0]
-        if not sampled:
-            return chosen.tolist(), chosen
-        # rows with a top-k work on their k best candidates only (topk is cheap, no full-vocab sort);
-        # the others (top-k off) on the whole vocabulary
-        with_k = [i for i in sampled if 0 < params[i].top_k < vocab]
-        full = [i for i in sampled if not 0 < params[i].top_k < vocab]
-        for rows, candidates in ((with_k, True), (full, False)):
-            if not rows:
-                continue
-            group = [params[i] for i in rows]
-            if len(rows) == len(seqs):
-                idx = None
-                scores = logits
-            else:
-                idx = torch.tensor(rows, dtype=torch.long, device=dev)
-                scores = logits.index_select(0, idx)
-            temps = torch.tensor([p.temperature for p in group], dtype=scores.dtype, device=dev)[:, None]
-            scores = scores / temps
-            if candidates:
-                ks = [p.top_k for p in group]
-                k_max = max(ks)
-                scores, cand = torch.topk(scores, k_max, dim=-1)  # sorted, best first
-                if min(ks) < k_max:
-                    k_t = torch.tensor(ks, dtype=torch.long, device=dev)[:, None]
-                    beyond = torch.arange(k_max, device=dev)[None, :] >= k_t
-                    scores = scores.masked_fill(beyond, float("-inf"))
-            else:
-                cand = None
-            if any(p.top_p < 1.0 for p in group):
-                top_p = torch.tensor([p.top_p for p in group], dtype=scores.dtype, device=dev)[:, None]
-                if candidates:  # already sorted (descending): same computation as HF, in ascending order
-                    ascending = scores.flip(-1)
-                    remove = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
-                    remove[..., -1:] = False
-                    remove = remove.flip(-1)
-                else:
-                    sorted_scores, sorted_idx = torch.sort(scores, descending=False)
-                    remove_sorted = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
-                    remove_sorted[..., -1:] = False
-                    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
-                scores = scores.masked_fill(remove, float("-inf"))
-            picks = self._draw(scores, [seqs[i].generator for i in rows])
-            if cand is not None:
-                picks = cand.gather(1, picks[:, None]).squeeze(1)
-            if idx is None:
-                chosen = picks
-            else:
-                chosen = chosen.index_copy(0, idx, picks)
-        return chosen.tolist(), chosen
-
-    @staticmethod
-    def _draw(scores: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """One categorical draw per row from softmax(scores) by inverse CDF: one uniform number from the
-        row's own generator, then a vectorized cumsum + searchsorted.
-
-        Same distribution as ``torch.multinomial`` but one random number per row and step instead of one
-        per vocabulary entry (multinomial was ~0.85 ms a row on a 49k vocabulary on CPU, this is ~0.02 ms),
-        and the pick depends only on the row itself: trailing ``-inf`` candidates, the batch size and the
-        other rows change nothing (no normalisation: weights are ``exp(score - row max)``).
-        """
-        weights = (scores - scores.amax(dim=-1, keepdim=True)).exp().double()  # -inf -> 0
-        cdf = weights.cumsum(dim=-1)
-        u = torch.cat([torch.rand(1, generator=g, device=scores.device, dtype=torch.float64) for g in generators])
-        target = (u * cdf[:, -1])[:, None]
-        picks = torch.searchsorted(cdf, target, right=True).clamp_(max=scores.shape[-1] - 1)
-        # u * total rounding up to total (probability ~2**-53) could land on a zero-weight tail entry
-        ok = weights.gather(1, picks) > 0
-        return torch.where(ok, picks, weights.argmax(dim=-1, keepdim=True)).squeeze(1)
-
     # ------------------------------------------------------------------ per-sequence bookkeeping
 
-    def _accept(self, seq: _Seq, token: int, outputs: _StepOutputs) -> bool:
-        """Record one generated token; returns True when the sequence finished (output already added)."""
+    def _accept(
+        self, seq: _Seq, token: int, outputs: _StepOutputs, logprob: TokenLogprobDict | None = None
+    ) -> bool:
+        """Record one generated token (and its logprobs); returns True when the sequence finished (output already
+        added)."""
         seq.tokens.append(token)
-        if token in self.eos_token_ids:
-            self._finish(seq, "stop", outputs, text_ids=seq.tokens[:-1])
-            return True
-        seq.text += self._detokenize(seq, seq.tokens)
-        if self._stop_found(seq, outputs):
-            return True
+        logprobs = None if logprob is None else [logprob]
         n = len(seq.tokens)
-        if n >= seq.params.max_new_tokens or len(seq.prompt_ids) + n >= self.context_length:
-            self._finish(seq, "length", outputs)
+        if token in seq.stop_ids and n > seq.params.min_tokens:  # (masked out of the logits before that)
+            # The stop token's own text only with include_stop_str_in_output (vLLM); EOS is skipped as special.
+            keep = seq.params.include_stop_str_in_output
+            self._finish(seq, "stop", outputs, text_ids=None if keep else seq.tokens[:-1], logprobs=logprobs)
             return True
-        # emit what can no longer be part of a stop string
-        hold = self._stop_prefix_len(seq) if seq.params.stop else 0
-        end = max(seq.emitted, len(seq.text) - hold)
-        if end > seq.emitted:
-            outputs.add(seq, seq.text[seq.emitted:end])
-            seq.emitted = end
+        seq.text.add(seq.tokens)
+        if n == seq.params.min_tokens:
+            seq.text.activate_stops()
+        if seq.text.cut_at_stop():
+            self._finish(seq, "stop", outputs, flush=False, logprobs=logprobs)
+            return True
+        if n >= seq.params.max_new_tokens or len(seq.prompt_ids) + n >= self.context_length:
+            self._finish(seq, "length", outputs, logprobs=logprobs)
+            return True
+        piece = seq.text.releasable()  # what can no longer be part of a stop string
+        if piece or logprobs:
+            outputs.add(seq, piece, logprobs=logprobs)
         return False
-
-    def _detokenize(self, seq: _Seq, ids: list[int]) -> str:
-        """New complete text from ``ids`` since the last call (holds back a trailing partial character)."""
-        if len(ids) <= seq.read_offset:
-            return ""
-        prefix_text = self._decode_ids(ids[seq.prefix_offset:seq.read_offset])
-        new_text = self._decode_ids(ids[seq.prefix_offset:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith(_REPLACEMENT_CHAR):
-            seq.prefix_offset = seq.read_offset
-            seq.read_offset = len(ids)
-            return new_text[len(prefix_text):]
-        return ""
 
     def _decode_ids(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _stop_found(self, seq: _Seq, outputs: _StepOutputs) -> bool:
-        """If the text now contains a stop string, cut the text before it and finish with "stop"."""
-        if not self._cut_at_stop(seq):
-            return False
-        self._finish(seq, "stop", outputs, flush=False)
-        return True
+    def _decode_ids_with_special(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    @staticmethod
-    def _cut_at_stop(seq: _Seq) -> bool:
-        if not seq.params.stop:
-            return False
-        text = seq.text
-        # a new match must end in text not checked before; matches never start in emitted text
-        start = max(seq.emitted, seq.checked - seq.max_stop_len + 1, 0)
-        seq.checked = len(text)
-        best = -1
-        for stop in seq.params.stop:
-            at = text.find(stop, start)
-            if at != -1 and (best == -1 or at < best):
-                best = at
-        if best == -1:
-            return False
-        seq.text = text[:best]
-        seq.checked = best
-        return True
+    # ------------------------------------------------------------------ log probabilities
 
-    @staticmethod
-    def _stop_prefix_len(seq: _Seq) -> int:
-        """Length of the longest tail of the text that is a proper prefix of some stop string."""
-        text = seq.text
-        for k in range(min(seq.max_stop_len - 1, len(text) - seq.emitted), 0, -1):
-            tail = text[-k:]
-            if any(stop.startswith(tail) for stop in seq.params.stop):
-                return k
-        return 0
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list[_Seq]) -> list[TokenLogprobDict | None]:
+        """Each row's chosen token with its logprob and top alternatives, for the rows that asked (else None)."""
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        found: list[TokenLogprobDict | None] = [None] * len(seqs)
+        if not rows:
+            return found
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        raw = logits.index_select(0, index).log_softmax(dim=-1)
+        chosen = tokens.index_select(0, index)
+        picked = top_logprobs(raw, chosen, [seqs[i].params.logprobs for i in rows])
+        for i, token, (logprob, top_ids, top_lps) in zip(rows, chosen.tolist(), picked):
+            found[i] = self._token_logprob(token, logprob, top_ids, top_lps)
+        return found
+
+    def _prompt_logprobs(self, logits: torch.Tensor, seq: _Seq) -> list[TokenLogprobDict | None]:
+        """From one left-padded row's logits at every position ([width, vocab]): each prompt token's logprob given
+        the tokens before it, and the top alternatives; the first token has none."""
+        prompt = seq.prompt_ids
+        start = logits.shape[0] - len(prompt)  # the row's first real position
+        raw = logits[start:-1].log_softmax(dim=-1)  # position p predicts prompt token p + 1
+        targets = torch.tensor(prompt[1:], dtype=torch.long, device=logits.device)
+        picked = top_logprobs(raw, targets, [seq.params.prompt_logprobs] * len(targets))
+        return [None] + [self._token_logprob(t, lp, ids, lps) for t, (lp, ids, lps) in zip(prompt[1:], picked)]
+
+    def _token_logprob(self, token: int, logprob: float, top_ids: list[int], top_lps: list[float]) -> TokenLogprobDict:
+        def text(token_id: int) -> str:
+            return token_text(self.tokenizer, self._token_texts, token_id)
+
+        return {
+            "token": text(token), "id": token, "logprob": logprob,
+            "top": [{"token": text(t), "id": t, "logprob": lp} for t, lp in zip(top_ids, top_lps)],
+        }
 
     def _finish(
         self,
@@ -667,6 +587,7 @@ class Engine(SequenceSlots[_Seq]):
         outputs: _StepOutputs,
         text_ids: list[int] | None = None,
         flush: bool = True,
+        logprobs: list[TokenLogprobDict] | None = None,
     ) -> None:
         """Emit everything left (held-back text) and mark the sequence done; the caller drops its row.
 
@@ -674,16 +595,10 @@ class Engine(SequenceSlots[_Seq]):
         character is dropped); the flushed text may still complete a stop string.
         """
         if flush:
-            ids = seq.tokens if text_ids is None else text_ids
-            if len(ids) > seq.read_offset:
-                prefix_text = self._decode_ids(ids[seq.prefix_offset:seq.read_offset])
-                new_text = self._decode_ids(ids[seq.prefix_offset:])
-                seq.text += new_text[len(prefix_text):].rstrip(_REPLACEMENT_CHAR)
-                seq.prefix_offset = seq.read_offset = len(ids)
-            if self._cut_at_stop(seq) and reason == "length":
+            seq.text.flush(seq.tokens if text_ids is None else text_ids)
+            if seq.text.cut_at_stop() and reason == "length":
                 reason = "stop"
-        outputs.add(seq, seq.text[seq.emitted:], finish_reason=reason)
-        seq.emitted = len(seq.text)
+        outputs.add(seq, seq.text.rest(), finish_reason=reason, logprobs=logprobs)
         self._release(seq)
 
     def _fail(self, seq: _Seq, error: str, outputs: _StepOutputs) -> None:

@@ -1,4 +1,5 @@
-"""Tests of the continuous-batching engine against the real small Llama-architecture model (float32, CPU)."""
+"""Tests of the transformers engine (llamaq's own continuous batching) against the real small Llama-architecture
+model (float32, CPU)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ try:
 except ImportError:  # package not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamaq_worker.engine import Engine, SamplingParams, StepOutput
+from llamaq_worker.engines.base import SamplingParams, StepOutput
+from llamaq_worker.engines.text import IncrementalText
+from llamaq_worker.engines.transformers import TransformersEngine
+from llamaq_worker.engines.transformers.engine import _Seq, _StepOutputs
+from llamaq_worker.engines.transformers.sampling import draw
 
 MODEL = os.environ.get("LLAMAQ_TEST_MODEL", "/tmp/smol")
 
@@ -26,15 +31,15 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
+def engine() -> TransformersEngine:
     if not Path(MODEL).is_dir():
         pytest.skip(f"test model not found at {MODEL}")
-    eng = Engine(MODEL, device="cpu", dtype="float32", max_batch=4)
+    eng = TransformersEngine(MODEL, device="cpu", dtype="float32", max_batch=4)
     yield eng
     assert eng.active == 0
 
 
-def chat(engine: Engine, key: str) -> list[int]:
+def chat(engine: TransformersEngine, key: str) -> list[int]:
     return engine.encode_chat([{"role": "user", "content": PROMPTS[key]}])
 
 
@@ -42,7 +47,7 @@ def greedy(n: int = 16, **kw) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0.0, **kw)
 
 
-def drain(engine: Engine, schedule: dict[int, list[tuple[str, list[int], SamplingParams]]] | None = None,
+def drain(engine: TransformersEngine, schedule: dict[int, list[tuple[str, list[int], SamplingParams]]] | None = None,
           max_steps: int = 200) -> tuple[dict[str, str], dict[str, StepOutput]]:
     """Step until idle; ``schedule`` maps a step number to sequences added just before that step."""
     schedule = dict(schedule or {})
@@ -62,17 +67,17 @@ def drain(engine: Engine, schedule: dict[int, list[tuple[str, list[int], Samplin
     return texts, final
 
 
-def solo(engine: Engine, key: str, params: SamplingParams) -> tuple[str, StepOutput]:
+def solo(engine: TransformersEngine, key: str, params: SamplingParams) -> tuple[str, StepOutput]:
     texts, final = drain(engine, {0: [(key, chat(engine, key), params)]})
     return texts.get(key, ""), final[key]
 
 
 @pytest.fixture(scope="module")
-def solo_greedy(engine: Engine) -> dict[str, tuple[str, StepOutput]]:
+def solo_greedy(engine: TransformersEngine) -> dict[str, tuple[str, StepOutput]]:
     return {key: solo(engine, key, greedy()) for key in PROMPTS}
 
 
-def test_metadata(engine: Engine) -> None:
+def test_metadata(engine: TransformersEngine) -> None:
     assert engine.model_name == os.path.basename(os.path.normpath(MODEL))
     assert engine.context_length == engine.model.config.max_position_embeddings
     assert engine.defaults == {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
@@ -81,7 +86,7 @@ def test_metadata(engine: Engine) -> None:
     assert engine.free_slots == 4 and engine.active == 0
 
 
-def test_greedy_chat(engine: Engine) -> None:
+def test_greedy_chat(engine: TransformersEngine) -> None:
     text, out = solo(engine, "france", greedy(24))
     assert "Paris" in text
     assert text == "The capital of France is Paris."
@@ -90,7 +95,7 @@ def test_greedy_chat(engine: Engine) -> None:
     assert out.completion_tokens == len(engine.tokenizer.encode(text, add_special_tokens=False)) + 1
 
 
-def test_batch_invariance(engine: Engine, solo_greedy) -> None:
+def test_batch_invariance(engine: TransformersEngine, solo_greedy) -> None:
     ids = {key: chat(engine, key) for key in PROMPTS}
     assert len({len(v) for v in ids.values()}) == 3, "prompts must have different lengths"
     texts, final = drain(
@@ -106,7 +111,7 @@ def test_batch_invariance(engine: Engine, solo_greedy) -> None:
         assert final[key].completion_tokens == solo_greedy[key][1].completion_tokens
 
 
-def test_max_new_tokens_length(engine: Engine, solo_greedy) -> None:
+def test_max_new_tokens_length(engine: TransformersEngine, solo_greedy) -> None:
     text, out = solo(engine, "sky", greedy(5))
     assert out.finish_reason == "length"
     assert out.completion_tokens == 5
@@ -121,7 +126,7 @@ def test_max_new_tokens_length(engine: Engine, solo_greedy) -> None:
         ("Parisian", "The capital of France is Paris."),  # held back as a prefix, then released
     ],
 )
-def test_stop_string(engine: Engine, stop: str, expected: str) -> None:
+def test_stop_string(engine: TransformersEngine, stop: str, expected: str) -> None:
     ids = chat(engine, "france")
     chunks: list[str] = []
     engine.add("s", ids, greedy(24, stop=(stop, "never-matches")))
@@ -137,7 +142,7 @@ def test_stop_string(engine: Engine, stop: str, expected: str) -> None:
     assert final is not None and final.finish_reason == "stop"
 
 
-def test_seed_reproducible(engine: Engine) -> None:
+def test_seed_reproducible(engine: TransformersEngine) -> None:
     params = SamplingParams(max_new_tokens=16, temperature=0.8, seed=1234)
     a, out_a = solo(engine, "haiku", params)
     b, out_b = solo(engine, "haiku", params)
@@ -153,7 +158,7 @@ def test_seed_reproducible(engine: Engine) -> None:
     assert texts["haiku"] == a
 
 
-def test_cancel(engine: Engine, solo_greedy) -> None:
+def test_cancel(engine: TransformersEngine, solo_greedy) -> None:
     engine.add("c", chat(engine, "sky"), greedy())
     text = ""
     for _ in range(4):
@@ -177,7 +182,7 @@ def test_cancel(engine: Engine, solo_greedy) -> None:
     assert engine.active == 0
 
 
-def test_add_rejects(engine: Engine) -> None:
+def test_add_rejects(engine: TransformersEngine) -> None:
     ids = chat(engine, "france")
     for i in range(4):
         engine.add(f"r{i}", ids, greedy(2))
@@ -191,7 +196,7 @@ def test_add_rejects(engine: Engine) -> None:
     assert engine.free_slots == 4
 
 
-def test_oom_in_prefill_fails_only_new(engine: Engine, monkeypatch, solo_greedy) -> None:
+def test_oom_in_prefill_fails_only_new(engine: TransformersEngine, monkeypatch, solo_greedy) -> None:
     real_forward = engine._forward
     calls = {"n": 0}
 
@@ -213,7 +218,7 @@ def test_oom_in_prefill_fails_only_new(engine: Engine, monkeypatch, solo_greedy)
     assert final["france"].finish_reason == "stop"
 
 
-def test_oom_in_decode_fails_newest(engine: Engine, monkeypatch, solo_greedy) -> None:
+def test_oom_in_decode_fails_newest(engine: TransformersEngine, monkeypatch, solo_greedy) -> None:
     # fail inside a decoder layer halfway through the model, so earlier layers already grew the cache
     layer = engine.model.model.layers[len(engine.model.model.layers) // 2]
     real_layer_forward = layer.forward
@@ -252,7 +257,7 @@ def test_oom_in_decode_fails_newest(engine: Engine, monkeypatch, solo_greedy) ->
     assert engine.active == 0
 
 
-def test_per_sequence_params(engine: Engine, solo_greedy) -> None:
+def test_per_sequence_params(engine: TransformersEngine, solo_greedy) -> None:
     sampled = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=40, top_p=0.9, repetition_penalty=1.3, seed=7)
     texts, final = drain(
         engine,
@@ -267,7 +272,7 @@ def test_per_sequence_params(engine: Engine, solo_greedy) -> None:
     assert 1 <= final["sampled"].completion_tokens <= 16
 
 
-def test_degenerate_sampling_equals_greedy(engine: Engine, solo_greedy) -> None:
+def test_degenerate_sampling_equals_greedy(engine: TransformersEngine, solo_greedy) -> None:
     """top_k=1, or a tiny top_p, leave one candidate: the sampled rows must equal greedy ones."""
     texts, _ = drain(
         engine,
@@ -284,7 +289,7 @@ def test_degenerate_sampling_equals_greedy(engine: Engine, solo_greedy) -> None:
     assert texts["mix"] == solo_greedy["france"][0]
 
 
-def test_repetition_penalty_matches_transformers(engine: Engine) -> None:
+def test_repetition_penalty_matches_transformers(engine: TransformersEngine) -> None:
     ids = chat(engine, "haiku")
     text, _ = solo(engine, "haiku", greedy(16, repetition_penalty=1.5))
     with torch.inference_mode():
@@ -296,13 +301,12 @@ def test_repetition_penalty_matches_transformers(engine: Engine) -> None:
     assert text == expected
 
 
-def test_incremental_detokenization_utf8(engine: Engine) -> None:
+def test_incremental_detokenization_utf8(engine: TransformersEngine) -> None:
     """Multi-byte characters split over byte-level tokens are never emitted half-done."""
-    from llamaq_worker.engine import _Seq, _StepOutputs
-
     text = "Prix: 10€ 😀 日本語 ok"
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
-    seq = _Seq("u", [1], greedy(len(ids) + 1), order=0, generator=torch.Generator())
+    seq = _Seq("u", [1], greedy(len(ids) + 1), order=0, generator=torch.Generator(),
+               text=IncrementalText(engine._decode_ids))
     chunks = []
     for tok in ids:
         outs = _StepOutputs()
@@ -317,9 +321,129 @@ def test_draw_matches_distribution() -> None:
     probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0])
     scores = probs.log().expand(4000, -1).contiguous()  # zeros -> -inf
     g = torch.Generator().manual_seed(0)
-    picks = torch.cat([Engine._draw(scores, [g] * 4000) for _ in range(5)])
+    picks = torch.cat([draw(scores, [g] * 4000) for _ in range(5)])
     freq = torch.bincount(picks, minlength=5).double() / picks.numel()
     assert freq[1] == 0 and freq[4] == 0
     assert torch.allclose(freq, probs.double(), atol=0.015)
-    again = Engine._draw(scores[:3], [torch.Generator().manual_seed(7) for _ in range(3)])
-    assert again.tolist() == Engine._draw(scores[:1], [torch.Generator().manual_seed(7)]).tolist() * 3
+    again = draw(scores[:3], [torch.Generator().manual_seed(7) for _ in range(3)])
+    assert again.tolist() == draw(scores[:1], [torch.Generator().manual_seed(7)]).tolist() * 3
+
+
+# ---- vLLM's sampling extensions and logprobs ------------------------------------------------------------------
+
+
+def run_collecting(engine: TransformersEngine, ids: list[int], params: SamplingParams, batch_with: int = 0):
+    """One sequence (alongside `batch_with` greedy others): its text, its outputs' logprobs, its prompt logprobs
+    and its final output."""
+    schedule = [("x", ids, params)] + [(f"o{i}", chat(engine, "sky"), greedy(8)) for i in range(batch_with)]
+    for seq_id, prompt, p in schedule:
+        engine.add(seq_id, prompt, p)
+    text, logprobs, prompt_logprobs, final = "", [], None, None
+    while engine.active:
+        for out in engine.step():
+            if out.seq_id != "x":
+                continue
+            text += out.text
+            logprobs += out.logprobs or []
+            if out.prompt_logprobs is not None:
+                assert prompt_logprobs is None, "prompt logprobs come once"
+                prompt_logprobs = out.prompt_logprobs
+            if out.finish_reason:
+                final = out
+    return text, logprobs, prompt_logprobs, final
+
+
+@pytest.mark.parametrize("batch_with", [0, 2])
+def test_logprobs_agree_with_the_model(engine: TransformersEngine, batch_with: int) -> None:
+    """Each generated token's logprob (and its top alternatives) is log_softmax of the model's own logits at that
+    position, the raw distribution vLLM reports by default; the prompt's likewise, the first token's none."""
+    ids = chat(engine, "france")
+    text, logprobs, prompt_logprobs, final = run_collecting(
+        engine, ids, greedy(12, logprobs=3, prompt_logprobs=2), batch_with)
+    assert text == "The capital of France is Paris."
+    assert len(logprobs) == final.completion_tokens  # the ending EOS too
+    with torch.inference_mode():
+        full = torch.tensor([ids + [e["id"] for e in logprobs]])
+        reference = engine.model(full).logits[0].float().log_softmax(-1)
+    for j, entry in enumerate(logprobs):
+        row = reference[len(ids) - 1 + j]
+        assert entry["logprob"] == pytest.approx(row[entry["id"]].item(), abs=1e-4)
+        assert entry["logprob"] <= 0
+        top_lp, top_ids = row.topk(3)
+        assert [t["id"] for t in entry["top"]] == top_ids.tolist()
+        assert [t["logprob"] for t in entry["top"]] == pytest.approx(top_lp.tolist(), abs=1e-4)
+        assert entry["top"][0]["id"] == entry["id"]  # greedy: the chosen token is the most likely
+        assert entry["token"] == engine.tokenizer.decode([entry["id"]])
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(ids)
+    for j in range(1, len(ids)):
+        entry = prompt_logprobs[j]
+        assert entry["id"] == ids[j] and len(entry["top"]) == 2
+        assert entry["logprob"] == pytest.approx(reference[j - 1, ids[j]].item(), abs=1e-4)
+
+
+def test_sampled_logprobs_are_of_the_raw_distribution(engine: TransformersEngine) -> None:
+    """Temperature and top-k change the draw, not the logprobs reported (vLLM's raw_logprobs)."""
+    ids = chat(engine, "haiku")
+    _, sampled, _, _ = run_collecting(engine, ids, SamplingParams(
+        max_new_tokens=6, temperature=1.5, top_k=5, seed=3, logprobs=5))
+    with torch.inference_mode():
+        reference = engine.model(torch.tensor([ids + [e["id"] for e in sampled]])).logits[0].float().log_softmax(-1)
+    for j, entry in enumerate(sampled):
+        assert entry["logprob"] == pytest.approx(reference[len(ids) - 1 + j, entry["id"]].item(), abs=1e-4)
+        assert entry["id"] in [t["id"] for t in entry["top"]]  # top_k=5 draws among the 5 best
+
+
+def test_ignore_eos_runs_to_max_new_tokens(engine: TransformersEngine) -> None:
+    text, _, _, final = run_collecting(engine, chat(engine, "france"), greedy(40, ignore_eos=True))
+    assert final.completion_tokens == 40 and final.finish_reason == "length"
+    assert text.startswith("The capital of France is Paris.") and "<|im_end|>" not in text
+
+
+def test_min_tokens_holds_eos_back(engine: TransformersEngine) -> None:
+    ids = chat(engine, "france")
+    _, plain, _, first = run_collecting(engine, ids, greedy(40, logprobs=0))
+    assert first.completion_tokens == 8 and plain[-1]["id"] in engine.eos_token_ids  # alone: EOS after 8
+    _, held, _, final = run_collecting(engine, ids, greedy(40, min_tokens=12, logprobs=0))
+    assert final.completion_tokens > 12
+    assert not any(e["id"] in engine.eos_token_ids for e in held[:12])
+
+
+def test_stop_token_ids_end_generation(engine: TransformersEngine) -> None:
+    paris = engine.tokenizer.encode(" Paris", add_special_tokens=False)[0]
+    ids = chat(engine, "france")
+    text, _, _, final = run_collecting(engine, ids, greedy(40, stop_token_ids=(paris,)))
+    assert (text, final.finish_reason, final.completion_tokens) == ("The capital of France is", "stop", 6)
+    kept, _, _, _ = run_collecting(engine, ids, greedy(40, stop_token_ids=(paris,), include_stop_str_in_output=True))
+    assert kept == "The capital of France is Paris"
+    # not before min_tokens: the stop token is masked out until then
+    later, _, _, held = run_collecting(engine, ids, greedy(40, stop_token_ids=(paris,), min_tokens=6))
+    assert held.completion_tokens > 6 and not later.startswith("The capital of France is Paris")
+
+
+def test_include_stop_str_and_skip_special_tokens(engine: TransformersEngine) -> None:
+    ids = chat(engine, "france")
+    text, _, _, final = run_collecting(engine, ids, greedy(40, stop=("Paris",), include_stop_str_in_output=True))
+    assert (text, final.finish_reason) == ("The capital of France is Paris", "stop")
+    special, _, _, _ = run_collecting(engine, ids, greedy(40, ignore_eos=True, skip_special_tokens=False))
+    assert special.startswith("The capital of France is Paris.<|im_end|>")
+    eos_kept, _, _, _ = run_collecting(engine, ids, greedy(40, skip_special_tokens=False,
+                                                           include_stop_str_in_output=True))
+    assert eos_kept == "The capital of France is Paris.<|im_end|>"
+
+
+def test_min_p_keeps_only_the_likely_tokens(engine: TransformersEngine) -> None:
+    """min_p 1: only the most likely token survives, so sampling is greedy whatever the seed."""
+    ids = chat(engine, "haiku")
+    greedy_text, _, _, _ = run_collecting(engine, ids, greedy(12))
+    for seed in (1, 2):
+        text, _, _, _ = run_collecting(engine, ids, SamplingParams(max_new_tokens=12, temperature=1.5, min_p=1.0,
+                                                                   seed=seed))
+        assert text == greedy_text
+
+
+def test_add_rejects_the_extensions_out_of_range(engine: TransformersEngine) -> None:
+    ids = chat(engine, "france")
+    for bad in ({"min_p": 1.5}, {"min_tokens": 20}, {"stop_token_ids": (10**7,)}, {"logprobs": 21}):
+        with pytest.raises(ValueError):
+            engine.add("bad", ids, greedy(16, **bad))
+    assert engine.active == 0

@@ -1,0 +1,183 @@
+"""The event hub on a real redis-server: every subscriber gets every entry after its resume point, once and in
+order, through a fixed number of Redis connections, and across a dropped connection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from llamaq_gateway.event_hub import READER_CLIENT_NAME, EventHub, parse_id
+from llamaq_protocol import keys
+
+KEY = keys.events("hubjob")
+
+
+async def _hub(redis_url: str, readers: int = 1, **options) -> tuple[EventHub, aioredis.Redis]:
+    commands = aioredis.Redis.from_url(redis_url)
+    hub = EventHub(redis_url, commands, readers=readers, **options)
+    hub.start()
+    return hub, commands
+
+
+async def _close(hub: EventHub, commands: aioredis.Redis) -> None:
+    await hub.aclose()
+    await commands.aclose()
+
+
+async def _drain(subscription, until: int, timeout_s: float = 10) -> list:
+    got = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < until and time.monotonic() < deadline:
+        got.extend(await subscription.next_batch(0.5))
+    return got
+
+
+def test_parse_id_orders_like_redis():
+    assert parse_id("5-1") < parse_id("5-2") < parse_id("6-0") == parse_id("6") == parse_id(b"6-0")
+    assert parse_id("10-0") > parse_id("9-99")
+
+
+def test_many_subscribers_late_joiners_and_one_connection(redis_url, store):
+    async def run():
+        hub, commands = await _hub(redis_url)
+        try:
+            ids = [(await commands.xadd(KEY, {"event": "token", "data": str(i)})).decode() for i in range(5)]
+            early = [await hub.subscribe(KEY, "0-0") for _ in range(50)]
+            # Resumes from the middle of what the hub has read, and past it.
+            await asyncio.sleep(0.05)
+            middle = await hub.subscribe(KEY, ids[2])
+            writer_done = asyncio.Event()
+
+            async def writer():
+                for i in range(5, 205):
+                    await commands.xadd(KEY, {"event": "token", "data": str(i)})
+                    if i % 20 == 0:
+                        await asyncio.sleep(0.001)
+                await commands.xadd(KEY, {"event": "done", "data": "{}"})
+                writer_done.set()
+
+            task = asyncio.create_task(writer())
+            await asyncio.sleep(0.01)
+            joined_mid_write = await hub.subscribe(KEY, ids[0])
+            await task
+            results = [await _drain(s, 206) for s in early]
+            mid = await _drain(middle, 203)
+            late = await _drain(joined_mid_write, 205)
+            assert hub.followed_streams == 1 and hub.subscriptions == 52
+            names = [c.get("name") for c in await commands.client_list()]
+            assert names.count(READER_CLIENT_NAME) == 1
+            for s in [*early, middle, joined_mid_write]:
+                s.close()
+            assert hub.followed_streams == 0
+            return results, mid, late
+        finally:
+            await _close(hub, commands)
+
+    results, mid, late = asyncio.run(run())
+    expected = [str(i) for i in range(205)] + ["{}"]
+    for got in results:
+        assert [e.data for e in got] == expected
+    assert [e.data for e in mid] == expected[3:]
+    assert [e.data for e in late] == expected[1:]
+    assert [parse_id(e.id) for e in late] == sorted({parse_id(e.id) for e in late})
+
+
+def test_new_stream_wakes_the_reader_at_once(redis_url, store):
+    async def run():
+        hub, commands = await _hub(redis_url, block_ms=5000)
+        try:
+            await asyncio.sleep(0.05)  # the reader is blocked on its wake stream alone
+            subscription = await hub.subscribe(KEY, "0-0")
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            await commands.xadd(KEY, {"event": "status", "data": "{}"})
+            got = await subscription.next_batch(5)
+            return got, time.monotonic() - started
+        finally:
+            await _close(hub, commands)
+
+    got, waited = asyncio.run(run())
+    assert [e.event for e in got] == ["status"]
+    assert waited < 0.5
+
+
+def test_done_only_and_the_entries_on_other_streams(redis_url, store):
+    async def run():
+        hub, commands = await _hub(redis_url, readers=2)
+        try:
+            other = keys.events("other")
+            waiting = await hub.subscribe(KEY, "0-0", done_only=True)
+            watching = await hub.subscribe(other, "0-0")
+            for i in range(10):
+                await commands.xadd(KEY, {"event": "token", "data": str(i)})
+                await commands.xadd(other, {"event": "token", "data": str(i)})
+            assert await waiting.next_batch(0.2) == []
+            await commands.xadd(KEY, {"event": "done", "data": "{}"})
+            done = await waiting.next_batch(5)
+            others = await _drain(watching, 10)
+            names = [c.get("name") for c in await commands.client_list()]
+            return done, others, names.count(READER_CLIENT_NAME)
+        finally:
+            await _close(hub, commands)
+
+    done, others, readers = asyncio.run(run())
+    assert [e.event for e in done] == ["done"]
+    assert [e.data for e in others] == [str(i) for i in range(10)]
+    assert readers == 2
+
+
+def test_a_dropped_reader_connection_loses_nothing(redis_url, store):
+    async def run():
+        hub, commands = await _hub(redis_url)
+        try:
+            subscription = await hub.subscribe(KEY, "0-0")
+            got = []
+            for round_ in range(3):
+                for i in range(5):
+                    await commands.xadd(KEY, {"event": "token", "data": f"{round_}.{i}"})
+                got.extend(await _drain(subscription, 5))
+                # Cut the reader off, as a Redis restart or a network blip would; then write while it is away.
+                await commands.client_kill_filter(_type="normal", skipme=True)
+            for i in range(5):
+                await commands.xadd(KEY, {"event": "token", "data": f"3.{i}"})
+            got.extend(await _drain(subscription, 5))
+            return got
+        finally:
+            await _close(hub, commands)
+
+    got = asyncio.run(run())
+    assert [e.data for e in got] == [f"{r}.{i}" for r in range(4) for i in range(5)]
+
+
+def test_an_outage_past_the_limit_is_a_connection_error(redis_url, store):
+    async def run():
+        # A hub whose readers can never connect: Redis is away for good.
+        from nginx_local import free_port
+
+        commands = aioredis.Redis.from_url(redis_url)
+        hub = EventHub(f"redis://127.0.0.1:{free_port()}/0", commands, outage_limit_s=0.3)
+        hub.start()
+        try:
+            subscription = await hub.subscribe(KEY, "0-0")
+            with pytest.raises(aioredis.ConnectionError):
+                await subscription.next_batch(5)
+            return hub.outage_s()
+        finally:
+            await _close(hub, commands)
+
+    assert asyncio.run(run()) > 0.3
+
+
+def test_an_id_redis_cannot_read_is_refused(redis_url, store):
+    async def run():
+        hub, commands = await _hub(redis_url)
+        try:
+            with pytest.raises(ValueError):
+                await hub.subscribe(KEY, str(2**64))
+        finally:
+            await _close(hub, commands)
+
+    asyncio.run(run())

@@ -1,0 +1,185 @@
+"""Where a job is claimed and admitted: popped from RQ's queue, claimed in its record (CLAIM_SCRIPT), started in
+RQ's bookkeeping, its payload validated again, its prompt encoded and checked against the context, and handed to
+the engine with its sampling parameters (a job's own, else the model's defaults)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+from rq import Queue
+from rq.executions import Execution
+from rq.job import Job as RQJob
+from rq.utils import now
+from rq.worker import WorkerStatus
+
+from llamaq_protocol import GenerationParams, JobError, JobPayload, JobStatus, utc_now
+from llamaq_protocol.records import CLAIM_SCRIPT, claim_keys
+
+from .engines.base import EngineDead, SamplingParams, text_token_ids
+from .metrics import seconds_since
+from .publishing import REDIS_DOWN
+from .slots import Ending, Slot
+
+if TYPE_CHECKING:
+    from .batch_worker import BatchWorker
+
+logger = logging.getLogger(__name__)
+
+
+class JobRefused(Exception):
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+def sampling_params(params: GenerationParams, defaults: dict) -> SamplingParams:
+    """The engine's parameters for a job: each one the job leaves unset takes the model's default."""
+
+    def pick(name):
+        value = getattr(params, name)
+        return defaults[name] if value is None else value
+
+    return SamplingParams(
+        max_new_tokens=params.max_new_tokens,
+        temperature=float(pick("temperature")),
+        top_p=float(pick("top_p")),
+        top_k=int(pick("top_k")),
+        min_p=float(defaults.get("min_p", 0.0) if params.min_p is None else params.min_p),
+        repetition_penalty=float(pick("repetition_penalty")),
+        stop=tuple(params.stop or ()),
+        stop_token_ids=tuple(params.stop_token_ids or ()),
+        include_stop_str_in_output=params.include_stop_str_in_output,
+        ignore_eos=params.ignore_eos,
+        min_tokens=params.min_tokens,
+        skip_special_tokens=params.skip_special_tokens,
+        logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
+        seed=params.seed,
+    )
+
+
+def prompt_token_ids(engine, params: GenerationParams) -> list[int]:
+    """The job's prompt as token ids: its own ids, its raw text tokenized, or its conversation rendered with the
+    model's chat template."""
+    if params.prompt_token_ids is not None:
+        return list(params.prompt_token_ids)
+    if not params.templated:
+        return text_token_ids(engine.tokenizer, params.prompt or "")
+    return engine.encode_chat(params.chat_messages())
+
+
+class Claimer:
+    def __init__(self, worker: BatchWorker) -> None:
+        self.worker = worker
+        self._claim = worker.connection.register_script(CLAIM_SCRIPT)
+
+    def pop(self) -> tuple[RQJob, Queue] | None:
+        """The next queued job, without waiting; None when there is none (or Redis is away: the publishing that
+        follows waits for it)."""
+        worker = self.worker
+        try:
+            return worker.queue_class.dequeue_any(
+                worker._ordered_queues, None, connection=worker.connection, job_class=worker.job_class,
+                serializer=worker.serializer,
+            )
+        except REDIS_DOWN:
+            return None
+
+    def push_back(self, job: RQJob, queue: Queue) -> None:
+        """A popped job back at the front of its queue, for a later claim."""
+        with self.worker.connection.pipeline() as pipe:
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+            pipe.execute()
+
+    def claim(self, job: RQJob, queue: Queue) -> Slot | None:
+        """The popped job made this worker's, in its record and RQ's, as a new Slot; None if its record says it is
+        not to run (canceled while queued, or expired): then its RQ job is closed without running."""
+        worker = self.worker
+        # The job is popped: from here on Redis is waited for rather than the job dropped.
+        claimed = worker.until_redis(
+            "claiming a job", self._claim,
+            keys=claim_keys(job.id),
+            args=[utc_now().isoformat(), worker.name, job.id],
+        )
+        if claimed != b"claimed":
+            logger.info("skipping job %s: record is %s", job.id, claimed.decode())
+
+            def close() -> None:
+                with worker.connection.pipeline() as pipe:
+                    pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+                    job.cancel(pipeline=pipe)
+                    pipe.execute()
+
+            worker.until_redis("closing a skipped job", close)
+            return None
+
+        worker.until_redis("starting a job", self._start_in_rq, job, queue)
+        job.started_at = now()
+        timeout = job.timeout if job.timeout and job.timeout > 0 else worker.queue_class.DEFAULT_TIMEOUT
+        slot = Slot(
+            rq_job=job, queue=queue, execution=worker.execution, request_id=None, prompt_tokens=0,
+            max_new_tokens=0, deadline=time.monotonic() + timeout, waited_s=seconds_since(job.enqueued_at),
+        )
+        if slot.waited_s is not None:
+            worker.metrics.queue_wait.observe(slot.waited_s)
+        return slot
+
+    def _start_in_rq(self, job: RQJob, queue: Queue) -> None:
+        """What RQ's `prepare_execution` and `prepare_job_execution` write (rq 2.x), in one transaction instead of
+        two, before the job's first step: its execution record and place in the started registry, the worker busy
+        on it, the job started, and the job out of the intermediate queue."""
+        worker = self.worker
+        heartbeat_ttl = worker.get_heartbeat_ttl(job)
+        with worker.connection.pipeline() as pipe:
+            worker.execution = Execution.create(job, heartbeat_ttl, pipeline=pipe, worker_name=worker.name)
+            worker.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            worker.set_current_job_id(job.id, pipeline=pipe)
+            worker.set_current_job_working_time(0, pipeline=pipe)
+            worker.heartbeat(heartbeat_ttl, pipeline=pipe)
+            job.heartbeat(now(), heartbeat_ttl, pipeline=pipe)
+            job.prepare_for_execution(worker.name, pipeline=pipe)
+            # Every pop moves the id onto its queue's intermediate list (priority_queues, or RQ with one queue).
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            pipe.execute()
+
+    def admit(self, job: RQJob, slot: Slot) -> Ending | None:
+        """The claimed job's payload validated, its prompt encoded and checked, and its sequence added to the
+        engine; or, when it cannot run, the Ending it fails with (a bad job never takes the worker down)."""
+        worker, engine = self.worker, self.worker.engine
+        try:
+            payload = JobPayload.model_validate(job.args[0] if job.args else None)
+            slot.request_id = payload.request_id
+            params = payload.params
+            if worker.settings.log_prompts:
+                prompt = params.chat_messages() if params.templated else params.prompt or params.prompt_token_ids
+                logger.info("job %s prompt", job.id, extra={"job_id": job.id, "request_id": slot.request_id,
+                                                            "messages": json.dumps(prompt)})
+            prompt_ids = prompt_token_ids(engine, params)
+            slot.prompt_tokens = len(prompt_ids)
+            worker.metrics.prompt_tokens.inc(len(prompt_ids))
+            slot.max_new_tokens = params.max_new_tokens
+            if params.logprobs is not None:
+                slot.logprobs = []
+            if len(prompt_ids) + params.max_new_tokens > engine.context_length:
+                raise JobRefused(
+                    "prompt_too_long",
+                    f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                    f"the model's context of {engine.context_length}",
+                )
+            engine.add(job.id, prompt_ids, sampling_params(params, engine.defaults))
+        except ValidationError as exc:
+            return Ending(JobStatus.failed, error=JobError(type="invalid_payload", message=str(exc)))
+        except JobRefused as exc:
+            return Ending(JobStatus.failed, error=JobError(type=exc.error_type, message=exc.message))
+        except EngineDead:
+            raise  # not the job's fault: it goes back on the queue with the others
+        except Exception as exc:
+            logger.exception("job %s could not start", job.id)
+            return Ending(JobStatus.failed, error=JobError(type="internal_error", message=str(exc)))
+        return None

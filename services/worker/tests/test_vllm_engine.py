@@ -1,0 +1,58 @@
+"""ENGINE=vllm's mapping of a job onto vLLM (no engine is started here: tests/test_vllm_stack.py runs the real one
+through the whole stack)."""
+
+from __future__ import annotations
+
+from vllm.sampling_params import RequestOutputKind
+
+from llamaq_worker.engines.base import SamplingParams
+from llamaq_worker.engines.vllm import FINISH_REASONS, token_logprobs, vllm_sampling
+
+
+def test_every_job_setting_reaches_vllm_and_nothing_is_left_to_its_defaults():
+    job = SamplingParams(max_new_tokens=300, temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.1,
+                         stop=("\n\n", "END"), seed=42)
+    sampling = vllm_sampling(job)
+    assert sampling.max_tokens == 300  # vLLM's own default would be 16
+    assert (sampling.temperature, sampling.top_p, sampling.top_k) == (0.7, 0.9, 40)
+    assert sampling.repetition_penalty == 1.1
+    assert sampling.stop == ["\n\n", "END"] and not sampling.include_stop_str_in_output
+    assert sampling.seed == 42 and sampling.n == 1
+    assert sampling.output_kind is RequestOutputKind.DELTA
+    assert sampling.skip_special_tokens
+
+
+def test_greedy_and_no_stop():
+    sampling = vllm_sampling(SamplingParams(max_new_tokens=8, temperature=0.0))
+    assert sampling.temperature == 0.0 and sampling.top_k in (0, -1) and sampling.top_p == 1.0
+    assert not sampling.stop and sampling.seed is None
+
+
+def test_finish_reasons_are_the_job_contracts():
+    assert FINISH_REASONS == {"stop": "stop", "length": "length", "abort": "canceled"}
+
+
+def test_vllm_extensions_and_logprobs_reach_vllm():
+    sampling = vllm_sampling(SamplingParams(
+        max_new_tokens=40, temperature=0.8, min_p=0.05, stop_token_ids=(7, 9), include_stop_str_in_output=True,
+        ignore_eos=True, min_tokens=5, skip_special_tokens=False, logprobs=3, prompt_logprobs=1))
+    assert (sampling.min_p, sampling.stop_token_ids, sampling.include_stop_str_in_output) == (0.05, [7, 9], True)
+    assert (sampling.ignore_eos, sampling.min_tokens, sampling.skip_special_tokens) == (True, 5, False)
+    assert (sampling.logprobs, sampling.prompt_logprobs) == (3, 1)
+    plain = vllm_sampling(SamplingParams(max_new_tokens=8, temperature=0.0))
+    assert plain.logprobs is None and plain.prompt_logprobs is None and not plain.ignore_eos and plain.min_tokens == 0
+
+
+def test_vllm_logprobs_read_as_the_engine_interface():
+    from vllm.logprobs import Logprob
+
+    # vLLM's dict for one position: the chosen token first (its own rank), then ranks 1..N; a chosen token in the
+    # top N is there once.
+    position = {5: Logprob(-2.0, rank=3, decoded_token="c"), 1: Logprob(-0.5, rank=1, decoded_token="a"),
+                2: Logprob(-1.0, rank=2, decoded_token="b")}
+    assert token_logprobs(position, 5, 2) == {
+        "token": "c", "id": 5, "logprob": -2.0,
+        "top": [{"token": "a", "id": 1, "logprob": -0.5}, {"token": "b", "id": 2, "logprob": -1.0}],
+    }
+    assert token_logprobs(position, 5, 0)["top"] == []
+    assert token_logprobs(None, 5, 2) is None
