@@ -22,8 +22,10 @@ from .event_hub import BLOCK_MS, EventHub
 from .jobs import REDIS_BLIP_S, JobService
 from .limits import StreamLimiter
 from .metrics import HTTP_DURATION, HTTP_REQUESTS
-from .routers import events, generate, health, jobs, legacy, metrics, openai, vllm_compat
+from .routers import batch_api, events, generate, health, jobs, legacy, metrics, openai, vllm_compat
 from .settings import GatewaySettings, get_settings
+from .batches import BatchDriver, BatchService
+from .files import FileStore
 from .sweeper import LostWorkerSweeper
 from .webhooks import WebhookDeliverer
 
@@ -133,6 +135,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         hub.start()
         await _warm_rq(app.state.jobs)
         sweeper = asyncio.create_task(LostWorkerSweeper(app.state.jobs).run_forever())
+        app.state.files = FileStore(aio, settings.file_ttl_s)
+        app.state.batches = BatchService(settings, aio, app.state.files)
+        batch_driver = asyncio.create_task(BatchDriver(app.state.jobs, app.state.files).run_forever())
         # Only a deployment with a secret takes webhooks, so only then is there anything to deliver.
         deliverer = (asyncio.create_task(WebhookDeliverer(settings, aio).run_forever())
                      if settings.webhook_secret is not None else None)
@@ -140,6 +145,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             yield
         finally:
             sweeper.cancel()
+            batch_driver.cancel()
             if deliverer is not None:
                 deliverer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -157,7 +163,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     app.add_middleware(RequestContext)
-    for router in (legacy.router, jobs.router, events.router, generate.router, openai.router, vllm_compat.router,
-                   health.router, metrics.router):
+    for router in (legacy.router, jobs.router, events.router, generate.router, openai.router, batch_api.router,
+                   vllm_compat.router, health.router, metrics.router):
         app.include_router(router)
     return app

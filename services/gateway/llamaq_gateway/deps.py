@@ -11,7 +11,9 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from .batches import BatchService
 from .errors import Unauthorized
+from .files import FileStore
 from .jobs import JobService
 from .limits import StreamSlots
 from .settings import GatewaySettings
@@ -25,6 +27,14 @@ async def _settings(request: Request) -> GatewaySettings:
 
 async def _jobs(request: Request) -> JobService:
     return request.app.state.jobs
+
+
+async def _files(request: Request) -> FileStore:
+    return request.app.state.files
+
+
+async def _batches(request: Request) -> BatchService:
+    return request.app.state.batches
 
 
 async def _owner(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
@@ -61,6 +71,8 @@ async def _stream_slots(request: Request, owner: Annotated[str, Depends(_owner)]
 
 SettingsDep = Annotated[GatewaySettings, Depends(_settings)]
 JobsDep = Annotated[JobService, Depends(_jobs)]
+FilesDep = Annotated[FileStore, Depends(_files)]
+BatchesDep = Annotated[BatchService, Depends(_batches)]
 OwnerDep = Annotated[str, Depends(_owner)]
 RequestIdDep = Annotated[str | None, Depends(_request_id)]
 StreamSlotsDep = Annotated[StreamSlots, Depends(_stream_slots)]

@@ -77,9 +77,18 @@ class Unauthorized(LlamaqError):
     error_type = "unauthorized"
 
 
-class JobNotFound(LlamaqError):
+class NotFound(LlamaqError):
     status_code = 404
     error_type = "not_found"
+
+
+class JobNotFound(NotFound):
+    pass
+
+
+class PayloadTooLarge(LlamaqError):
+    status_code = 413
+    error_type = "payload_too_large"
 
 
 class ModelNotFound(LlamaqError):

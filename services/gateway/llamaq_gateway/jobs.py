@@ -157,7 +157,7 @@ class JobService:
             existing = await self._idempotent_job(params, owner, idempotency_key, priority, webhook)
             if existing is not None:
                 return existing
-        job_id, _ = await self._queue_job(params, owner, request_id, idempotency_key, priority, webhook)
+        job_id, _ = await self.enqueue(params, owner, request_id, idempotency_key, priority, webhook)
         return await self.get(job_id, owner)
 
     async def submit_and_wait(
@@ -172,10 +172,10 @@ class JobService:
     ) -> Job:
         """Queue a job and wait for it (see `wait`), reading its events from the moment it was queued."""
         await self.check_params(params, card)
-        job_id, queued_event_id = await self._queue_job(params, owner, request_id, None, priority, webhook)
+        job_id, queued_event_id = await self.enqueue(params, owner, request_id, None, priority, webhook)
         return await self.wait(job_id, owner, timeout_s, since=queued_event_id)
 
-    async def _queue_job(
+    async def enqueue(
         self,
         params: GenerationParams,
         owner: str,
@@ -183,13 +183,18 @@ class JobService:
         idempotency_key: str | None,
         priority: Priority = Priority.interactive,
         webhook: dict[str, str] | None = None,
+        job_id: str | None = None,
+        record_extra: dict[str, str] | None = None,
     ) -> tuple[str, bytes]:
-        """The new job's id, and the id of its `queued` event."""
+        """Queue a job whose parameters `check_params` accepted: the new job's id, and the id of its `queued` event.
+
+        `job_id`: the caller's own (the Batch API's, one per line); `record_extra`: more fields of its record (the
+        webhook's, a batch line's)."""
         # Each priority has its own bound, so a batch backlog never refuses an interactive submission.
         limit = self.settings.max_batch_queue if priority is Priority.batch else self.settings.max_queue
         if await self.aio.llen(self.queues[priority].key) >= limit:
             raise QueueFull(f"the {priority.value} queue holds {limit} jobs already; retry later")
-        job_id = uuid.uuid4().hex
+        job_id = job_id or uuid.uuid4().hex
         payload = JobPayload(job_id=job_id, params=params, request_id=request_id)
         if idempotency_key:
             claimed = await self.aio.set(
@@ -203,7 +208,7 @@ class JobService:
         try:
             async with self.aio.pipeline(transaction=True) as pipe:
                 pipe.hset(keys.job(job_id), mapping={**new_record(created_at, request_id, owner, priority),
-                                                     **(webhook or {})})
+                                                     **(webhook or {}), **(record_extra or {})})
                 pipe.expire(keys.job(job_id), UNFINISHED_RECORD_TTL_S)
                 pipe.xadd(keys.events(job_id), {"event": EVENT_STATUS, "data": '{"status":"queued"}'})
                 pipe.expire(keys.events(job_id), UNFINISHED_RECORD_TTL_S)

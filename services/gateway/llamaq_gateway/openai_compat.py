@@ -558,11 +558,7 @@ async def respond(
 ) -> Response:
     """Submit through the queue; then stream the job, or wait for it and answer the completion object. Either
     counts against the client's cap on open streams and waits (checked before anything is queued)."""
-    params = to_params(req, settings.max_new_tokens_limit)
-    card = await jobs.served_model()
-    check_model(req.model, card)
-    check_capabilities(params, card, OPENAI_PARAM_NAMES)
-    rendering = await _rendering(req, params, jobs, card)
+    params, card, rendering = await prepare(req, jobs, settings)
     if req.stream:
         release = slots.take()
         try:
@@ -584,6 +580,18 @@ async def respond(
             f"GET /v1/jobs/{job.id} returns its result (use stream: true for long generations)"
         )
     return JSONResponse(completion(kind, job, card.name, rendering))
+
+
+async def prepare(
+    req: ChatCompletionRequest | CompletionRequest, jobs: JobService, settings: GatewaySettings
+) -> tuple[GenerationParams, ModelCard, Rendering]:
+    """A request's job parameters, the served model's card and how its answer is to be rendered, or the error
+    (LlamaqError) that refuses it before anything is queued: what `respond` and each Batch API line share."""
+    params = to_params(req, settings.max_new_tokens_limit)
+    card = await jobs.served_model()
+    check_model(req.model, card)
+    check_capabilities(params, card, OPENAI_PARAM_NAMES)
+    return params, card, await _rendering(req, params, jobs, card)
 
 
 async def _rendering(

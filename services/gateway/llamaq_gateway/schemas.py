@@ -20,14 +20,15 @@ _ERRORS: dict[int, str] = {
     401: "API_KEYS is set and the `Authorization: Bearer` key is missing or wrong",
     404: "no such job, or one another key created",
     413: "body over 1 MiB (answered by nginx)",
+    414: "request line (path and query) over nginx's 8 KiB header buffer (answered by nginx)",
     422: "unknown field, wrong type or out-of-range value",
     429: "queue full (MAX_QUEUE), this client over its request rate (nginx) or holding MAX_STREAMS_PER_CLIENT "
          "open streams and waits already; nothing was queued",
     503: "Redis unreachable, or no worker with its model loaded",
     504: "the job is still queued or running; poll GET /v1/jobs/{id}",
 }
-# Every route behind nginx: its rate limit.
-COMMON_ERRORS = (429,)
+# Every route behind nginx: its request-line limit and its rate limit.
+COMMON_ERRORS = (414, 429)
 
 
 def error_responses(*codes: int, auth: bool = True) -> dict[int | str, dict[str, Any]]:

@@ -61,6 +61,13 @@ class GatewaySettings(BaseSettings):
     webhook_retry_for_s: float = Field(default=86400, gt=0)
     webhook_timeout_s: float = Field(default=10, gt=0, le=60)
 
+    # The Batch API (/v1/files, /v1/batches): an uploaded file's size and request count at most (nginx's
+    # `location = /v1/files` lets 33 MiB through, so a MAX_FILE_BYTES above 32 MiB needs nginx.conf raised too), and
+    # how long files (inputs, outputs) and batches are kept after creation.
+    max_file_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_batch_requests: int = Field(default=50_000, ge=1)
+    file_ttl_s: int = Field(default=30 * 24 * 3600, ge=60)
+
     @field_validator("webhook_secret")
     @classmethod
     def _webhook_secret_is_standard(cls, value: SecretStr | None) -> SecretStr | None:

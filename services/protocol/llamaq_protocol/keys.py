@@ -31,6 +31,11 @@ STATS = f"{PREFIX}:stats"
 # them, due at once), and each one's attempts so far (a hash): the gateway's deliverers work through them.
 WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
 WEBHOOK_ATTEMPTS = f"{PREFIX}:webhooks:attempts"
+# Batch API: batches not yet ended (a set), each ended job of one as "<batch id> <job id>" in the order the job-state
+# scripts ended them (a list the gateway's batch driver works through), and the lock of the one driver at a time.
+BATCHES_ACTIVE = f"{PREFIX}:batches:active"
+BATCH_JOBS_ENDED = f"{PREFIX}:batches:ended"
+BATCH_DRIVER_LOCK = f"{PREFIX}:batches:lock"
 
 
 def worker_metrics(name: str) -> str:
@@ -57,6 +62,32 @@ def model(name: str) -> str:
 def owner_jobs(owner: str) -> str:
     """A sorted set of the owner's job ids by creation time (GET /v1/jobs), written with each job's record."""
     return f"{PREFIX}:jobs-of:{owner}"
+
+
+def file(file_id: str) -> str:
+    """A Batch API file's metadata (a hash); its bytes are under `file_content`."""
+    return f"{PREFIX}:file:{file_id}"
+
+
+def file_content(file_id: str) -> str:
+    return f"{PREFIX}:file:{file_id}:content"
+
+
+def owner_files(owner: str) -> str:
+    return f"{PREFIX}:files-of:{owner}"
+
+
+def batch(batch_id: str) -> str:
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_lines(batch_id: str, kind: str) -> str:
+    """A batch's finished lines by line number (a hash): kind "output" (answered) or "error" (refused or failed)."""
+    return f"{PREFIX}:batch:{batch_id}:{kind}"
+
+
+def owner_batches(owner: str) -> str:
+    return f"{PREFIX}:batches-of:{owner}"
 
 
 def idempotency(owner: str, key: str) -> str:

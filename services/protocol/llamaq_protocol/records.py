@@ -25,11 +25,18 @@ TokenWrite = tuple[str, int, int, str, Sequence[str]]
 # Lua that queues a job's webhook delivery for `event` (started, completed, failed, canceled) when the job asked for
 # it (its record's `webhook_events`): a member "<job id>:<event>" of the webhooks-due sorted set, due now (score
 # 0). ZADD NX: a script run twice queues it once. The gateway's deliverers send it (gateway webhooks.py).
+# With `batch_ended_key` (the scripts that end a job), a job of a Batch API batch (its record's `batch`) is also
+# appended there as "<batch id> <job id>" for the gateway's batch driver (gateway batches.py); a script run twice
+# appends it twice, which the driver's writes by line number absorb.
 NOTIFY_LUA = """
-local function notify(due_key, job_key, job_id, event)
-  local wanted = redis.call('HGET', job_key, 'webhook_events')
+local function notify(due_key, job_key, job_id, event, batch_ended_key)
+  local fields = redis.call('HMGET', job_key, 'webhook_events', 'batch')
+  local wanted = fields[1]
   if wanted and string.find(',' .. wanted .. ',', ',' .. event .. ',', 1, true) then
     redis.call('ZADD', due_key, 'NX', 0, job_id .. ':' .. event)
+  end
+  if batch_ended_key and fields[2] then
+    redis.call('RPUSH', batch_ended_key, fields[2] .. ' ' .. job_id)
   end
 end
 """
@@ -51,9 +58,8 @@ notify(KEYS[4], KEYS[1], ARGV[3], 'started')
 return 'claimed'
 """
 
-# KEYS: those of `end_keys` (job, events, cancel set, running set (unused), stats, webhooks due). ARGV: finished_at,
-# job id,
-# ttl seconds.
+# KEYS: those of `end_keys` (job, events, cancel set, running set (unused), stats, webhooks due, batch jobs ended).
+# ARGV: finished_at, job id, ttl seconds.
 # Returns "canceled" (was queued), "running" (flagged for the worker) or the terminal status.
 CANCEL_SCRIPT = NOTIFY_LUA + """
 local s = redis.call('HGET', KEYS[1], 'status')
@@ -65,7 +71,7 @@ if s == 'queued' then
   redis.call('XADD', KEYS[2], '*', 'event', 'done', 'data', '{}')
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
-  notify(KEYS[6], KEYS[1], ARGV[2], 'canceled')
+  notify(KEYS[6], KEYS[1], ARGV[2], 'canceled', KEYS[7])
   return 'canceled'
 end
 if s == 'running' then
@@ -75,8 +81,8 @@ end
 return s
 """
 
-# KEYS: job, events, cancel set, running set, stats, webhooks due. ARGV: status, finished_at, output json or "",
-# error json or "", ttl, job id, worker name. Only the worker that holds the job may finish it: one whose job was given away as
+# KEYS: those of `end_keys`. ARGV: status, finished_at, output json or "", error json or "", ttl, job id, worker
+# name. Only the worker that holds the job may finish it: one whose job was given away as
 # lost (it stalled past the heartbeat deadline) gets "lost" and must drop it.
 FINISH_SCRIPT = NOTIFY_LUA + """
 local s = redis.call('HGET', KEYS[1], 'status')
@@ -95,13 +101,12 @@ redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"' .. ARG
 redis.call('XADD', KEYS[2], '*', 'event', 'done', 'data', '{}')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-notify(KEYS[6], KEYS[1], ARGV[6], ARGV[1] == 'succeeded' and 'completed' or ARGV[1])
+notify(KEYS[6], KEYS[1], ARGV[6], ARGV[1] == 'succeeded' and 'completed' or ARGV[1], KEYS[7])
 return 'finished'
 """
 
-# KEYS: job, events, cancel set, running set, stats, webhooks due, the RQ queue, the RQ job hash. ARGV: worker name
-# believed
-# lost, max attempts, finished_at, error json, ttl, job id, and optionally "handback". A job still held by that
+# KEYS: those of `end_keys`, then the RQ queue and the RQ job hash. ARGV: worker name believed lost, max attempts,
+# finished_at, error json, ttl, job id, and optionally "handback". A job still held by that
 # worker goes back to the front of the RQ queue while it has attempts left ("requeued"), else fails as
 # worker_lost ("failed"); one whose cancel was requested ends "canceled". The push and RQ's "queued" status are
 # written in the same atomic step as the record, so no crash in between can leave a queued job on no queue, and a
@@ -132,8 +137,8 @@ else
       if entry[2][2] == 'token' then redis.call('XDEL', KEYS[2], entry[1]) end
     end
     redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"queued","requeued":true}')
-    redis.call('LPUSH', KEYS[7], ARGV[6])
-    if redis.call('EXISTS', KEYS[8]) == 1 then redis.call('HSET', KEYS[8], 'status', 'queued') end
+    redis.call('LPUSH', KEYS[8], ARGV[6])
+    if redis.call('EXISTS', KEYS[9]) == 1 then redis.call('HSET', KEYS[9], 'status', 'queued') end
     return 'requeued'
   end
   redis.call('HSET', KEYS[1], 'error', ARGV[4])
@@ -144,7 +149,7 @@ redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"' .. fin
 redis.call('XADD', KEYS[2], '*', 'event', 'done', 'data', '{}')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-notify(KEYS[6], KEYS[1], ARGV[6], final)
+notify(KEYS[6], KEYS[1], ARGV[6], final, KEYS[7])
 return final
 """
 
@@ -188,7 +193,8 @@ return counts
 
 def end_keys(job_id: str) -> list[str]:
     """The keys of the scripts that can end a job (FINISH_SCRIPT, CANCEL_SCRIPT), in their order."""
-    return [keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS, keys.WEBHOOKS_DUE]
+    return [keys.job(job_id), keys.events(job_id), keys.CANCEL_REQUESTS, keys.RUNNING, keys.STATS, keys.WEBHOOKS_DUE,
+            keys.BATCH_JOBS_ENDED]
 
 
 def claim_keys(job_id: str) -> list[str]:

@@ -1,0 +1,164 @@
+"""The Batch API's files (`/v1/files`): JSONL inputs uploaded by clients and the output and error files of batches.
+
+Files live in Redis, so they survive a restart exactly as jobs do (compose and k8s run Redis with its append-only
+file): metadata in a hash, the bytes in a string beside it, both expiring FILE_TTL_S after creation (OpenAI's
+`expires_at`), listed per owner in a sorted set by creation time. That suits the modest sizes of MAX_FILE_BYTES
+(32 MiB by default, 50,000 requests at most); larger inputs belong in several batches.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from llamaq_protocol import keys
+
+from .errors import InvalidParameter, NotFound, PayloadTooLarge
+
+# OpenAI's purposes: clients upload `batch`; batches write `batch_output` (both their output and error file).
+PURPOSE_BATCH = "batch"
+PURPOSE_BATCH_OUTPUT = "batch_output"
+FILE_ID_PREFIX = "file-"
+MAX_FILENAME_CHARS = 256
+
+
+def new_file_id() -> str:
+    return FILE_ID_PREFIX + uuid.uuid4().hex[:24]
+
+
+def file_object(file_id: str, record: dict[bytes, bytes]) -> dict[str, Any]:
+    """The OpenAI `file` object of a stored file's record."""
+    text = {k.decode(): v.decode() for k, v in record.items()}
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": int(text["bytes"]),
+        "created_at": int(text["created_at"]),
+        "expires_at": int(text["expires_at"]),
+        "filename": text["filename"],
+        "purpose": text["purpose"],
+        "status": "processed",
+        "status_details": None,
+    }
+
+
+def check_batch_input(content: bytes, max_bytes: int, max_lines: int) -> int:
+    """An upload for `purpose=batch` must be UTF-8 JSONL within the limits; returns its number of non-empty lines.
+    The lines themselves are judged when a batch runs them (a bad line goes to the error file, not the batch)."""
+    if len(content) > max_bytes:
+        raise PayloadTooLarge(f"file: {len(content)} bytes; at most {max_bytes} are accepted (MAX_FILE_BYTES)",
+                              param="file")
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidParameter(f"file: not UTF-8 text ({exc.reason} at byte {exc.start})", param="file") from exc
+    lines = sum(1 for line in text.splitlines() if line.strip())
+    if lines == 0:
+        raise InvalidParameter("file: no requests in it (one JSON request per line is expected)", param="file")
+    if lines > max_lines:
+        raise InvalidParameter(f"file: {lines} requests; a batch takes at most {max_lines} (MAX_BATCH_REQUESTS)",
+                               param="file")
+    return lines
+
+
+def stored_file_commands(
+    pipe, file_id: str, owner: str, filename: str, purpose: str, content: bytes, ttl_s: int
+) -> dict[str, Any]:
+    """Queue a file's writes on `pipe` (a transaction of the caller's); returns its file object."""
+    created = int(time.time())
+    record = {"owner": owner, "filename": filename[:MAX_FILENAME_CHARS], "purpose": purpose,
+              "bytes": len(content), "created_at": created, "expires_at": created + ttl_s}
+    pipe.hset(keys.file(file_id), mapping=record)
+    pipe.expire(keys.file(file_id), ttl_s)
+    pipe.set(keys.file_content(file_id), content, ex=ttl_s)
+    pipe.zadd(keys.owner_files(owner), {file_id: created})
+    pipe.zremrangebyscore(keys.owner_files(owner), "-inf", created - ttl_s)
+    pipe.expire(keys.owner_files(owner), ttl_s)
+    return file_object(file_id, {k.encode(): str(v).encode() for k, v in record.items()})
+
+
+class FileStore:
+    def __init__(self, aio, ttl_s: int):
+        self.aio = aio
+        self.ttl_s = ttl_s
+
+    async def create(self, owner: str, filename: str, purpose: str, content: bytes,
+                     file_id: str | None = None) -> dict[str, Any]:
+        async with self.aio.pipeline(transaction=True) as pipe:
+            created = stored_file_commands(pipe, file_id or new_file_id(), owner, filename, purpose, content,
+                                           self.ttl_s)
+            await pipe.execute()
+        return created
+
+    async def record(self, file_id: str, owner: str) -> dict[bytes, bytes]:
+        """The file's record, or 404 when it does not exist, expired, or is another key's."""
+        record = await self.aio.hgetall(keys.file(file_id)) if file_id.startswith(FILE_ID_PREFIX) else {}
+        if not record or record.get(b"owner", b"").decode() != owner:
+            raise NotFound(f"no file {file_id!r}", param="file_id")
+        return record
+
+    async def get(self, file_id: str, owner: str) -> dict[str, Any]:
+        return file_object(file_id, await self.record(file_id, owner))
+
+    async def content(self, file_id: str, owner: str) -> bytes:
+        await self.record(file_id, owner)
+        content = await self.aio.get(keys.file_content(file_id))
+        if content is None:  # expired between the two reads
+            raise NotFound(f"no file {file_id!r}", param="file_id")
+        return content
+
+    async def delete(self, file_id: str, owner: str) -> dict[str, Any]:
+        await self.record(file_id, owner)
+        async with self.aio.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.file(file_id), keys.file_content(file_id))
+            pipe.zrem(keys.owner_files(owner), file_id)
+            await pipe.execute()
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    async def list(self, owner: str, purpose: str | None, limit: int, after: str | None) -> dict[str, Any]:
+        async def load(ids: list[str]) -> list[dict[str, Any]]:
+            async with self.aio.pipeline(transaction=False) as pipe:
+                for file_id in ids:
+                    pipe.hgetall(keys.file(file_id))
+                records = await pipe.execute()
+            return [file_object(i, r) if r and r.get(b"owner", b"").decode() == owner else None
+                    for i, r in zip(ids, records)]
+
+        keep = (lambda f: f["purpose"] == purpose) if purpose else None
+        return await owner_page(self.aio, keys.owner_files(owner), load, limit, after, keep)
+
+
+async def owner_page(aio, index: str, load, limit: int, after: str | None, keep=None,
+                     max_scanned: int = 1000) -> dict[str, Any]:
+    """One page, newest first, of an owner's sorted-set index (files, batches), in OpenAI's list shape. `load`
+    maps ids to objects (None: gone or not the owner's; such entries are dropped from the index); `keep` filters.
+    `after`: the previous page's `last_id`."""
+    start = 0
+    if after is not None:
+        rank = await aio.zrevrank(index, after)
+        if rank is None:
+            raise InvalidParameter(f"after: {after!r} is not in this list (unknown, another key's, or expired)",
+                                   param="after")
+        start = rank + 1
+    found: list[dict[str, Any]] = []
+    gone: list[str] = []
+    scanned = 0
+    exhausted = False
+    while len(found) < limit and scanned < max_scanned:
+        ids = [i.decode() for i in await aio.zrevrange(index, start, start + limit - len(found) - 1)]
+        if not ids:
+            exhausted = True
+            break
+        for item_id, item in zip(ids, await load(ids)):
+            start += 1
+            scanned += 1
+            if item is None:
+                gone.append(item_id)
+            elif keep is None or keep(item):
+                found.append(item)
+    has_more = not exhausted and await aio.zcard(index) > start
+    if gone:
+        await aio.zrem(index, *gone)
+    return {"object": "list", "data": found, "first_id": found[0]["id"] if found else None,
+            "last_id": found[-1]["id"] if found else None, "has_more": has_more}

@@ -1,0 +1,103 @@
+"""Batch API lines: parsing and refusals, result lines, and the collection of ended jobs against real Redis (the
+job-state scripts append a batch's ended jobs once per ending; collecting an entry twice writes its line once)."""
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+import redis.asyncio as aioredis
+
+from llamaq_gateway.batches import BatchDriver, BatchInput, LineRefused, ended_line, line_job_id
+from llamaq_gateway.files import FileStore
+from llamaq_gateway.settings import GatewaySettings
+from llamaq_protocol import keys
+from llamaq_protocol.models import utc_now
+from llamaq_protocol.records import CANCEL_SCRIPT, end_keys, new_record
+
+CHAT = "/v1/chat/completions"
+
+
+def line(custom_id="a", url=CHAT, method="POST", **body) -> str:
+    return json.dumps({"custom_id": custom_id, "method": method, "url": url,
+                       "body": body or {"messages": [{"role": "user", "content": "hi"}]}})
+
+
+def test_each_line_is_a_request_or_the_reason_it_is_not() -> None:
+    content = "\n".join([
+        line("a"), "", "   ", "{oops", "[1, 2]", json.dumps({"method": "POST"}), line("a"), line("b", url="/v1/x"),
+        line("c", method="GET"), json.dumps({"custom_id": "d", "method": "POST", "url": CHAT, "body": {}, "x": 1}),
+        line("e", messages=[{"role": "user", "content": "hi"}], stream=True), line("f", messages=[]),
+    ]).encode()
+    parsed = BatchInput.parse(content)
+    assert len(parsed.entries) == 10  # blank lines are not lines
+    custom_id, request = parsed.request(0, CHAT)
+    assert custom_id == "a" and request.messages[0].content == "hi"
+    reasons = []
+    for n in range(1, 10):
+        with pytest.raises(LineRefused) as refused:
+            parsed.request(n, CHAT)
+        reasons.append((refused.value.status_code, refused.value.message))
+    assert [status for status, _ in reasons] == [None, None, None, None, None, None, None, 400, 422]
+    for (_, message), expected in zip(reasons, ["not JSON", "JSON object", "custom_id", "earlier line", "url",
+                                                "method", "unknown field", "stream", "messages"]):
+        assert expected in message
+    assert parsed.custom_id(1) is None and parsed.custom_id(5) == "b"
+
+
+def _record(status: str, **fields) -> dict[bytes, bytes]:
+    record = {**new_record(utc_now(), None, "owner"), "status": status, **fields}
+    return {k.encode(): str(v).encode() for k, v in record.items()}
+
+
+def test_result_lines_of_ended_jobs() -> None:
+    output = json.dumps({"text": "Paris", "finish_reason": "stop",
+                         "usage": {"prompt_tokens": 5, "completion_tokens": 1}})
+    render = json.dumps({"model": "small", "logprobs": None})
+    kind, text = ended_line("batch_x", "batch_x_3", _record("succeeded", output=output, batch_custom_id="q",
+                                                            batch_render=render), None, CHAT)
+    answered = json.loads(text)
+    assert kind == "output" and answered["custom_id"] == "q" and answered["id"] == "batch_req_batch_x_3"
+    assert answered["response"]["status_code"] == 200 and answered["response"]["request_id"] == "batch_x_3"
+    assert answered["response"]["body"]["choices"][0]["message"]["content"] == "Paris"
+    assert answered["response"]["body"]["model"] == "small"
+
+    error = json.dumps({"type": "engine_error", "message": "boom"})
+    kind, text = ended_line("batch_x", "batch_x_4", _record("failed", error=error, batch_custom_id="r"), None, CHAT)
+    failed = json.loads(text)
+    assert kind == "error" and failed["response"]["status_code"] == 500
+    assert failed["response"]["body"]["error"]["type"] == "engine_error"
+
+    kind, text = ended_line("batch_x", "batch_x_5", _record("canceled", batch_custom_id="s"), None, CHAT)
+    assert kind == "error" and json.loads(text)["error"]["code"] == "batch_cancelled"
+    kind, text = ended_line("batch_x", "batch_x_6", {}, "t", CHAT)
+    assert kind == "error" and json.loads(text)["error"]["code"] == "result_expired"
+    assert json.loads(text)["custom_id"] == "t"
+
+
+def test_an_ended_batch_job_is_collected_once_however_often_it_is_listed(store, redis_url) -> None:
+    batch_id, other = "batch_" + "a" * 24, "plainjob"
+    job_id = line_job_id(batch_id, 0)
+    store.hset(keys.batch(batch_id), mapping={"status": "in_progress", "endpoint": CHAT, "input_file_id": "file-x",
+                                              "owner": "owner"})
+    for jid, extra in ((job_id, {"batch": batch_id, "batch_custom_id": "only"}), (other, {})):
+        store.hset(keys.job(jid), mapping={**new_record(utc_now(), None, "owner"), **extra})
+    for _ in range(2):  # a script re-sent after a lost reply: the second run sees the job ended already
+        for jid in (job_id, other):
+            store.eval(CANCEL_SCRIPT, len(end_keys(jid)), *end_keys(jid), utc_now().isoformat(), jid, 60)
+    assert store.lrange(keys.BATCH_JOBS_ENDED, 0, -1) == [f"{batch_id} {job_id}".encode()]
+
+    store.rpush(keys.BATCH_JOBS_ENDED, f"{batch_id} {job_id}")  # as if a driver died before trimming
+
+    async def collect() -> int:
+        aio = aioredis.Redis.from_url(redis_url)
+        try:
+            jobs = SimpleNamespace(aio=aio, settings=GatewaySettings())
+            return await BatchDriver(jobs, FileStore(aio, 60)).collect_ended()
+        finally:
+            await aio.aclose()
+
+    assert asyncio.run(collect()) == 2
+    assert store.llen(keys.BATCH_JOBS_ENDED) == 0
+    lines = store.hgetall(keys.batch_lines(batch_id, "error"))
+    assert list(lines) == [b"0"] and json.loads(lines[b"0"])["custom_id"] == "only"
