@@ -220,3 +220,22 @@ def test_a_gateway_restart_in_the_middle_of_a_batch_loses_and_repeats_no_line(pa
         assert not store.exists(keys.batch_lines(batch.id, "output"))
     finally:
         store.close()
+
+
+def test_files_and_batches_are_listed_a_page_at_a_time_newest_first(paced_stack) -> None:
+    headers = {"Authorization": f"Bearer {KEY_B}"}
+    uploaded = [upload(paced_stack, KEY_B, jsonl([chat_line(f"p{i}", "hi")])).json()["id"] for i in range(3)]
+    first = httpx.get(f"{paced_stack.url}/v1/files", params={"limit": 2}, headers=headers).json()
+    assert [f["id"] for f in first["data"]] == uploaded[:0:-1] and first["has_more"] is True
+    rest = httpx.get(f"{paced_stack.url}/v1/files", params={"limit": 2, "after": first["last_id"]},
+                     headers=headers).json()
+    assert uploaded[0] in [f["id"] for f in rest["data"]]
+    foreign = httpx.get(f"{paced_stack.url}/v1/files", params={"after": uploaded[0]},
+                        headers={"Authorization": f"Bearer {KEY_A}"})
+    assert foreign.status_code == 400 and foreign.json()["error"]["param"] == "after"
+    client = sdk(paced_stack, KEY_B)
+    batches = [client.batches.create(input_file_id=f, endpoint="/v1/chat/completions", completion_window="24h").id
+               for f in uploaded[:2]]
+    page = client.batches.list(limit=1)
+    assert [b.id for b in page.data] == [batches[1]] and page.has_more
+    assert [b.id for b in client.batches.list(limit=1, after=batches[1]).data] == [batches[0]]

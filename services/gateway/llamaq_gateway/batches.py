@@ -183,7 +183,7 @@ class BatchService:
                     found.append(batch_object(batch_id, fields, await counts_of(self.aio, batch_id, fields)))
             return found
 
-        return await owner_page(self.aio, keys.owner_batches(owner), load, limit, after)
+        return await owner_page(self.aio, keys.owner_batches(owner), "batch", load, limit, after)
 
     async def cancel(self, batch_id: str, owner: str) -> dict[str, Any]:
         """Asks the driver to cancel the batch's unfinished lines; the batch is `cancelling` until they have."""

@@ -15,6 +15,7 @@ from typing import Any
 from llamaq_protocol import keys
 
 from .errors import InvalidParameter, NotFound, PayloadTooLarge
+from .job_list import cursor_start
 
 # OpenAI's purposes: clients upload `batch`; batches write `batch_output` (both their output and error file).
 PURPOSE_BATCH = "batch"
@@ -66,14 +67,15 @@ def stored_file_commands(
     pipe, file_id: str, owner: str, filename: str, purpose: str, content: bytes, ttl_s: int
 ) -> dict[str, Any]:
     """Queue a file's writes on `pipe` (a transaction of the caller's); returns its file object."""
-    created = int(time.time())
+    now = time.time()  # the index's score: to the microsecond, so files of one second keep their order
+    created = int(now)
     record = {"owner": owner, "filename": filename[:MAX_FILENAME_CHARS], "purpose": purpose,
               "bytes": len(content), "created_at": created, "expires_at": created + ttl_s}
     pipe.hset(keys.file(file_id), mapping=record)
     pipe.expire(keys.file(file_id), ttl_s)
     pipe.set(keys.file_content(file_id), content, ex=ttl_s)
-    pipe.zadd(keys.owner_files(owner), {file_id: created})
-    pipe.zremrangebyscore(keys.owner_files(owner), "-inf", created - ttl_s)
+    pipe.zadd(keys.owner_files(owner), {file_id: now})
+    pipe.zremrangebyscore(keys.owner_files(owner), "-inf", now - ttl_s)
     pipe.expire(keys.owner_files(owner), ttl_s)
     return file_object(file_id, {k.encode(): str(v).encode() for k, v in record.items()})
 
@@ -126,21 +128,15 @@ class FileStore:
                     for i, r in zip(ids, records)]
 
         keep = (lambda f: f["purpose"] == purpose) if purpose else None
-        return await owner_page(self.aio, keys.owner_files(owner), load, limit, after, keep)
+        return await owner_page(self.aio, keys.owner_files(owner), "file", load, limit, after, keep)
 
 
-async def owner_page(aio, index: str, load, limit: int, after: str | None, keep=None,
+async def owner_page(aio, index: str, what: str, load, limit: int, after: str | None, keep=None,
                      max_scanned: int = 1000) -> dict[str, Any]:
     """One page, newest first, of an owner's sorted-set index (files, batches), in OpenAI's list shape. `load`
     maps ids to objects (None: gone or not the owner's; such entries are dropped from the index); `keep` filters.
     `after`: the previous page's `last_id`."""
-    start = 0
-    if after is not None:
-        rank = await aio.zrevrank(index, after)
-        if rank is None:
-            raise InvalidParameter(f"after: {after!r} is not in this list (unknown, another key's, or expired)",
-                                   param="after")
-        start = rank + 1
+    start = await cursor_start(aio, index, after, what)
     found: list[dict[str, Any]] = []
     gone: list[str] = []
     scanned = 0

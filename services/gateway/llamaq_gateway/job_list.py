@@ -40,18 +40,24 @@ def add_to_owner_list(pipe, owner: str, job_id: str, created_ts: float) -> None:
     pipe.expire(index, INDEX_TTL_S)
 
 
+async def cursor_start(aio, index: str, after: str | None, what: str) -> int:
+    """Where a page starts in an owner's index, newest first: after `after` (the previous page's `last_id`, a
+    `what` id), resolved on each request so that items added meanwhile neither shift nor repeat a page."""
+    if after is None:
+        return 0
+    rank = await aio.zrevrank(index, after)
+    if rank is None:
+        raise InvalidRequest(f"after: no {what} {after!r} in this list (unknown, another key's, or expired)",
+                             param="after")
+    return rank + 1
+
+
 async def list_jobs(
     jobs: JobService, owner: str, status: JobStatus | None, limit: int, after: str | None
 ) -> dict[str, Any]:
     aio = jobs.aio
     index = keys.owner_jobs(owner)
-    start = 0
-    if after is not None:
-        rank = await aio.zrevrank(index, after)
-        if rank is None:
-            raise InvalidRequest(f"after: no job {after!r} in this list (unknown, another key's, or expired)",
-                                 param="after")
-        start = rank + 1
+    start = await cursor_start(aio, index, after, "job")
     found: list[tuple[str, dict]] = []
     gone: list[bytes] = []
     last_id: str | None = None
