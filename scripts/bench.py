@@ -425,9 +425,9 @@ class Baseline:
 # ---- docs/benchmarks.md ----------------------------------------------------------------------------------------
 
 
-def update_doc(section: str, content: str, path: Path = DOC) -> None:
+def update_doc(section: str, content: str, path: Path = DOC, writer: str = "scripts/bench.py") -> None:
     """Replace what lies between `<!-- BEGIN section -->` and `<!-- END section -->` (appended if missing)."""
-    begin, end = f"<!-- BEGIN {section} (written by scripts/bench.py) -->", f"<!-- END {section} -->"
+    begin, end = f"<!-- BEGIN {section} (written by {writer}) -->", f"<!-- END {section} -->"
     block = f"{begin}\n{content.rstrip()}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
