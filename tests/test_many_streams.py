@@ -72,9 +72,10 @@ def test_hundreds_of_streams_get_every_event_through_a_few_redis_connections(pac
 
     streams, waits, during, open_now = asyncio.run(load())
     assert open_now > (STREAMS + WAITS) // 2, "the jobs ended before the streams were open: lengthen them"
-    # A small constant: one reader each, and short commands' pools far below one connection per waiter.
+    # A small constant: one reader each, and short commands' pools far below one connection per waiter (each
+    # process's background loops, the sweeper, webhook and batch drivers, take one or two of their own).
     assert during.get(READER) == 2, during
-    assert sum(during.values()) <= 2 * 24, during
+    assert sum(during.values()) <= 2 * 32, during
 
     errors = [s.error or s.status for s in streams if s.error or s.status != 200]
     assert not errors, errors[:5]
