@@ -505,9 +505,9 @@ async def stream_completion(
 ) -> AsyncIterator[str]:
     """OpenAI's streaming format from the job's event stream; a client going away leaves the job running."""
     chunks = ChunkBuilder(kind, job, model, include_usage, rendering)
+    # The role chunk goes out with the first answer, not while the job is queued: vLLM sends it with the first
+    # token, and benchmark clients take the first chunk as the time to first token.
     opening = chunks.opening()
-    if opening:
-        yield opening
     sent_text = False
     try:
         async for entry in streams.read_events(jobs.hub, job.id, heartbeat_s=heartbeat_s):
@@ -516,6 +516,9 @@ async def stream_completion(
             elif entry.event == EVENT_TOKEN:
                 chunk = chunks.token_event(entry.payload())
                 if chunk:
+                    if opening:
+                        yield opening
+                        opening = None
                     sent_text = True
                     yield chunk
             elif entry.event == EVENT_STATUS and entry.payload().get("requeued"):
@@ -534,6 +537,8 @@ async def stream_completion(
                     failed = JobFailed.of(final)
                     yield _stream_error(failed.status_code, failed.error_type, failed.message)
                 else:
+                    if opening:  # no token came (canceled while queued, say): the role still opens the answer
+                        yield opening
                     for piece in chunks.closing(final):
                         yield piece
                 yield DONE

@@ -1,6 +1,8 @@
 """The OpenAI-compatible layer: request translation, refusals, response objects, error shape; streaming from a job's
 events on a real Redis."""
 
+import asyncio
+import time
 from datetime import datetime, timezone
 
 import anyio
@@ -415,7 +417,50 @@ def test_stream_of_a_failed_job_ends_with_an_error_event(streamed):
     failed = Job(id="abc", status=JobStatus.failed, created_at=datetime(2024, 1, 1, tzinfo=timezone.utc),
                  error={"type": "timeout", "message": "too slow"})
     pieces = streamed([("1-0", "status", '{"status":"failed"}'), ("2-0", "done", "{}")], failed)
-    assert pieces[1].startswith('data: {"error":{"type":"timeout"') and '"code":500' in pieces[1]
+    assert len(pieces) == 2 and pieces[-1] == "data: [DONE]\n\n"
+    assert pieces[0].startswith('data: {"error":{"type":"timeout"') and '"code":500' in pieces[0]
+
+
+def test_the_role_chunk_comes_with_the_first_token_not_while_queued(redis_url, store):
+    """As vLLM streams: nothing is sent while the job waits, so a client's time to first chunk is the time to the
+    first token. A job that ends with no token still opens with the role."""
+    final = job()
+    store.delete(keys.events(final.id))
+    store.xadd(keys.events(final.id), {"event": "status", "data": '{"status":"queued"}'})
+
+    async def run():
+        commands = aioredis.Redis.from_url(redis_url)
+        hub = EventHub(redis_url, commands)
+        hub.start()
+        token_written_at = None
+
+        async def write():
+            nonlocal token_written_at
+            await asyncio.sleep(0.3)  # queued, then running: no chunk may go out meanwhile
+            await commands.xadd(keys.events(final.id), {"event": "status", "data": '{"status":"running"}'})
+            await asyncio.sleep(0.2)
+            token_written_at = time.monotonic()
+            await commands.xadd(keys.events(final.id), {"event": "token", "data": '{"index":0,"text":"Par"}'})
+            await commands.xadd(keys.events(final.id), {"event": "done", "data": "{}"})
+
+        writer = asyncio.create_task(write())
+        try:
+            received = [(time.monotonic(), p) async for p in openai_compat.stream_completion(
+                "chat", FakeJobs(hub, final), job(), "o", "m", False, 10)]
+            await writer
+            return token_written_at, received
+        finally:
+            await hub.aclose()
+            await commands.aclose()
+
+    token_written_at, received = asyncio.run(run())
+    assert '"role":"assistant"' in received[0][1] and received[0][0] >= token_written_at
+    assert '"content":"Par"' in received[1][1]
+
+
+def test_a_stream_that_ends_without_a_token_still_opens_with_the_role(streamed):
+    pieces = streamed([("1-0", "status", '{"status":"succeeded"}'), ("2-0", "done", "{}")])
+    assert '"role":"assistant"' in pieces[0] and '"finish_reason":"stop"' in pieces[1]
     assert pieces[-1] == "data: [DONE]\n\n"
 
 
