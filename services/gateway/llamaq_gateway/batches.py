@@ -65,6 +65,16 @@ if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 e
 return 0
 """
 
+# KEYS: the batch. ARGV: now. Only a batch still validating or in progress turns cancelling (the driver may be
+# finalizing it meanwhile).
+REQUEST_CANCEL_SCRIPT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'validating' or status == 'in_progress' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', ARGV[1], 'ending', 'cancelled')
+end
+return 1
+"""
+
 
 class BatchRequest(BaseModel):
     """`POST /v1/batches`."""
@@ -189,13 +199,7 @@ class BatchService:
         """Asks the driver to cancel the batch's unfinished lines; the batch is `cancelling` until they have."""
         fields = await self._fields(batch_id, owner)
         if fields["status"] in ("validating", "in_progress"):
-            # HSETNX-like: only a running batch turns cancelling (the driver may be finalizing it meanwhile).
-            await self.aio.eval(
-                "if redis.call('HGET', KEYS[1], 'status') == 'validating' or "
-                "redis.call('HGET', KEYS[1], 'status') == 'in_progress' then "
-                "redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', ARGV[1], 'ending', 'cancelled') "
-                "end return 1", 1, keys.batch(batch_id), int(time.time()),
-            )
+            await self.aio.eval(REQUEST_CANCEL_SCRIPT, 1, keys.batch(batch_id), int(time.time()))
         elif fields["status"] in ("completed", "failed", "expired"):
             raise InvalidParameter(f"batch {batch_id} is {fields['status']}: there is nothing left to cancel",
                                    param="batch_id")
@@ -364,10 +368,10 @@ class BatchDriver:
         for batch_id in sorted(b.decode() for b in await self.aio.smembers(keys.BATCHES_ACTIVE)):
             await self.advance(batch_id)
 
-    async def _input(self, batch_id: str, fields: dict[str, str]) -> BatchInput | None:
+    async def _input(self, batch_id: str, input_file_id: str) -> BatchInput | None:
         parsed = self._inputs.get(batch_id)
         if parsed is None:
-            content = await self.aio.get(keys.file_content(fields["input_file_id"]))
+            content = await self.aio.get(keys.file_content(input_file_id))
             if content is None:
                 return None
             parsed = await asyncio.to_thread(BatchInput.parse, content)
@@ -392,8 +396,7 @@ class BatchDriver:
                     pairs, replies[::2], replies[1::2]):
                 if status is None or status.decode() not in RUNNING_STATUSES:
                     continue  # the batch ended (or expired) already
-                fields = {"input_file_id": input_file_id.decode()}
-                parsed = None if record else await self._input(batch_id, fields)
+                parsed = None if record else await self._input(batch_id, input_file_id.decode())
                 custom_id = parsed.custom_id(line_of(job_id)) if parsed else None
                 kind, line = ended_line(batch_id, job_id, record, custom_id, endpoint.decode())
                 pipe.hset(keys.batch_lines(batch_id, kind), str(line_of(job_id)), line)
@@ -414,16 +417,17 @@ class BatchDriver:
             await self.aio.hset(keys.batch(batch_id), mapping={"status": "cancelling", "ending": "expired"})
             return
         if status == "validating":
-            parsed = await self._input(batch_id, fields)
+            parsed = await self._input_or_fail(batch_id, fields)
             if parsed is None:
-                await self._fail(batch_id, "file_not_found", f"input file {fields['input_file_id']} no longer exists")
                 return
             await self.aio.hset(keys.batch(batch_id), mapping={
                 "status": "in_progress", "in_progress_at": int(time.time()), "total": len(parsed.entries)})
             return
         submitted, total = int(fields["submitted"]), int(fields.get("total") or 0)
         if status == "in_progress" and submitted < total:
-            await self._submit(batch_id, fields, submitted, total)
+            parsed = await self._input_or_fail(batch_id, fields)
+            if parsed is not None:
+                await self._submit(batch_id, fields, parsed, submitted, total)
             return
         if status == "cancelling" and not fields.get("cancel_sent"):
             await self._cancel_unfinished(batch_id, submitted)
@@ -436,11 +440,15 @@ class BatchDriver:
             if completed + failed >= submitted:
                 await self._finalize(batch_id, fields, fields.get("ending") or "completed")
 
-    async def _submit(self, batch_id: str, fields: dict[str, str], submitted: int, total: int) -> None:
-        parsed = await self._input(batch_id, fields)
+    async def _input_or_fail(self, batch_id: str, fields: dict[str, str]) -> BatchInput | None:
+        """The batch's parsed input; None (and the batch failed) when its file is gone."""
+        parsed = await self._input(batch_id, fields["input_file_id"])
         if parsed is None:
             await self._fail(batch_id, "file_not_found", f"input file {fields['input_file_id']} no longer exists")
-            return
+        return parsed
+
+    async def _submit(self, batch_id: str, fields: dict[str, str], parsed: BatchInput, submitted: int,
+                      total: int) -> None:
         batch_queue = self.jobs.queues[Priority.batch].key
         room = self.settings.max_batch_queue - await self.aio.llen(batch_queue)
         lines = range(submitted, min(total, submitted + min(SUBMIT_CHUNK, room)))
