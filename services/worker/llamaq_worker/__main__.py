@@ -49,7 +49,7 @@ def serve(settings: WorkerSettings, engine: Engine, dtype: str) -> int:
     """Announce the loaded engine's model, then work the queue until stopped; the exit status."""
     name = served_model_name(settings)
     # Engines with a scheduler of their own (vLLM) also keep its figures in `stats` (an EngineStats).
-    metrics = WorkerMetrics(engine.device_memory, getattr(engine, "stats", None))
+    metrics = WorkerMetrics(engine.device_memory, engine.stats)
     if settings.metrics_port:
         try:
             metrics.serve(settings.metrics_port)

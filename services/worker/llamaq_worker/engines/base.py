@@ -149,6 +149,7 @@ class Engine(Protocol):
     defaults: dict  # temperature / top_p / top_k / repetition_penalty for parameters a job leaves unset
     max_batch: int
     capabilities: frozenset[str]  # LOGPROBS, PROMPT_LOGPROBS: what it does beyond the common parameters
+    stats: EngineStats | None  # its own scheduler's figures (vLLM's), for the worker's metrics; None: it has none
 
     @property
     def free_slots(self) -> int: ...
@@ -182,7 +183,7 @@ class SequenceSlots(Generic[SeqT]):
 
     `add`, `cancel`, `active` and `free_slots` may be called from another thread than `step`; the engine's own
     step-thread state needs no lock. Subclasses queue with `_enqueue`, take the queued ones with
-    `_take_pending` and give a finished sequence's slot back with `_release`.
+    `_take_pending` (or only claim a slot with `_claim`) and give a finished sequence's slot back with `_release`.
     """
 
     def __init__(self, max_batch: int) -> None:
@@ -212,8 +213,10 @@ class SequenceSlots(Generic[SeqT]):
     def close(self) -> None:
         """Release the engine: nothing to release for an engine that lives in this process only."""
 
-    def _enqueue(self, seq_id: str, build: Callable[[], SeqT]) -> None:
-        """Queue the sequence `build` makes; it runs under the lock, only once the id has a free slot."""
+    def _claim(self, seq_id: str, build: Callable[[], SeqT], pending: bool = False) -> SeqT:
+        """Give the sequence `build` makes a slot (`build` runs under the lock, only once the id has a free one);
+        with `pending`, also queue it for the engine's next `_take_pending`. An engine that hands a sequence on at
+        once (vLLM's, whose own scheduler queues it) claims without queueing."""
         with self._lock:
             if seq_id in self._by_id:
                 raise ValueError(f"sequence {seq_id!r} is already active")
@@ -221,7 +224,13 @@ class SequenceSlots(Generic[SeqT]):
                 raise ValueError(f"no free slot (max_batch={self.max_batch})")
             seq = build()
             self._by_id[seq_id] = seq
-            self._pending.append(seq)
+            if pending:
+                self._pending.append(seq)
+            return seq
+
+    def _enqueue(self, seq_id: str, build: Callable[[], SeqT]) -> None:
+        """Claim a slot for the sequence `build` makes and queue it for the next `_take_pending`."""
+        self._claim(seq_id, build, pending=True)
 
     def _take_pending(self) -> list[SeqT]:
         with self._lock:

@@ -31,6 +31,7 @@ class TokenizerOnlyEngine(SequenceSlots[SeqT]):
     from the model card's capabilities); the other sampling settings are accepted and have nothing to act on."""
 
     capabilities: frozenset[str] = frozenset()
+    stats = None  # no scheduler of its own
 
     def __init__(self, model_path: str, max_batch: int = 8) -> None:
         super().__init__(max_batch)

@@ -220,7 +220,7 @@ class VLLMEngine(SequenceSlots[_VllmSeq]):
         sampling = vllm_sampling(params)
         prompt = TokensPrompt(prompt_token_ids=[int(t) for t in prompt_ids])
         seq = _VllmSeq(seq_id, params=params, prompt_ids=list(prompt["prompt_token_ids"]))
-        self._enqueue(seq_id, lambda: seq)
+        self._claim(seq_id, lambda: seq)
         seq.task = self._on_loop(self._generate(seq, prompt, sampling))
         seq.task.add_done_callback(lambda task: self._ended(seq, task))
 
@@ -233,7 +233,6 @@ class VLLMEngine(SequenceSlots[_VllmSeq]):
             seq.task.cancel()
 
     def step(self) -> list[StepOutput]:
-        self._take_pending()  # vLLM took them in `add`; the slots' pending list only has to stay empty
         with self._ready_changed:
             if not self._ready and self._dead is None:
                 self._ready_changed.wait(STEP_WAIT_S)

@@ -128,6 +128,7 @@ class _StepOutputs:
 
 class TransformersEngine(SequenceSlots[_Seq]):
     capabilities = frozenset({LOGPROBS, PROMPT_LOGPROBS})
+    stats = None  # no scheduler of its own beyond the batch: the worker's own metrics say it all
 
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32", max_batch: int = 8) -> None:
         if dtype not in _DTYPES:
