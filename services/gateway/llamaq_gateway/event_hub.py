@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -40,9 +40,6 @@ from redis.backoff import NoBackoff
 from llamaq_protocol import keys
 from llamaq_protocol.records import EVENT_DONE
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
 logger = logging.getLogger(__name__)
 
 START = "0-0"
@@ -50,8 +47,9 @@ START = "0-0"
 READ_COUNT = 512
 # Longest block of one reader's XREAD: short enough that a dead connection is noticed.
 BLOCK_MS = 10_000
-# After a read that returned entries, a reader waits this long before its next XREAD, so entries written at GPU
-# rates arrive a step's worth at a time rather than one XREAD (of every followed stream) per entry.
+# A reader starts at most one XREAD per this interval while entries keep coming, so entries written at GPU rates
+# arrive a step's worth at a time rather than one XREAD (of every followed stream) per entry. A read that blocked
+# this long already is followed at once: a lone request's next event is not held back.
 MIN_READ_INTERVAL_S = 0.002
 # Between reconnection attempts while Redis is away.
 RECONNECT_S = 0.5
@@ -98,11 +96,22 @@ def _text(value: str | bytes) -> str:
 
 
 def entries_of(raw: Iterable) -> list[StreamEntry]:
-    """StreamEntry objects from XRANGE / XREAD's `[(id, {field: value})]`."""
+    """StreamEntry objects from redis-py's XRANGE / XREAD reply, `[(id, {field: value})]`."""
     return [
         StreamEntry(id=_text(raw_id), event=_text(fields.get(b"event", b"")), data=_text(fields.get(b"data", b"")))
         for raw_id, fields in raw
     ]
+
+
+def entries_of_flat(raw: Iterable) -> list[StreamEntry]:
+    """StreamEntry objects from Redis' own reply, `[[id, [field, value, ...]]]` (the readers' XREAD skips
+    redis-py's reshaping into dicts, a sixth of the gateway's CPU per token relayed)."""
+    found = []
+    for raw_id, flat in raw:
+        fields = dict(zip(flat[::2], flat[1::2]))
+        found.append(StreamEntry(id=raw_id.decode(), event=fields.get(b"event", b"").decode(),
+                                 data=fields.get(b"data", b"").decode()))
+    return found
 
 
 class Subscription:
@@ -152,8 +161,10 @@ class Subscription:
             if remaining <= 0:
                 return []
             self._ready.clear()
+            # One timer for the whole wait: an outage past the limit wakes every subscription (EventHub._run),
+            # so ten thousand idle waiters do not each poll.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(remaining, 1.0)):
+                async with asyncio.timeout(remaining):
                     await self._ready.wait()
         batch = list(self._pending)
         self._pending.clear()
@@ -203,14 +214,12 @@ class EventHub:
         readers: int = 1,
         outage_limit_s: float = 30.0,
         block_ms: int = BLOCK_MS,
-        connect: Callable[[], aioredis.Redis] | None = None,
     ):
         self.redis_url = redis_url
         # Short commands (backfill, wake-ups) go through the process's ordinary pool.
         self.commands = commands
         self.outage_limit_s = outage_limit_s
         self.block_ms = block_ms
-        self._connect = connect or self._default_connect
         prefix = f"{keys.PREFIX}:gateway-wake:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._readers = [_Reader(i, f"{prefix}:{i}") for i in range(readers)]
         self._topics: dict[str, _Topic] = {}
@@ -230,13 +239,17 @@ class EventHub:
         self._closing = True
         for reader in self._readers:
             if reader.task is not None:
-                reader.task.cancel()
+                # Cancelled again until it ends: redis-py sends each command through asyncio.wait_for, which on
+                # Python 3.11 swallows a cancel that lands as the send completes (the XREAD would then block on).
+                while not reader.task.done():
+                    reader.task.cancel()
+                    await asyncio.wait({reader.task}, timeout=0.1)
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reader.task
+                    reader.task.result()
             await self._drop_connection(reader)
 
-    def _default_connect(self) -> aioredis.Redis:
-        return aioredis.Redis.from_url(
+    def _connect(self) -> aioredis.Redis:
+        connection = aioredis.Redis.from_url(
             self.redis_url,
             single_connection_client=True,
             client_name=READER_CLIENT_NAME,
@@ -244,7 +257,11 @@ class EventHub:
             socket_connect_timeout=5,
             # This loop reconnects by itself (and reads again from its own positions), noticing an outage at once.
             retry=Retry(NoBackoff(), 0),
+            protocol=3,
         )
+        # XREAD answers Redis' own RESP3 reply, `{key: [[id, [field, value, ...]]]}` (see _dispatch).
+        connection.set_response_callback("XREAD", lambda response, **options: response)
+        return connection
 
     # ---- state ------------------------------------------------------------------------------------------------
 
@@ -359,7 +376,10 @@ class EventHub:
                 for key, topic in reader.topics.items():
                     streams[key] = format_id(topic.last_id)
                 reader.wake_pending = False
-                reply = await reader.connection.xread(streams, block=self.block_ms, count=READ_COUNT)
+                read_started = time.monotonic()
+                reply = await reader.connection.execute_command(
+                    "XREAD", "COUNT", READ_COUNT, "BLOCK", self.block_ms, "STREAMS", *streams, *streams.values()
+                )
             except asyncio.CancelledError:
                 raise
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
@@ -368,6 +388,8 @@ class EventHub:
                     logger.warning("event reader %d lost Redis: %s; reconnecting", reader.index, exc)
                 await self._drop_connection(reader)
                 await asyncio.sleep(RECONNECT_S)
+                if self.outage_s() > self.outage_limit_s:
+                    self._wake_waiters(reader)  # each raises from next_batch: Redis has been away too long
                 continue
             except Exception:  # never leave the waiters without a reader
                 logger.exception("event reader %d failed; starting over", reader.index)
@@ -379,21 +401,29 @@ class EventHub:
                 self._down_since = None
             self.reads += 1
             if reply and self._dispatch(reader, reply):
-                await asyncio.sleep(MIN_READ_INTERVAL_S)
+                pause = read_started + MIN_READ_INTERVAL_S - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+
+    def _wake_waiters(self, reader: _Reader) -> None:
+        for topic in reader.topics.values():
+            for subscription in topic.subscriptions:
+                subscription._ready.set()
 
     def _dispatch(self, reader: _Reader, reply) -> int:
-        """Hands the entries read to their subscriptions; returns how many job entries there were."""
+        """Hands the entries read (Redis' own reply: `{key: [[id, [field, value, ...]]]}`) to their subscriptions;
+        returns how many job entries there were."""
         count = 0
-        for raw_key, raw_entries in reply:
-            key = _text(raw_key)
+        for raw_key, raw_entries in reply.items():
+            key = raw_key.decode()
             if key == reader.wake_key:
                 if raw_entries:
-                    reader.wake_last = _text(raw_entries[-1][0])
+                    reader.wake_last = raw_entries[-1][0].decode()
                 continue
             topic = reader.topics.get(key)
             if topic is None or not raw_entries:
                 continue  # no one follows it any more
-            entries = entries_of(raw_entries)
+            entries = entries_of_flat(raw_entries)
             ids = [parse_id(e.id) for e in entries]
             topic.last_id = ids[-1]
             count += len(entries)

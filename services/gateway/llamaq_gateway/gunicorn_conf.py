@@ -17,6 +17,10 @@ timeout = int(max(_settings.legacy_wait_s, _settings.max_generate_wait_s)) + 60
 graceful_timeout = 30
 # Longer than nginx's upstream keepalive_timeout (30 s), so nginx closes idle connections first.
 keepalive = 75
+# Connections nginx has opened that a busy process has not accepted yet (thousands of streams opening at once);
+# gunicorn's 2048 filled on a loaded host (nginx then answered 504). The kernel caps it at net.core.somaxconn,
+# 4096 by default.
+backlog = 4096
 # nginx sits on another container's address in compose; trust its X-Forwarded-* headers.
 forwarded_allow_ips = "*"
 # Heartbeat files (and the metrics below) in memory, off the container's overlay disk.
