@@ -370,7 +370,7 @@ def test_nginx_uses_the_repository_config_and_finds_the_gateway(objects: list[di
     nginx = _container(deployment, "nginx")
     assert {"name": "nginx-conf", "mountPath": "/etc/nginx/nginx.conf", "subPath": "nginx.conf",
             "readOnly": True} in nginx["volumeMounts"]
-    listen = re.search(r"listen (\d+);", text).group(1)
+    listen = re.search(r"listen (\d+)[ ;]", text).group(1)
     assert {"name": "http", "containerPort": int(listen)} in nginx["ports"]
     compose = yaml.safe_load(COMPOSE_FILE.read_text())
     assert nginx["image"] == compose["services"]["nginx"]["image"]

@@ -23,6 +23,8 @@ WAITS = 30
 # nginx limits each address to 100 requests/s (burst 200): the clients come from several loopback addresses.
 SOURCES = [f"127.0.0.{i}" for i in range(2, 8)]
 READER = "llamaq-gateway-reader"
+# Each gateway process's pool of short commands, well under the waiters each process holds (about 165).
+POOL = 16
 
 
 def _paced_env(**overrides: str) -> dict[str, str]:
@@ -40,8 +42,14 @@ def _gateway_clients(store: redis.Redis) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def paced_stack():
-    with running_stack("llamaq-streams-", _paced_env()) as running:
+    with running_stack("llamaq-streams-", _paced_env(REDIS_MAX_CONNECTIONS=str(POOL))) as running:
         yield running
+
+
+def _blocked_clients(store: redis.Redis) -> list[str]:
+    """The names of the gateway's connections blocked in a command (an XREAD) right now."""
+    return [c.get("name") for c in store.client_list()
+            if (c.get("name") or "").startswith("llamaq-gateway") and "b" in c.get("flags", "")]
 
 
 def test_hundreds_of_streams_get_every_event_through_a_few_redis_connections(paced_stack):
@@ -67,15 +75,18 @@ def test_hundreds_of_streams_get_every_event_through_a_few_redis_connections(pac
         ]
         await asyncio.sleep(1.5)  # all open, the jobs still running
         during = await asyncio.to_thread(_gateway_clients, store)
+        blocked = await asyncio.to_thread(_blocked_clients, store)
         open_now = sum(not t.done() for t in streams + waits)
-        return await asyncio.gather(*streams), await asyncio.gather(*waits), during, open_now
+        return await asyncio.gather(*streams), await asyncio.gather(*waits), during, blocked, open_now
 
-    streams, waits, during, open_now = asyncio.run(load())
+    streams, waits, during, blocked, open_now = asyncio.run(load())
     assert open_now > (STREAMS + WAITS) // 2, "the jobs ended before the streams were open: lengthen them"
-    # A small constant: one reader each, and short commands' pools far below one connection per waiter (each
-    # process's background loops, the sweeper, webhook and batch drivers, take one or two of their own).
+    # A small constant: one reader each, the only connection blocked for the waiters of its process (it may be
+    # between two XREADs at the moment of the look), and the pools of short commands (each process's background
+    # loops, the sweeper, webhook and batch drivers, take one or two of their own).
     assert during.get(READER) == 2, during
-    assert sum(during.values()) <= 2 * 32, during
+    assert set(blocked) <= {READER} and len(blocked) <= 2, blocked
+    assert sum(during.values()) <= 2 * (POOL + 4), during
 
     errors = [s.error or s.status for s in streams if s.error or s.status != 200]
     assert not errors, errors[:5]

@@ -15,7 +15,9 @@ from rq_checks import wait_for_rq_status
 
 PARIS = {"prompt": "What is the capital of France?"}
 # Greedy SmolLM2 keeps counting for hundreds of tokens: a job that reliably stays running.
-LONG_JOB = {"prompt": "Count from 1 to 500, one number per line.", "max_new_tokens": 400, "temperature": 0}
+# ignore_eos: the job runs its 400 tokens whatever the model would say (greedy vLLM on one CPU stopped at "30").
+LONG_JOB = {"prompt": "Count from 1 to 500, one number per line.", "max_new_tokens": 400, "temperature": 0,
+            "ignore_eos": True}
 
 
 def rq_queue(store) -> Queue:
