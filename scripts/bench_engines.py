@@ -119,7 +119,8 @@ def run_client(url: str, model: str, concurrency: int, args, out_dir: Path, labe
             "--num-prompts", str(prompts_for(concurrency)), "--max-concurrency", str(concurrency),
             "--request-rate", "inf", "--seed", "0", "--temperature", "0",
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-            "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
+            # --save-detailed: each request's error is kept, so a failed one says why.
+            "--save-result", "--save-detailed", "--result-dir", str(out_dir), "--result-filename", name]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with ForeignLoad() as load:
         done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
@@ -127,6 +128,7 @@ def run_client(url: str, model: str, concurrency: int, args, out_dir: Path, labe
         raise RuntimeError(f"vllm bench serve failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     result = json.loads((out_dir / name).read_text())
     result["foreign_cpu_pct"] = load.foreign_pct
+    result["failures"] = [error for error in result.get("errors", []) if error]
     return result
 
 
@@ -160,7 +162,7 @@ def main() -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     out_dir = Path(tempfile.mkdtemp(prefix="llamaq-bench-engines-"))
     started = datetime.now(timezone.utc)
-    rows, results = [], {}
+    rows, results, failures = [], {}, []
     with BenchFlag():  # others hold off while this measures; then wait for what already runs to end
         quiet = wait_for_quiet(args.wait_quiet_s, 15)
         for label in args.servers.split(","):
@@ -173,6 +175,10 @@ def main() -> int:
                     results[(label, concurrency)] = result
                     rows.append(row(label, concurrency, result))
                     print(rows[-1], flush=True)
+                    if result["failures"]:
+                        failures.append(f"- {label} at concurrency {concurrency}: {len(result['failures'])} "
+                                        f"failed; the client said: {result['failures'][0].strip()[-600:]!r}")
+                        print(failures[-1], flush=True)
             finally:
                 server.stop()
             print(f"{label}: ready in {startup_s:.0f} s", file=sys.stderr)
@@ -207,6 +213,7 @@ def main() -> int:
         f"Before the runs other processes used {quiet:.0f}% of the CPU; the last column is that share during each run.",
         "",
         HEADER, *rows, "", *ratios,
+        *(["", "Requests the client counted failed:", *failures] if failures else []),
     ])
     print(text)
     if not args.no_doc:
