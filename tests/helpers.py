@@ -1,4 +1,4 @@
-"""Helpers shared by the integration tests: waiting for a condition, and reading Server-Sent Events."""
+"""Helpers shared by the integration tests: waiting for a condition, reading Server-Sent Events, a long job."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import httpx
 
 T = TypeVar("T")
 
+
+# A job that runs long enough to be caught running: ignore_eos, so its 400 tokens come whatever the model would
+# say (greedy vLLM on one CPU stopped this count at "30", 192 tokens).
+LONG_JOB = {"prompt": "Count from 1 to 500, one number per line.", "max_new_tokens": 400, "temperature": 0,
+            "ignore_eos": True}
 
 def poll(observe: Callable[[], T], done: Callable[[T], Any], timeout_s: float, interval_s: float = 0.05) -> T:
     """`observe()` again and again until `done(value)` or `timeout_s` has passed; the last value either way

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import signal
 
-from helpers import wait_for_job_status
+from helpers import LONG_JOB, wait_for_job_status
 from rq_checks import wait_for_rq_status
 
-LONG_JOB = {"prompt": "Count from 1 to 500, one number per line.", "max_new_tokens": 400, "temperature": 0}
 SHORT_COUNT = {"prompt": "Count from 1 to 10, one number per line.", "max_new_tokens": 24, "temperature": 0}
 # Time for each status change awaited here, the lost-worker sweep included (stale after WORKER_STALE_S).
 FAULT_WAIT_S = 45

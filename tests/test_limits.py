@@ -9,11 +9,11 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
+from helpers import LONG_JOB
 from llamaq_gateway.app import create_app
 from llamaq_gateway.settings import GatewaySettings
 
 PARIS = {"prompt": "What is the capital of France?", "max_new_tokens": 12, "temperature": 0}
-LONG_JOB = {"prompt": "Count from 1 to 500, one number per line.", "max_new_tokens": 400, "temperature": 0}
 
 
 @pytest.fixture

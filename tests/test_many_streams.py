@@ -31,12 +31,14 @@ def _paced_env(**overrides: str) -> dict[str, str]:
     return stack_environment(ENGINE="paced", PACED_TOKENS_PER_S="10", MAX_BATCH="8", **overrides)
 
 
-def _gateway_clients(store: redis.Redis) -> dict[str, int]:
+def _gateway_connections(store: redis.Redis) -> list[dict]:
+    return [c for c in store.client_list() if (c.get("name") or "").startswith("llamaq-gateway")]
+
+
+def _by_name(connections: list[dict]) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for client in store.client_list():
-        name = client.get("name") or ""
-        if name.startswith("llamaq-gateway"):
-            counts[name] = counts.get(name, 0) + 1
+    for client in connections:
+        counts[client["name"]] = counts.get(client["name"], 0) + 1
     return counts
 
 
@@ -46,18 +48,12 @@ def paced_stack():
         yield running
 
 
-def _blocked_clients(store: redis.Redis) -> list[str]:
-    """The names of the gateway's connections blocked in a command (an XREAD) right now."""
-    return [c.get("name") for c in store.client_list()
-            if (c.get("name") or "").startswith("llamaq-gateway") and "b" in c.get("flags", "")]
-
-
 def test_hundreds_of_streams_get_every_event_through_a_few_redis_connections(paced_stack):
     stack = paced_stack
     store = redis.Redis.from_url(stack.env["REDIS_URL"])
     port = stack.http_port
     with httpx.Client(base_url=stack.url, timeout=30) as client:
-        idle = _gateway_clients(store)
+        idle = _by_name(_gateway_connections(store))
         assert idle.get(READER) == 2, idle  # one reader per gateway process (STREAM_READERS=1)
         jobs = [client.post("/v1/jobs", json={"prompt": f"stream {i}", "max_new_tokens": TOKENS}).json()["id"]
                 for i in range(JOBS)]
@@ -74,8 +70,10 @@ def test_hundreds_of_streams_get_every_event_through_a_few_redis_connections(pac
             for i in range(WAITS)
         ]
         await asyncio.sleep(1.5)  # all open, the jobs still running
-        during = await asyncio.to_thread(_gateway_clients, store)
-        blocked = await asyncio.to_thread(_blocked_clients, store)
+        connections = await asyncio.to_thread(_gateway_connections, store)
+        during = _by_name(connections)
+        # The connections blocked in a command (an XREAD) at that moment.
+        blocked = [c["name"] for c in connections if "b" in c.get("flags", "")]
         open_now = sum(not t.done() for t in streams + waits)
         return await asyncio.gather(*streams), await asyncio.gather(*waits), during, blocked, open_now
 

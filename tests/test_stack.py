@@ -10,14 +10,11 @@ from rq import Queue
 from rq.registry import CanceledJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
-from helpers import wait_for_job_status, wait_until
+from helpers import LONG_JOB, wait_for_job_status, wait_until
 from rq_checks import wait_for_rq_status
 
 PARIS = {"prompt": "What is the capital of France?"}
 # Greedy SmolLM2 keeps counting for hundreds of tokens: a job that reliably stays running.
-# ignore_eos: the job runs its 400 tokens whatever the model would say (greedy vLLM on one CPU stopped at "30").
-LONG_JOB = {"prompt": "Count from 1 to 500, one number per line.", "max_new_tokens": 400, "temperature": 0,
-            "ignore_eos": True}
 
 
 def rq_queue(store) -> Queue:

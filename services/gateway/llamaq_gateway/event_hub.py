@@ -95,23 +95,19 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _entry(raw_id: str | bytes, fields: dict) -> StreamEntry:
+    return StreamEntry(id=_text(raw_id), event=_text(fields.get(b"event", b"")), data=_text(fields.get(b"data", b"")))
+
+
 def entries_of(raw: Iterable) -> list[StreamEntry]:
     """StreamEntry objects from redis-py's XRANGE / XREAD reply, `[(id, {field: value})]`."""
-    return [
-        StreamEntry(id=_text(raw_id), event=_text(fields.get(b"event", b"")), data=_text(fields.get(b"data", b"")))
-        for raw_id, fields in raw
-    ]
+    return [_entry(raw_id, fields) for raw_id, fields in raw]
 
 
 def entries_of_flat(raw: Iterable) -> list[StreamEntry]:
     """StreamEntry objects from Redis' own reply, `[[id, [field, value, ...]]]` (the readers' XREAD skips
     redis-py's reshaping into dicts, a sixth of the gateway's CPU per token relayed)."""
-    found = []
-    for raw_id, flat in raw:
-        fields = dict(zip(flat[::2], flat[1::2]))
-        found.append(StreamEntry(id=raw_id.decode(), event=fields.get(b"event", b"").decode(),
-                                 data=fields.get(b"data", b"").decode()))
-    return found
+    return [_entry(raw_id, dict(zip(flat[::2], flat[1::2]))) for raw_id, flat in raw]
 
 
 class Subscription:
