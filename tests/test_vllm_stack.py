@@ -28,6 +28,21 @@ from test_stack import (  # noqa: F401
     test_poll_wait_returns_as_soon_as_the_job_ends,
     test_submit_then_poll_and_rq_agrees,
 )
+from test_tools_structured import (  # noqa: F401
+    TEMPLATE,
+    test_auto_parses_the_models_own_calls_parallel_ones_too,
+    test_bad_tools_and_constraints_are_refused_and_nothing_is_queued,
+    test_job_api_takes_the_same_constraints_and_tools,
+    test_json_object_and_json_schema_answers_parse_and_validate,
+    test_logit_bias_and_penalties_change_the_output_as_they_should,
+    test_named_call_streams_its_arguments_in_pieces,
+    test_named_tool_choice_calls_that_function,
+    test_required_tool_choice_makes_a_valid_call,
+    test_required_with_parallel_calls_keeps_every_complete_call,
+    test_second_turn_answers_from_the_tool_result_and_counts_tools_as_the_worker,
+    test_streamed_tool_call_adds_up_to_the_unstreamed_one,
+    test_tools_are_counted_against_the_context,
+)
 from test_streaming import (  # noqa: F401
     model,
     oai,
@@ -53,6 +68,8 @@ def vllm_environment(**overrides: str) -> dict[str, str]:
         KV_CACHE_CPU_GIB="1",
         MAX_MODEL_LEN="2048",
         DRAIN_TIMEOUT_S="30",
+        # Tools rendered as Llama 3.1 does, for the tool-calling tests (test_tools_structured.py).
+        CHAT_TEMPLATE=str(TEMPLATE),
         **overrides,
     )
 

@@ -33,16 +33,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from llamaq_protocol import Priority, keys, utc_now
 from llamaq_protocol.records import CANCEL_SCRIPT, end_keys, job_from_record
 
-from . import openai_compat
 from .errors import InvalidParameter, LlamaqError, NotFound, error_body
 from .files import PURPOSE_BATCH, PURPOSE_BATCH_OUTPUT, FileStore, owner_page, stored_file_commands
 from .jobs import JobService
+from .openai import CHAT, TEXT, ChatCompletionRequest, CompletionRequest, Rendering, completion, prepare
 from .settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
 
 BATCH_ID_PREFIX = "batch_"
-ENDPOINTS = {"/v1/chat/completions": openai_compat.CHAT, "/v1/completions": openai_compat.TEXT}
+ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/completions": TEXT}
 COMPLETION_WINDOW_S = {"24h": 24 * 3600}
 OUTPUT, ERROR = "output", "error"
 RUNNING_STATUSES = ("validating", "in_progress", "cancelling", "finalizing")
@@ -262,8 +262,7 @@ class BatchInput:
             entries.append(entry)
         return cls(entries)
 
-    def request(self, line: int, endpoint: str) -> tuple[str, openai_compat.ChatCompletionRequest |
-                                                       openai_compat.CompletionRequest]:
+    def request(self, line: int, endpoint: str) -> tuple[str, ChatCompletionRequest | CompletionRequest]:
         """The line's custom id and its request body, or LineRefused."""
         entry = self.entries[line]
         if isinstance(entry, str):
@@ -282,8 +281,7 @@ class BatchInput:
             raise LineRefused("body.stream: a batch line is answered whole; leave stream out", 400,
                               error_body(400, "invalid_request_error", "stream is not supported in a batch",
                                          openai=True, param="stream"))
-        model = openai_compat.ChatCompletionRequest if ENDPOINTS[endpoint] == openai_compat.CHAT \
-            else openai_compat.CompletionRequest
+        model = ChatCompletionRequest if ENDPOINTS[endpoint] == CHAT else CompletionRequest
         try:
             return entry["custom_id"], model.model_validate(body)
         except ValidationError as exc:
@@ -324,7 +322,7 @@ def ended_line(batch_id: str, job_id: str, record: dict[bytes, bytes], custom_id
     if status == "succeeded":
         render = json.loads(record[b"batch_render"])
         model = render.pop("model")
-        body = openai_compat.completion(ENDPOINTS[endpoint], job, model, openai_compat.Rendering(**render))
+        body = completion(ENDPOINTS[endpoint], job, model, Rendering(**render))
         return OUTPUT, result_line(batch_id, line, custom_id, status_code=200, body=body, request_id=job_id)
     if status == "failed":
         error = job.error
@@ -472,7 +470,7 @@ class BatchDriver:
         custom_id = parsed.custom_id(line)
         try:
             custom_id, req = parsed.request(line, endpoint)
-            params, card, rendering = await openai_compat.prepare(req, self.jobs, self.settings)
+            params, card, rendering = await prepare(req, self.jobs, self.settings)
             await self.jobs.check_params(params, card)
         except LineRefused as refused:
             error = None if refused.status_code else {"code": "invalid_request", "message": refused.message}

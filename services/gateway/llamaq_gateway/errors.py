@@ -135,6 +135,8 @@ class JobFailed(LlamaqError):
     def __init__(self, error_type: str, message: str):
         super().__init__(message)
         self.error_type = error_type
+        if error_type == "invalid_request":  # the worker refused what the gateway could not check (a grammar)
+            self.status_code = 400
 
     @classmethod
     def of(cls, job: Job) -> JobFailed:

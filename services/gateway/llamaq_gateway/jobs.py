@@ -26,6 +26,7 @@ from llamaq_protocol.models import CAPABILITY_LOGPROBS, CAPABILITY_PROMPT_LOGPRO
 from llamaq_protocol import keys
 from llamaq_protocol.records import CANCEL_SCRIPT, EVENT_STATUS, end_keys, job_from_record, new_record
 
+from .constraints import check_constraints
 from .event_hub import EventHub
 from .job_list import add_to_owner_list, queue_positions
 from .errors import IdempotencyConflict, InvalidRequest, JobNotFound, NoReadyWorker, PromptTooLong, QueueFull
@@ -107,26 +108,30 @@ class JobService:
 
     # ---- submit ----------------------------------------------------------------------------------------------
 
-    async def check_params(self, params: GenerationParams, card: ModelCard | None = None) -> int:
+    async def check_params(
+        self, params: GenerationParams, card: ModelCard | None = None, names: dict[str, str] | None = None
+    ) -> int:
         """Refuse before queueing what the model could not run; returns the prompt's token count.
 
-        `card`: the served model's card when the caller has just read it (one read per request)."""
+        `card`: the served model's card when the caller has just read it (one read per request); `names`: the
+        request's own field for each GenerationParams one, for the refusals' `param` (the OpenAI routes')."""
         check_max_new_tokens(params.max_new_tokens, self.settings.max_new_tokens_limit)
         if card is None:
             card = await self.served_model()
-        check_capabilities(params, card)
+        check_capabilities(params, card, names)
+        check_constraints(params, card, names)
         counter = await self.prompt_counter(card)
-        check_token_ids(params, counter.vocab_size)
+        check_token_ids(params, counter.vocab_size, names)
         if params.prompt_token_ids is not None:
             prompt_tokens = len(params.prompt_token_ids)
         elif not params.templated:  # raw text, tokenized as the worker does (special tokens added, no template)
             prompt = params.prompt or ""
             prompt_tokens = len(await tokenize_sized(len(prompt), counter.encode, prompt, True))
         else:
-            messages = params.chat_messages()
+            messages, tools = params.chat_messages(), params.template_tools()
             try:
                 prompt_tokens = await tokenize_sized(
-                    sum(len(m.get("content") or "") for m in messages), counter.count, messages
+                    sum(len(m.get("content") or "") for m in messages), counter.count, messages, tools
                 )
             except Exception as exc:  # a template that refuses this conversation (e.g. roles out of order)
                 raise InvalidRequest(f"messages: the model's chat template rejected them: {exc}") from exc
@@ -386,7 +391,7 @@ def check_capabilities(params: GenerationParams, card: ModelCard, names: dict[st
 
 def check_token_ids(params: GenerationParams, vocab_size: int, names: dict[str, str] | None = None) -> None:
     """Token ids the tokenizer does not have are refused before queueing; `names` as for check_capabilities."""
-    for field in ("prompt_token_ids", "stop_token_ids"):
+    for field in ("prompt_token_ids", "stop_token_ids", "logit_bias"):
         ids = getattr(params, field) or ()
         if any(i >= vocab_size for i in ids):
             param = (names or {}).get(field, field)

@@ -44,9 +44,11 @@ class PromptCounter:
         self._template = _compile(card.chat_template)
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
         return self._template.render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+            messages=messages, tools=tools or None, documents=None, add_generation_prompt=add_generation_prompt,
             **self.card.special_tokens,
         )
 
@@ -54,13 +56,15 @@ class PromptCounter:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, add_special_tokens: bool = False
+        self, messages: list[dict], add_generation_prompt: bool = True, add_special_tokens: bool = False,
+        tools: list[dict] | None = None,
     ) -> list[int]:
         # apply_chat_template encodes the rendered text without adding special tokens again.
-        return self.encode(self.render(messages, add_generation_prompt), add_special_tokens)
+        return self.encode(self.render(messages, add_generation_prompt, tools), add_special_tokens)
 
-    def count(self, messages: list[dict[str, str]]) -> int:
-        return len(self.encode_chat(messages))
+    def count(self, messages: list[dict], tools: list[dict] | None = None) -> int:
+        """The prompt's tokens as the worker renders it, its tools included."""
+        return len(self.encode_chat(messages, tools=tools))
 
     def decode(self, ids: list[int]) -> str:
         """As transformers' `decode` with its defaults: special tokens kept. Ids must be below `vocab_size`."""

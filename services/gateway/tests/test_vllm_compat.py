@@ -100,7 +100,7 @@ def test_detokenize_is_the_tokenizers_decode(client, tokenizer):
         ("/tokenize", {"prompt": 7}, 422, "invalid_request_error", "prompt"),
         ("/tokenize", {"messages": []}, 422, "invalid_request_error", "messages"),
         ("/tokenize", {"messages": [{"role": "tool", "content": "x"}]}, 400, "invalid_request_error",
-         "messages.0.role"),
+         "messages.0.tool_call_id"),
         ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
          "invalid_request_error", "messages.0.content.0"),
         ("/tokenize", {"model": "other", "prompt": "a"}, 404, "model_not_found", "model"),

@@ -5,6 +5,7 @@ Everything that crosses Redis is one of these models serialized as JSON: never p
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Any, Literal
@@ -18,9 +19,14 @@ ABSOLUTE_MAX_NEW_TOKENS = 1 << 20
 # Most alternatives per token a job may ask log probabilities of (vLLM's default `max_logprobs`, OpenAI's cap).
 MAX_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 256
+MAX_TOOLS = 128
+MAX_LOGIT_BIAS = 300  # OpenAI's cap on logit_bias entries
 # What an engine can do beyond the parameters every engine honours (ModelCard.capabilities).
 CAPABILITY_LOGPROBS = "logprobs"
 CAPABILITY_PROMPT_LOGPROBS = "prompt_logprobs"
+CAPABILITY_STRUCTURED_OUTPUTS = "structured_outputs"
+# The worker parses tool calls out of the model's text (a tool parser is configured and loads).
+CAPABILITY_TOOLS = "tools"
 
 
 def utc_now() -> datetime:
@@ -49,13 +55,137 @@ class FinishReason(str, Enum):
     stop = "stop"
     length = "length"
     canceled = "canceled"
+    tool_calls = "tool_calls"  # the model ended its turn with tool calls
+
+
+FunctionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: FunctionName
+    arguments: str  # a JSON object as text, as OpenAI sends and returns it
+
+
+class ToolCall(BaseModel):
+    """A call the model made (an assistant turn's `tool_calls`, or a job's output)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    """A function the model may call (OpenAI's chat `tools` entry)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    class Function(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        name: FunctionName
+
+    type: Literal["function"] = "function"
+    function: Function
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class StructuredOutputs(BaseModel):
+    """Exactly one constraint on the generated text, as vLLM's `structured_outputs`: a JSON schema (`json`), any JSON
+    object (`json_object`), a regular expression, one of several strings (`choice`) or an EBNF grammar. Compiled by
+    xgrammar on the worker, whichever engine runs."""
+
+    json_schema: dict[str, Any] | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: Annotated[str, StringConstraints(min_length=1)] | None = None
+    choice: Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)] | None = None
+    grammar: Annotated[str, StringConstraints(min_length=1)] | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [name for name in ("json_schema", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object:
+            given.append("json_object")
+        if len(given) != 1:
+            raise ValueError("exactly one of json, json_object, regex, choice or grammar is required")
+        return self
+
+    def kind(self) -> tuple[str, Any]:
+        """The constraint's kind (vLLM's field name) and its value."""
+        if self.json_schema is not None:
+            return "json", self.json_schema
+        if self.json_object:
+            return "json_object", True
+        for name in ("regex", "choice", "grammar"):
+            if getattr(self, name) is not None:
+                return name, getattr(self, name)
+        raise AssertionError("validated to hold exactly one")
 
 
 class ChatMessage(BaseModel):
+    """One turn. `assistant` turns may carry the `tool_calls` the model made (then `content` may be null), and a
+    `tool` turn answers one of them by `tool_call_id`."""
+
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs its tool_call_id, and only a tool message has one")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it (transformers' and vLLM's convention): a call's arguments as an
+        object, not JSON text, so a template writes them with `tojson` once."""
+        data: dict[str, Any] = {"role": self.role, "content": self.content if self.content is not None else ""}
+        if self.tool_calls:
+            data["tool_calls"] = [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": _arguments_object(call.function.arguments)}}
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            data["tool_call_id"] = self.tool_call_id
+        return data
+
+
+def _arguments_object(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments  # not JSON: the template gets the text as it came
 
 
 StopText = Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -94,6 +224,19 @@ class GenerationParams(BaseModel):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    # OpenAI's penalties (vLLM's meaning: over the generated tokens only) and logit bias (token id -> bias).
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: Annotated[dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    # Only text this constraint accepts is generated.
+    structured_outputs: StructuredOutputs | None = None
+    # Functions the model may call (rendered by the chat template), and whether it must: "auto" (default with
+    # tools) lets the model choose and parses calls out of its text; "required" and a named function are enforced
+    # by a grammar; "none" renders the tools but parses nothing.
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -120,17 +263,55 @@ class GenerationParams(BaseModel):
             raise ValueError("'raw_prompt' goes with 'prompt'")
         if self.min_tokens > self.max_new_tokens:
             raise ValueError("'min_tokens' must be at most 'max_new_tokens'")
+        self._check_tools()
         return self
+
+    def _check_tools(self) -> None:
+        # Every tool turn answers a call an earlier assistant turn made.
+        called: set[str] = set()
+        for i, message in enumerate(self.messages or ()):
+            called.update(call.id for call in message.tool_calls or ())
+            if message.role == "tool" and message.tool_call_id not in called:
+                raise ValueError(f"messages.{i}: tool_call_id {message.tool_call_id!r} answers no earlier tool call")
+        if self.tools is None:
+            if self.tool_choice not in (None, "none"):
+                raise ValueError("'tool_choice' needs 'tools'")
+            return
+        if not self.templated:
+            raise ValueError("'tools' go with a chat prompt ('messages' or 'prompt')")
+        names = [tool.function.name for tool in self.tools]
+        if len(set(names)) != len(names):
+            raise ValueError("'tools' must have distinct function names")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"'tool_choice' names {self.tool_choice.function.name!r}, which is not in 'tools'")
+        if self.forced_tools() and self.structured_outputs is not None:
+            raise ValueError("'structured_outputs' cannot go with a required or named 'tool_choice'")
+
+    def effective_tool_choice(self) -> ToolChoice:
+        """OpenAI's default: "auto" when tools are given, else "none"."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def forced_tools(self) -> bool:
+        """Whether a grammar makes the model call a tool ("required", or a named function)."""
+        return self.tools is not None and self.effective_tool_choice() not in ("none", "auto")
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template takes them (OpenAI's shape, unset fields left out)."""
+        if not self.tools:
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
 
     @property
     def templated(self) -> bool:
         """Whether the prompt is a conversation rendered with the model's chat template (else raw text or ids)."""
         return self.messages is not None or (self.prompt is not None and not self.raw_prompt)
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self) -> list[dict[str, Any]]:
         """The conversation the model's chat template renders (only for a `templated` prompt)."""
         if self.messages is not None:
-            return [m.model_dump() for m in self.messages]
+            return [m.for_template() for m in self.messages]
         system = DEFAULT_SYSTEM_PROMPT if self.system is None else self.system
         return [{"role": "system", "content": system}, {"role": "user", "content": self.prompt or ""}]
 
@@ -171,6 +352,8 @@ class JobOutput(BaseModel):
     logprobs: list[TokenLogprob] | None = None
     # With `prompt_logprobs`: one per prompt token, the first null (nothing precedes it).
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # The calls the model made, parsed from its text (then `text` holds only what it said besides them).
+    tool_calls: list[ToolCall] | None = None
 
 
 class JobError(BaseModel):
@@ -197,7 +380,7 @@ class Job(BaseModel):
         for optional in ("position", "output", "error"):
             if data[optional] is None:
                 del data[optional]
-        for optional in ("logprobs", "prompt_logprobs"):  # only when the job asked for them
+        for optional in ("logprobs", "prompt_logprobs", "tool_calls"):  # only when there are some
             if data.get("output") and data["output"].get(optional) is None:
                 data["output"].pop(optional, None)
         return data

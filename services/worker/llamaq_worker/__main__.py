@@ -10,6 +10,7 @@ import redis
 from rq.serializers import JSONSerializer
 
 from llamaq_protocol import WorkerInfo, keys, utc_now
+from llamaq_protocol.models import CAPABILITY_TOOLS
 from llamaq_protocol.logs import configure_logging
 
 from .batch_worker import BatchWorker
@@ -20,6 +21,7 @@ from .model_source import resolve_model_dir
 from .presence import Heartbeat, model_mapping, publish_model
 from .priority_queues import PriorityQueue
 from .settings import WorkerSettings
+from .tool_calls import load_tool_parser
 
 logger = logging.getLogger("llamaq_worker")
 
@@ -59,6 +61,8 @@ def serve(settings: WorkerSettings, engine: Engine, dtype: str) -> int:
 
     connection = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     tokenizer = engine.tokenizer
+    tool_parser = load_tool_parser(settings.tool_call_parser, tokenizer)
+    capabilities = set(getattr(engine, "capabilities", ())) | ({CAPABILITY_TOOLS} if tool_parser else set())
     model = model_mapping(
         {
             "name": name,
@@ -67,7 +71,7 @@ def serve(settings: WorkerSettings, engine: Engine, dtype: str) -> int:
             "special_tokens": tokenizer.special_tokens_map,
             "defaults": engine.defaults,
             "engine": settings.engine,
-            "capabilities": sorted(getattr(engine, "capabilities", ())),
+            "capabilities": sorted(capabilities),
         },
         tokenizer.backend_tokenizer.to_str(),
     )
@@ -88,7 +92,7 @@ def serve(settings: WorkerSettings, engine: Engine, dtype: str) -> int:
               for queue_name in keys.queue_names(settings.queue_name)]
     worker = BatchWorker(
         queues, queue_class=PriorityQueue, engine=engine, settings=settings, metrics=metrics, connection=connection,
-        serializer=JSONSerializer,
+        serializer=JSONSerializer, tool_parser=tool_parser,
         name=settings.worker_name, log_job_description=False,
     )
     try:

@@ -59,9 +59,12 @@ class BatchWorker(SimpleWorker):
     _state_written: str | None = None
     _plain_heartbeat_at = float("-inf")
 
-    def __init__(self, queues, *, engine: Engine, settings: WorkerSettings, metrics: WorkerMetrics, **kwargs):
+    def __init__(self, queues, *, engine: Engine, settings: WorkerSettings, metrics: WorkerMetrics,
+                 tool_parser: type | None = None, **kwargs):
         super().__init__(queues, **kwargs)
         self.engine = engine
+        # vLLM's tool parser class for tool_choice "auto" (tool_calls.load_tool_parser); None: no tool calling.
+        self.tool_parser = tool_parser
         self.settings = settings
         self.metrics = metrics
         self.slots: dict[str, Slot] = {}

@@ -19,10 +19,11 @@ from rq.worker import WorkerStatus
 from llamaq_protocol import GenerationParams, JobError, JobPayload, JobStatus, utc_now
 from llamaq_protocol.records import CLAIM_SCRIPT, claim_keys
 
-from .engines.base import EngineDead, SamplingParams, text_token_ids
+from .engines.base import EngineDead, SamplingParams, StructuredOutputs, text_token_ids
 from .metrics import seconds_since
 from .publishing import REDIS_DOWN
 from .slots import Ending, Slot
+from .tool_calls import ToolCallStream, forced_tool_schema
 
 if TYPE_CHECKING:
     from .batch_worker import BatchWorker
@@ -60,7 +61,26 @@ def sampling_params(params: GenerationParams, defaults: dict) -> SamplingParams:
         logprobs=params.logprobs,
         prompt_logprobs=params.prompt_logprobs,
         seed=params.seed,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=tuple(sorted((params.logit_bias or {}).items())),
+        structured_outputs=structured_outputs(params),
     )
+
+
+def structured_outputs(params: GenerationParams) -> StructuredOutputs | None:
+    """The job's constraint for the engine: a required or named tool_choice's schema, or its own."""
+    schema = forced_tool_schema(params)
+    if schema is not None:
+        return StructuredOutputs("json", json.dumps(schema))
+    if params.structured_outputs is None:
+        return None
+    kind, value = params.structured_outputs.kind()
+    if kind == "json":
+        return StructuredOutputs(kind, json.dumps(value))
+    if kind == "choice":
+        return StructuredOutputs(kind, tuple(value))
+    return StructuredOutputs(kind, "" if kind == "json_object" else value)
 
 
 def prompt_token_ids(engine, params: GenerationParams) -> list[int]:
@@ -70,7 +90,7 @@ def prompt_token_ids(engine, params: GenerationParams) -> list[int]:
         return list(params.prompt_token_ids)
     if not params.templated:
         return text_token_ids(engine.tokenizer, params.prompt or "")
-    return engine.encode_chat(params.chat_messages())
+    return engine.encode_chat(params.chat_messages(), params.template_tools())
 
 
 class Claimer:
@@ -166,6 +186,8 @@ class Claimer:
             slot.max_new_tokens = params.max_new_tokens
             if params.logprobs is not None:
                 slot.logprobs = []
+            if params.tools and params.effective_tool_choice() != "none":
+                slot.tool_calls = ToolCallStream(params, worker.tool_parser, engine.tokenizer)
             if len(prompt_ids) + params.max_new_tokens > engine.context_length:
                 raise JobRefused(
                     "prompt_too_long",
@@ -179,6 +201,9 @@ class Claimer:
             return Ending(JobStatus.failed, error=JobError(type=exc.error_type, message=exc.message))
         except EngineDead:
             raise  # not the job's fault: it goes back on the queue with the others
+        except ValueError as exc:  # the engine refused the request (a grammar that does not compile, say)
+            logger.warning("job %s refused by the engine: %s", job.id, exc, extra={"job_id": job.id})
+            return Ending(JobStatus.failed, error=JobError(type="invalid_request", message=str(exc)))
         except Exception as exc:
             logger.exception("job %s could not start", job.id)
             return Ending(JobStatus.failed, error=JobError(type="internal_error", message=str(exc)))

@@ -123,9 +123,9 @@ class Publisher:
                     self.metrics.first_token.observe(slot.waited_s + time.monotonic() - slot.admitted_at)
                 generated += out.completion_tokens - slot.completion_tokens
             slot.completion_tokens = out.completion_tokens
-            if (out.text or out.logprobs or out.prompt_logprobs is not None) and not slot.lost:
-                slot.text += out.text
-                slot.unpublished.append(event_data(slot.take_token_event(out)))
+            event = None if slot.lost else slot.take_token_event(out)
+            if event is not None:
+                slot.unpublished.append(event_data(event))
                 slot.token_events += 1
                 self._pending[out.seq_id] = slot
             if out.finish_reason or out.error:

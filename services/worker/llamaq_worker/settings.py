@@ -54,6 +54,13 @@ class WorkerSettings(BaseSettings):
     # token, as a GPU's batched step does).
     paced_tokens_per_s: float = Field(default=25.0, gt=0)
 
+    # A chat template (a file's path, or the template itself) used instead of the model's own, by the worker and by
+    # the gateway's prompt counts (vLLM's --chat-template): for a model whose own template does not render `tools`.
+    chat_template: str | None = None
+    # vLLM's tool parser that reads tool calls out of the model's text for tool_choice "auto" (vLLM's
+    # --tool-call-parser: llama3_json for Llama 3.x, hermes, mistral, ...); "" turns tool calling off.
+    tool_call_parser: str = "llama3_json"
+
     # ---- ENGINE=vllm (vLLM's own names, in upper case) --------------------------------------------------------
     # Fraction of GPU memory vLLM may use for weights, activations and its KV cache.
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)

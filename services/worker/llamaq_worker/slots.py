@@ -13,6 +13,7 @@ from rq.job import Job as RQJob
 from llamaq_protocol import FinishReason, JobError, JobOutput, JobStatus, Usage, utc_now
 
 from .engines.base import StepOutput
+from .tool_calls import NAMED, ToolCallStream
 
 
 @dataclass
@@ -54,12 +55,22 @@ class Slot:
     # The job asked for logprobs / prompt_logprobs: what the engine reported so far (else None).
     logprobs: list[dict[str, Any]] | None = None
     prompt_logprobs: list[dict[str, Any] | None] | None = None
+    # The job has tools: its text is read for tool calls as it comes (content and call deltas go out apart).
+    tool_calls: ToolCallStream | None = None
 
-    def take_token_event(self, out: StepOutput) -> dict[str, Any]:
-        """The `token` event of an output with news (its text, and the log probabilities it carries), kept for the
-        job's output too; the caller has taken the text."""
-        event: dict[str, Any] = {"index": self.token_events, "text": out.text,
+    def take_token_event(self, out: StepOutput) -> dict[str, Any] | None:
+        """The `token` event of an output (its text, the tool call deltas read from it, the log probabilities it
+        carries), all kept for the job's output too; None when it has nothing to send."""
+        text, calls = out.text, None
+        if self.tool_calls is not None:
+            text, calls = self.tool_calls.feed(out.text, final=out.finish_reason is not None or out.error is not None)
+        self.text += text
+        if not (text or calls or out.logprobs or out.prompt_logprobs is not None):
+            return None
+        event: dict[str, Any] = {"index": self.token_events, "text": text,
                                  "completion_tokens": out.completion_tokens}
+        if calls:
+            event["tool_calls"] = calls
         if out.logprobs:
             event["logprobs"] = out.logprobs
             if self.logprobs is None:
@@ -71,8 +82,12 @@ class Slot:
 
     def output(self, finish_reason: FinishReason | None = None) -> JobOutput:
         usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
+        calls = self.tool_calls.calls if self.tool_calls is not None else None
+        if calls and finish_reason is FinishReason.stop and self.tool_calls.mode != NAMED:
+            # OpenAI's reason for a turn that ended in calls; a named tool_choice ends with "stop", as OpenAI's does.
+            finish_reason = FinishReason.tool_calls
         return JobOutput(text=self.text, finish_reason=finish_reason, usage=usage, logprobs=self.logprobs,
-                         prompt_logprobs=self.prompt_logprobs)
+                         prompt_logprobs=self.prompt_logprobs, tool_calls=calls or None)
 
 
 def ending_of(slot: Slot, out: StepOutput) -> Ending:

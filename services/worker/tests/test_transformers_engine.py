@@ -3,8 +3,11 @@ model (float32, CPU)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ try:
 except ImportError:  # package not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamaq_worker.engines.base import SamplingParams, StepOutput
+from llamaq_worker.engines.base import SamplingParams, StepOutput, StructuredOutputs
 from llamaq_worker.engines.text import IncrementalText
 from llamaq_worker.engines.transformers import TransformersEngine
 from llamaq_worker.engines.transformers.engine import _Seq, _StepOutputs
@@ -447,3 +450,160 @@ def test_add_rejects_the_extensions_out_of_range(engine: TransformersEngine) -> 
         with pytest.raises(ValueError):
             engine.add("bad", ids, greedy(16, **bad))
     assert engine.active == 0
+
+
+# ---- structured outputs, logit_bias, presence / frequency penalties ------------------------------------------
+
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+    "required": ["city", "country"],
+    "additionalProperties": False,
+}
+
+
+def ask(engine: TransformersEngine, prompt: str) -> list[int]:
+    return engine.encode_chat([{"role": "user", "content": prompt}])
+
+
+def constrained(kind: str, spec: str | tuple[str, ...] = "", n: int = 48, **kw) -> SamplingParams:
+    return greedy(n, structured_outputs=StructuredOutputs(kind, spec), **kw)
+
+
+def test_json_schema_output(engine: TransformersEngine) -> None:
+    text, _, _, final = run_collecting(engine, ask(engine, "What is the capital of France? Answer in JSON."),
+                                       constrained("json", json.dumps(CITY_SCHEMA)))
+    value = json.loads(text)
+    assert isinstance(value, dict) and set(value) == {"city", "country"}
+    assert all(isinstance(v, str) for v in value.values())
+    assert final.finish_reason == "stop"
+    assert "<|im_end|>" not in text
+
+
+def test_json_object_choice_and_regex(engine: TransformersEngine) -> None:
+    text, _, _, final = run_collecting(engine, ask(engine, "What is the capital of France? Answer in JSON."),
+                                       constrained("json_object"))
+    assert isinstance(json.loads(text), dict) and final.finish_reason == "stop"
+    text, _, _, final = run_collecting(engine, ask(engine, "Is Paris in France? Answer yes or no."),
+                                       constrained("choice", ("yes", "no")))
+    assert text in ("yes", "no") and final.finish_reason == "stop"
+    text, _, _, final = run_collecting(engine, ask(engine, "Give me a phone number."),
+                                       constrained("regex", "[0-9]{3}-[0-9]{4}"))
+    assert re.fullmatch("[0-9]{3}-[0-9]{4}", text) and final.finish_reason == "stop"
+    text, _, _, final = run_collecting(engine, ask(engine, "Say hi."), constrained("grammar", 'root ::= "hi" | "ho"'))
+    assert text in ("hi", "ho") and final.finish_reason == "stop"
+
+
+def test_grammar_wins_over_min_tokens_and_ignore_eos(engine: TransformersEngine) -> None:
+    """A complete grammar allows only a stop token: the sequence ends there, whatever min_tokens or ignore_eos say
+    (vLLM lets the grammar's stop token through min_tokens too)."""
+    ids = ask(engine, "Is Paris in France? Answer yes or no.")
+    for extra in ({"min_tokens": 10}, {"ignore_eos": True}):
+        params = constrained("choice", ("yes", "no"), logprobs=0, **extra)
+        text, logprobs, _, final = run_collecting(engine, ids, params)
+        assert text in ("yes", "no") and final.finish_reason == "stop", extra
+        assert logprobs[-1]["id"] in engine.eos_token_ids
+
+
+def test_uncompilable_constraints_fail_in_add(engine: TransformersEngine, solo_greedy) -> None:
+    ids = chat(engine, "france")
+    for kind, spec in [("grammar", 'root ::= "a" | '), ("grammar", "root ::= undefined_rule"),
+                       ("json", '{"type": "no-such-type"}'), ("json", "not json"), ("regex", "[0-9"),
+                       ("choice", ())]:
+        with pytest.raises(ValueError, match="structured_outputs"):
+            engine.add("bad", ids, constrained(kind, spec))
+        assert engine.active == 0, (kind, spec)
+    assert solo(engine, "france", greedy())[0] == solo_greedy["france"][0]
+
+
+def test_constrained_row_leaves_its_batch_alone(engine: TransformersEngine, solo_greedy) -> None:
+    """A grammar-masked row next to unconstrained ones: theirs are the same as alone (float32), and it is the same
+    as alone too."""
+    json_ids = ask(engine, "What is the capital of France? Answer in JSON.")
+    json_params = constrained("json", json.dumps(CITY_SCHEMA))
+    alone, _, _, _ = run_collecting(engine, json_ids, json_params)
+    texts, final = drain(
+        engine,
+        {
+            0: [("france", chat(engine, "france"), greedy()), ("json", json_ids, json_params)],
+            2: [("sky", chat(engine, "sky"), greedy())],
+        },
+    )
+    assert texts["france"] == solo_greedy["france"][0]
+    assert texts["sky"] == solo_greedy["sky"][0]
+    assert texts["json"] == alone and final["json"].finish_reason == "stop"
+
+
+def test_logit_bias(engine: TransformersEngine, solo_greedy) -> None:
+    ids = chat(engine, "france")
+    forced = engine.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    text, logprobs, _, _ = run_collecting(engine, ids, greedy(6, logit_bias=((forced, 100.0),), logprobs=0))
+    assert [e["id"] for e in logprobs] == [forced] * 6
+    assert text == engine.tokenizer.decode([forced] * 6)
+    assert logprobs[0]["logprob"] < -1.0  # logprobs stay those of the raw distribution (vLLM)
+    _, plain, _, _ = run_collecting(engine, ids, greedy(6, logprobs=0))
+    first = plain[0]["id"]
+    _, biased, _, _ = run_collecting(engine, ids, greedy(6, logit_bias=((first, -100.0),), logprobs=0))
+    assert biased[0]["id"] != first
+
+
+def test_frequency_penalty_cuts_repeats(engine: TransformersEngine) -> None:
+    ids = ask(engine, "Write the word hello 20 times, separated by spaces.")
+
+    def most_common(**kw) -> int:
+        _, logprobs, _, _ = run_collecting(engine, ids, greedy(40, logprobs=0, **kw))
+        return Counter(e["id"] for e in logprobs).most_common(1)[0][1]
+
+    plain = most_common()
+    assert plain >= 10
+    assert most_common(frequency_penalty=2.0) < plain
+    assert most_common(presence_penalty=2.0) < plain
+
+
+def test_zero_penalties_change_nothing(engine: TransformersEngine, solo_greedy) -> None:
+    params = greedy(presence_penalty=0.0, frequency_penalty=0.0, logit_bias=())
+    for key in PROMPTS:
+        text, out = solo(engine, key, params)
+        assert text == solo_greedy[key][0] and out.completion_tokens == solo_greedy[key][1].completion_tokens
+
+
+def test_count_penalties_match_their_definition(engine: TransformersEngine) -> None:
+    """Greedy with OpenAI's penalties, recomputed from the model's logits one token at a time:
+    logit[t] -= presence * (count[t] > 0) + frequency * count[t], counting the output only (not the prompt)."""
+    ids = chat(engine, "haiku")
+    presence, frequency = 0.7, 1.3
+    _, got, _, _ = run_collecting(engine, ids, greedy(12, presence_penalty=presence, frequency_penalty=frequency,
+                                                      logprobs=0, ignore_eos=True))
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(12):
+            logits = engine.model(torch.tensor([ids + out])).logits[0, -1].float()
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+            logits = logits - frequency * counts - presence * (counts > 0).float()
+            out.append(int(logits.argmax()))
+    assert [e["id"] for e in got] == out
+
+
+def test_penalized_row_joins_and_leaves_a_batch(engine: TransformersEngine, solo_greedy) -> None:
+    """The output counts follow the rows through admission, merging and dropping: a penalized sequence joining a
+    running batch late, then joined by another, gives the same text as alone (and so do the others); the batch
+    keeps counts only while a penalized row runs."""
+    params = greedy(16, frequency_penalty=1.0, presence_penalty=0.5, ignore_eos=True)
+    alone, _, _, _ = run_collecting(engine, chat(engine, "haiku"), params)
+    plan = {0: ("france", greedy()), 2: ("pen", params), 4: ("sky", greedy())}
+    texts: dict[str, str] = {}
+    states = set()  # (rows running, whether the batch keeps counts) after each step
+    for step in range(100):
+        if step in plan:
+            seq_id, p = plan[step]
+            engine.add(seq_id, chat(engine, "haiku" if seq_id == "pen" else seq_id), p)
+        if not engine.active and step > max(plan):
+            break
+        for out in engine.step():
+            texts[out.seq_id] = texts.get(out.seq_id, "") + out.text
+        states.add((tuple(s.seq_id for s in engine._running), engine._counts is not None))
+    assert all(counts == ("pen" in rows) for rows, counts in states), states
+    assert (("france",), False) in states and (("sky",), False) in states  # before it came, after it went
+    assert (("france", "pen", "sky"), True) in states  # a row without counts merged into a batch with them
+    assert texts["pen"] == alone
+    assert texts["france"] == solo_greedy["france"][0] and texts["sky"] == solo_greedy["sky"][0]

@@ -2,10 +2,11 @@
 
 from fastapi import APIRouter, Response
 
-from .. import openai_compat
 from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
 from ..errors import OpenAIRoute
-from ..openai_compat import ChatCompletionRequest, CompletionRequest
+from ..openai import (
+    CHAT, TEXT, ChatCompletionRequest, CompletionRequest, check_model, model_object, models_list, respond,
+)
 from ..schemas import error_responses
 
 # OpenAIRoute: these routes' errors carry OpenAI's `param` and type.
@@ -20,14 +21,14 @@ _STREAM = {
 @router.get("/v1/models", responses=error_responses(422, 503))
 async def list_models(jobs: JobsDep, owner: OwnerDep) -> dict:
     """The served model; 503 while no worker is ready."""
-    return openai_compat.models_list(await jobs.served_model())
+    return models_list(await jobs.served_model())
 
 
 @router.get("/v1/models/{model_id:path}", responses=error_responses(404, 422, 503))
 async def retrieve_model(model_id: str, jobs: JobsDep, owner: OwnerDep) -> dict:
     card = await jobs.served_model()
-    openai_compat.check_model(model_id, card)
-    return openai_compat.model_object(card)
+    check_model(model_id, card)
+    return model_object(card)
 
 
 @router.post("/v1/chat/completions", response_class=Response, responses=_STREAM)
@@ -39,7 +40,7 @@ async def chat_completions(
     settings: SettingsDep,
     slots: StreamSlotsDep,
 ) -> Response:
-    return await openai_compat.respond(openai_compat.CHAT, body, jobs, owner, request_id, settings, slots)
+    return await respond(CHAT, body, jobs, owner, request_id, settings, slots)
 
 
 @router.post("/v1/completions", response_class=Response, responses=_STREAM)
@@ -52,4 +53,4 @@ async def completions(
     slots: StreamSlotsDep,
 ) -> Response:
     """`prompt` becomes one user message under the model's chat template (no raw-text continuation)."""
-    return await openai_compat.respond(openai_compat.TEXT, body, jobs, owner, request_id, settings, slots)
+    return await respond(TEXT, body, jobs, owner, request_id, settings, slots)

@@ -10,11 +10,10 @@ from typing import Annotated
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .. import openai_compat
 from ..deps import JobsDep, OwnerDep
 from ..errors import InvalidParameter, InvalidRequest, OpenAIRoute
 from ..jobs import tokenize_sized
-from ..openai_compat import ChatMessageIn
+from ..openai import ChatMessageIn, chat_messages, check_model, template_messages
 from ..schemas import error_responses
 
 # The vLLM release whose endpoint shapes these follow (`GET /version` says so).
@@ -83,10 +82,10 @@ async def version(request: Request, owner: OwnerDep) -> VersionResponse:
 async def tokenize(body: TokenizeRequest, jobs: JobsDep, owner: OwnerDep) -> TokenizeResponse:
     """The token ids the model would see: a prompt as plain text, or messages rendered with the chat template."""
     card = await jobs.served_model()
-    openai_compat.check_model(body.model, card)
+    check_model(body.model, card)
     counter = await jobs.prompt_counter(card)
     if body.messages is not None:
-        messages = openai_compat.chat_messages(body.messages)
+        messages = template_messages(chat_messages(body.messages))
         agp = True if body.add_generation_prompt is None else body.add_generation_prompt
         try:
             ids = await tokenize_sized(sum(len(m["content"]) for m in messages), counter.encode_chat, messages, agp,
@@ -106,7 +105,7 @@ async def tokenize(body: TokenizeRequest, jobs: JobsDep, owner: OwnerDep) -> Tok
 async def detokenize(body: DetokenizeRequest, jobs: JobsDep, owner: OwnerDep) -> DetokenizeResponse:
     """The text of these token ids, special tokens included (as vLLM decodes them)."""
     card = await jobs.served_model()
-    openai_compat.check_model(body.model, card)
+    check_model(body.model, card)
     counter = await jobs.prompt_counter(card)
     for i, token in enumerate(body.tokens):
         if token >= counter.vocab_size:

@@ -26,7 +26,26 @@ logger = logging.getLogger(__name__)
 
 
 def build_engine(settings: WorkerSettings, model_dir: str) -> Engine:
-    """The engine `settings.engine` names, loaded from `model_dir`."""
+    """The engine `settings.engine` names, loaded from `model_dir`, with CHAT_TEMPLATE in place of the model's own
+    chat template when set."""
+    engine = _load_engine(settings, model_dir)
+    if settings.chat_template:
+        engine.tokenizer.chat_template = read_chat_template(settings.chat_template)
+        logger.info("chat template from CHAT_TEMPLATE (%d characters)", len(engine.tokenizer.chat_template))
+    return engine
+
+
+def read_chat_template(value: str) -> str:
+    """CHAT_TEMPLATE: a file's path, or the template text itself (vLLM's --chat-template takes either)."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as fh:
+            return fh.read()
+    if "{" not in value:
+        raise ValueError(f"CHAT_TEMPLATE {value!r} is neither a file nor a template")
+    return value
+
+
+def _load_engine(settings: WorkerSettings, model_dir: str) -> Engine:
     if settings.engine == "echo":
         from .echo import EchoEngine
 

@@ -23,6 +23,22 @@ MAX_LOGPROBS = 20
 # What an engine may do beyond what every engine honours (the same names as llamaq_protocol's CAPABILITY_*).
 LOGPROBS = "logprobs"
 PROMPT_LOGPROBS = "prompt_logprobs"
+STRUCTURED = "structured_outputs"
+
+
+# The kinds of structured output (vLLM's StructuredOutputsParams fields): a JSON schema, any JSON object, a regular
+# expression, one of a list of strings, or an EBNF grammar (xgrammar's / GBNF syntax).
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on what a sequence may generate, compiled by xgrammar (vLLM's structured-output backend, and the
+    transformers engine's). `spec`: the JSON schema as JSON text (json), the pattern (regex), the choices (choice,
+    a tuple of strings), the grammar's text (grammar), or "" (json_object)."""
+
+    kind: str
+    spec: str | tuple[str, ...] = ""
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,14 @@ class SamplingParams:
     logprobs: int | None = None  # report each token's logprob and this many top alternatives
     prompt_logprobs: int | None = None  # the same for the prompt tokens
     seed: int | None = None
+    # OpenAI's penalties with vLLM's meaning: subtracted from a token's logit once it appeared in the output
+    # (presence), and once per time it appeared (frequency); -2 .. 2.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # (token id, bias added to its logit) pairs, -100 .. 100 (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Only text the constraint accepts is generated; the sequence ends ("stop") once the constraint is complete.
+    structured_outputs: StructuredOutputs | None = None
 
 
 # One token's log probability as a StepOutput carries it: the wire shape of llamaq_protocol.TokenLogprob,
@@ -126,6 +150,13 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, context_leng
         value = getattr(params, name)
         if value is not None and not 0 <= value <= MAX_LOGPROBS:
             raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}]")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2.0 <= getattr(params, name) <= 2.0:
+            raise ValueError(f"{name} must be in [-2, 2]")
+    if any(not 0 <= int(t) < vocab_size or not -100.0 <= b <= 100.0 for t, b in params.logit_bias):
+        raise ValueError("logit_bias takes token ids of the vocabulary and biases in [-100, 100]")
+    if params.structured_outputs is not None and params.structured_outputs.kind not in STRUCTURED_KINDS:
+        raise ValueError(f"structured_outputs kind must be one of {', '.join(STRUCTURED_KINDS)}")
 
 
 def check_capabilities(params: SamplingParams, capabilities: frozenset[str], engine: str) -> None:
@@ -157,7 +188,7 @@ class Engine(Protocol):
     @property
     def active(self) -> int: ...
 
-    def encode_chat(self, messages: list[dict]) -> list[int]: ...
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]: ...
 
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None: ...
 
@@ -290,10 +321,11 @@ def token_text(tokenizer, cache: dict[int, str], token_id: int) -> str:
     return text
 
 
-def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The prompt's token ids from the model's own chat template, whatever container transformers returns them
-    in (a list, a BatchEncoding in 5.x, a tensor, or a batch of one)."""
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+def chat_token_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The prompt's token ids from the model's chat template (its own, or CHAT_TEMPLATE's), `tools` (OpenAI's
+    function definitions) rendered by it, whatever container transformers returns them in (a list, a
+    BatchEncoding in 5.x, a tensor, or a batch of one)."""
+    out = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=True)
     if hasattr(out, "keys") and "input_ids" in out:
         out = out["input_ids"]
     if hasattr(out, "tolist"):

@@ -37,8 +37,8 @@ class EchoEngine(TokenizerOnlyEngine[_EchoSeq]):
         self._user_text: OrderedDict[tuple[int, ...], str] = OrderedDict()
         logger.info("echo engine ready (no model): tokenizer of %s, max_batch=%d", self.model_name, max_batch)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        ids = chat_token_ids(self.tokenizer, messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        ids = chat_token_ids(self.tokenizer, messages, tools)
         user = [m.get("content", "") for m in messages if m.get("role") == "user"]
         with self._lock:
             self._user_text[tuple(ids)] = user[-1] if user else ""

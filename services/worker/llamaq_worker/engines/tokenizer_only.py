@@ -42,8 +42,8 @@ class TokenizerOnlyEngine(SequenceSlots[SeqT]):
         self.vocab_size = len(self.tokenizer)
         self.defaults = sampling_defaults(read_generation_config(model_path))
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return chat_token_ids(self.tokenizer, messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return chat_token_ids(self.tokenizer, messages, tools)
 
     def device_memory(self) -> tuple[int, int]:
         return 0, 0  # no model, no GPU

@@ -26,7 +26,7 @@ from vllm import SamplingParams as VllmSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -35,6 +35,7 @@ from ..hardware import resolve_dtype
 from .base import (
     LOGPROBS,
     PROMPT_LOGPROBS,
+    STRUCTURED,
     EngineDead,
     EngineStats,
     SamplingParams,
@@ -78,7 +79,23 @@ def vllm_sampling(params: SamplingParams) -> VllmSamplingParams:
         skip_special_tokens=params.skip_special_tokens,
         logprobs=params.logprobs,  # from the raw distribution (vLLM's default logprobs_mode, raw_logprobs)
         prompt_logprobs=params.prompt_logprobs,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=dict(params.logit_bias) or None,
+        structured_outputs=structured_outputs(params),
     )
+
+
+def structured_outputs(params: SamplingParams) -> StructuredOutputsParams | None:
+    """The job's constraint as vLLM's structured-output backend (xgrammar by default) takes it."""
+    constraint = params.structured_outputs
+    if constraint is None:
+        return None
+    if constraint.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if constraint.kind == "choice":
+        return StructuredOutputsParams(choice=list(constraint.spec))
+    return StructuredOutputsParams(**{constraint.kind: constraint.spec})
 
 
 def token_logprobs(position, chosen: int, top: int) -> TokenLogprobDict | None:
@@ -140,7 +157,7 @@ class VllmOptions:
 
 
 class VLLMEngine(SequenceSlots[_VllmSeq]):
-    capabilities = frozenset({LOGPROBS, PROMPT_LOGPROBS})
+    capabilities = frozenset({LOGPROBS, PROMPT_LOGPROBS, STRUCTURED})
 
     @classmethod
     def from_settings(cls, settings, model_dir: str) -> VLLMEngine:
@@ -210,8 +227,8 @@ class VLLMEngine(SequenceSlots[_VllmSeq]):
 
     # ---- the engine interface --------------------------------------------------------------------------------
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return chat_token_ids(self.tokenizer, messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return chat_token_ids(self.tokenizer, messages, tools)
 
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         validate_request(prompt_ids, params, self.context_length, self.vocab_size)
@@ -337,6 +354,9 @@ class VLLMEngine(SequenceSlots[_VllmSeq]):
             return
         logger.error("vLLM failed sequence %s: %r", seq.seq_id, exc)
         cause = exc.__cause__ or exc
+        if isinstance(cause, ValueError):  # vLLM refused the request itself (a grammar it cannot compile, say)
+            self._report(seq, "", error=f"invalid_request: {cause}")
+            return
         self._report(seq, "", error=f"engine_error: {type(cause).__name__}: {cause}")
 
     @staticmethod

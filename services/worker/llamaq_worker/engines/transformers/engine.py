@@ -11,13 +11,22 @@ calls ``add`` for new sequences, ``cancel`` for cancelled ones and ``step`` in a
    sequence axis, then the two are concatenated along the batch axis);
 3. runs ONE decode step (one token per row) for every running sequence, each row sampled with its
    own parameters (``sampling.sample``: greedy argmax, or temperature / min-p / top-k / top-p with its own
-   ``torch.Generator``, after an optional repetition penalty; HF semantics for each, vLLM's for min-p).
+   ``torch.Generator``, after its structured-output mask, logit_bias and optional repetition / frequency /
+   presence penalties, in vLLM's order; HF semantics for each, vLLM's for min-p and the OpenAI penalties).
 
 A sequence ends on one of the model's EOS tokens (unless ``ignore_eos``), one of its ``stop_token_ids`` or a stop
 string, none of them before ``min_tokens`` tokens (EOS and stop tokens are masked out of the logits until then, as
 vLLM does). With ``logprobs`` each token comes with its log probability and the top alternatives, from the raw
 distribution (log_softmax of the model's logits before any sampling setting: vLLM's default ``raw_logprobs``);
 ``prompt_logprobs`` prefills that sequence alone with the logits of every position kept.
+
+``structured_outputs`` are compiled by xgrammar in ``add`` (``grammar.Grammars``: one compiler per engine, built on
+first use, with its cache), so a bad spec fails the request there and compiling never holds up a step. Each
+sequence with a constraint keeps an ``xgr.GrammarMatcher``: before every sampling (prefill and decode) it fills its
+row of a token bitmask, which masks that row's logits (greedy rows too); the chosen token is then accepted by it.
+Once its grammar is complete only a stop token (EOS or one of ``stop_token_ids``, even with ``ignore_eos``) is
+allowed, and accepting it ends the sequence with "stop", the token's text left out (as for EOS). A grammar that
+allows nothing but a stop token overrides ``min_tokens``, as in vLLM.
 
 Each sequence's text comes from ``engines.text.IncrementalText`` (incremental detokenization, stop strings).
 
@@ -47,6 +56,7 @@ from transformers.cache_utils import DynamicLayer
 from ..base import (
     LOGPROBS,
     PROMPT_LOGPROBS,
+    STRUCTURED,
     SamplingParams,
     SequenceSlots,
     StepOutput,
@@ -58,6 +68,7 @@ from ..base import (
     validate_request,
 )
 from ..text import IncrementalText
+from . import grammar
 from .sampling import sample, top_logprobs
 
 logger = logging.getLogger(__name__)
@@ -94,10 +105,16 @@ class _Seq:
     text: IncrementalText | None = None  # set by the engine: the sequence's text so far
     stop_ids: frozenset[int] = frozenset()  # sampling one ends it: EOS (unless ignore_eos) and stop_token_ids
     prompt_logprobs: list[TokenLogprobDict | None] | None = None  # computed at prefill, sent with the first output
+    matcher: Any = None  # its xgr.GrammarMatcher, with structured_outputs
 
     def banned(self) -> tuple[int, ...]:
         """What it may not sample now: its stop tokens while under min_tokens."""
         return tuple(self.stop_ids) if len(self.tokens) < self.params.min_tokens else ()
+
+    @property
+    def penalized(self) -> bool:
+        """Whether it uses the output-count penalties (presence / frequency)."""
+        return bool(self.params.presence_penalty or self.params.frequency_penalty)
 
 
 class _StepOutputs:
@@ -127,7 +144,7 @@ class _StepOutputs:
 
 
 class TransformersEngine(SequenceSlots[_Seq]):
-    capabilities = frozenset({LOGPROBS, PROMPT_LOGPROBS})
+    capabilities = frozenset({LOGPROBS, PROMPT_LOGPROBS} | ({STRUCTURED} if grammar.AVAILABLE else set()))
     stats = None  # no scheduler of its own beyond the batch: the worker's own metrics say it all
 
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32", max_batch: int = 8) -> None:
@@ -223,6 +240,10 @@ class TransformersEngine(SequenceSlots[_Seq]):
         self._pos: torch.Tensor | None = None  # [B] long, position of the token fed next
         self._last: torch.Tensor | None = None  # [B] long, sampled token not yet in the cache
         self._seen: torch.Tensor | None = None  # [B, vocab] bool, tokens in prompt + generated
+        # [B, vocab] float, how often each token was generated (presence / frequency penalties); None while no
+        # running row uses them, so the batch without penalties pays nothing
+        self._counts: torch.Tensor | None = None
+        self._grammars = grammar.Grammars(self.tokenizer, self.vocab_size)
         logger.info(
             "engine ready: model=%s device=%s dtype=%s max_batch=%d context=%d eos=%s defaults=%s",
             self.model_name, self.device, str(self.dtype).removeprefix("torch."), self.max_batch, self.context_length,
@@ -245,8 +266,8 @@ class TransformersEngine(SequenceSlots[_Seq]):
 
     # ------------------------------------------------------------------ public API
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return chat_token_ids(self.tokenizer, messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return chat_token_ids(self.tokenizer, messages, tools)
 
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         validate_request(prompt_ids, params, self.context_length, self.vocab_size)
@@ -258,6 +279,13 @@ class TransformersEngine(SequenceSlots[_Seq]):
             generator.seed()
         decode = self._decode_ids if params.skip_special_tokens else self._decode_ids_with_special
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        matcher = None
+        if params.structured_outputs is not None:
+            # Here, in the caller's thread, not in the batched step: a JSON schema takes milliseconds to compile.
+            # Its stop tokens are vLLM's all_stop_token_ids, EOS included even with ignore_eos: a complete grammar
+            # must still have a token to end on.
+            matcher = self._grammars.matcher(params.structured_outputs,
+                                             frozenset(params.stop_token_ids) | self.eos_token_ids)
 
         def admitted() -> _Seq:
             self._order += 1
@@ -270,6 +298,7 @@ class TransformersEngine(SequenceSlots[_Seq]):
                 text=IncrementalText(decode, params.stop, include_stop=params.include_stop_str_in_output,
                                      stops_active=params.min_tokens == 0),
                 stop_ids=stop_ids,
+                matcher=matcher,
             )
 
         self._enqueue(seq_id, admitted)
@@ -364,11 +393,16 @@ class TransformersEngine(SequenceSlots[_Seq]):
             rows = torch.arange(len(new), device=dev)[:, None].expand_as(ids)
             seen = torch.zeros((len(new), logits.shape[-1]), dtype=torch.bool, device=dev)
             seen[rows[real], ids[real]] = True
+            # no output yet, so no counts for the presence / frequency penalties
             first, first_dev = sample(logits, [s.params for s in new], [s.generator for s in new], seen,
-                                      [s.banned() for s in new])
+                                      [s.banned() for s in new], allowed=self._allowed(new))
             first_logprobs = self._logprobs(logits, first_dev, new)
             del logits
             seen[torch.arange(len(new), device=dev), first_dev] = True
+            counts = None
+            if any(s.penalized for s in new):
+                counts = torch.zeros((len(new), self.vocab_size), dtype=torch.float32, device=dev)
+                counts[torch.arange(len(new), device=dev), first_dev] = 1.0
         except _OOM_ERRORS as exc:
             self._free_memory()
             logger.warning("out of memory while prefilling %d sequence(s): %s", len(new), exc)
@@ -387,8 +421,10 @@ class TransformersEngine(SequenceSlots[_Seq]):
                 mask = mask.index_select(0, rows)
                 first_dev = first_dev.index_select(0, rows)
                 seen = seen.index_select(0, rows)
+                if counts is not None:
+                    counts = counts.index_select(0, rows) if any(s.penalized for s in new_keep) else None
             pos = torch.tensor([len(s.prompt_ids) for s in new_keep], dtype=torch.long, device=dev)
-            self._merge(cache, mask, pos, first_dev, seen, new_keep)
+            self._merge(cache, mask, pos, first_dev, seen, counts, new_keep)
         except _OOM_ERRORS as exc:
             self._free_memory()
             logger.warning("out of memory while merging %d new sequence(s): %s", len(keep), exc)
@@ -402,12 +438,18 @@ class TransformersEngine(SequenceSlots[_Seq]):
         pos: torch.Tensor,
         last: torch.Tensor,
         seen: torch.Tensor,
+        counts: torch.Tensor | None,
         seqs: list[_Seq],
     ) -> None:
         """Append prefilled rows to the running batch. Builds every new tensor first, then assigns,
-        so a failure (out of memory) leaves the running batch as it was."""
+        so a failure (out of memory) leaves the running batch as it was.
+
+        ``counts`` (the new rows' output counts) is None when none of them uses the count penalties; the merged
+        batch keeps counts when either side has them, zeros for the rows that never needed any (their penalties
+        are 0, so their counts are never read)."""
         if not self._running:
             self._cache, self._mask, self._pos, self._last, self._seen = cache, mask, pos, last, seen
+            self._counts = counts
             self._running = list(seqs)
             self._trim()
             return
@@ -435,9 +477,19 @@ class TransformersEngine(SequenceSlots[_Seq]):
         merged_pos = torch.cat([self._pos, pos])
         merged_last = torch.cat([self._last, last])
         merged_seen = torch.cat([self._seen, seen])
+        merged_counts = None
+        if self._counts is not None or counts is not None:
+            def zeros(n: int) -> torch.Tensor:
+                return torch.zeros((n, self.vocab_size), dtype=torch.float32, device=self.device)
+
+            merged_counts = torch.cat([
+                self._counts if self._counts is not None else zeros(len(self._running)),
+                counts if counts is not None else zeros(len(seqs)),
+            ])
         for layer, (keys, values) in zip(self._cache.layers, merged):
             layer.keys, layer.values = keys, values
         self._mask, self._pos, self._last, self._seen = merged_mask, merged_pos, merged_last, merged_seen
+        self._counts = merged_counts
         self._running.extend(seqs)
 
     # ------------------------------------------------------------------ decoding
@@ -450,7 +502,7 @@ class TransformersEngine(SequenceSlots[_Seq]):
                 logits = self._forward(self._last[:, None], mask, self._pos[:, None], self._cache, phase="decode")
                 tokens, tokens_dev = sample(
                     logits, [s.params for s in self._running], [s.generator for s in self._running], self._seen,
-                    [s.banned() for s in self._running],
+                    [s.banned() for s in self._running], counts=self._counts, allowed=self._allowed(self._running),
                 )
                 token_logprobs = self._logprobs(logits, tokens_dev, self._running)
                 del logits
@@ -473,9 +525,16 @@ class TransformersEngine(SequenceSlots[_Seq]):
         self._pos = self._pos + 1
         self._last = tokens_dev
         self._seen[torch.arange(len(tokens), device=self.device), tokens_dev] = True
+        if self._counts is not None:
+            self._counts[torch.arange(len(tokens), device=self.device), tokens_dev] += 1.0
         done = {i for i, s in enumerate(self._running) if self._accept(s, tokens[i], outputs, token_logprobs[i])}
         if done:
             self._drop_rows(done)
+
+    def _allowed(self, seqs: list[_Seq]) -> tuple[torch.Tensor, list[int]] | None:
+        """This step's structured-output bitmask for `seqs` (the rows of the logits about to be sampled) and the
+        rows it constrains; None when none is constrained."""
+        return grammar.fill_bitmask([s.matcher for s in seqs], self.device, self.vocab_size)
 
     def _rollback(self, cache_len: int) -> None:
         """Undo a partial cache update (layers that appended before the failure)."""
@@ -488,7 +547,7 @@ class TransformersEngine(SequenceSlots[_Seq]):
         keep = [i for i in range(len(self._running)) if i not in rows]
         if not keep:
             self._running = []
-            self._cache = self._mask = self._pos = self._last = self._seen = None
+            self._cache = self._mask = self._pos = self._last = self._seen = self._counts = None
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self._cache.batch_select_indices(index)
@@ -496,6 +555,10 @@ class TransformersEngine(SequenceSlots[_Seq]):
         self._pos = self._pos.index_select(0, index)
         self._last = self._last.index_select(0, index)
         self._seen = self._seen.index_select(0, index)
+        if self._counts is not None:
+            # the last row with a count penalty gone: back to the batch that keeps no counts
+            penalized = any(self._running[i].penalized for i in keep)
+            self._counts = self._counts.index_select(0, index) if penalized else None
         self._running = [self._running[i] for i in keep]
         self._trim()
 
@@ -521,6 +584,15 @@ class TransformersEngine(SequenceSlots[_Seq]):
         seq.tokens.append(token)
         logprobs = None if logprob is None else [logprob]
         n = len(seq.tokens)
+        if seq.matcher is not None:
+            if not seq.matcher.accept_token(token):  # cannot happen once masked; never let it stop the batch
+                logger.error("sequence %s: token %d is not accepted by its grammar", seq.seq_id, token)
+                self._fail(seq, f"structured_outputs: token {token} is not accepted by the grammar", outputs)
+                return True
+            if seq.matcher.is_terminated():  # the grammar complete, and a stop token taken (EOS's place)
+                keep = seq.params.include_stop_str_in_output
+                self._finish(seq, "stop", outputs, text_ids=None if keep else seq.tokens[:-1], logprobs=logprobs)
+                return True
         if token in seq.stop_ids and n > seq.params.min_tokens:  # (masked out of the logits before that)
             # The stop token's own text only with include_stop_str_in_output (vLLM); EOS is skipped as special.
             keep = seq.params.include_stop_str_in_output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..base import SamplingParams
+from .grammar import apply_bitmask
 
 
 def sample(
@@ -13,26 +14,58 @@ def sample(
     generators: list[torch.Generator],
     seen: torch.Tensor,
     banned: list[tuple[int, ...]] | None = None,
+    counts: torch.Tensor | None = None,
+    allowed: tuple[torch.Tensor, list[int]] | None = None,
 ) -> tuple[list[int], torch.Tensor]:
     """Pick one token per row with each row's own parameters. Returns (host list, device tensor).
 
+    `seen` ([B, vocab] bool): the tokens of each row's prompt and output, for the repetition penalty.
     `banned[i]`: token ids row i may not pick now (its EOS and stop tokens while under min_tokens).
-    Order: banned tokens out, repetition penalty, temperature, min_p (vLLM's place for it), then top-k and top-p
-    (HF semantics for each). Greedy rows take the argmax and never touch the sampling machinery. A sampled row's
-    draw depends only on its own logits, parameters and generator, never on the other rows of the batch.
+    `counts` ([B, vocab]): how often each token occurs in each row's output, for the presence and frequency
+    penalties; None when no row uses them. `allowed`: the structured-output bitmask and the rows it constrains
+    (``grammar.fill_bitmask``).
+
+    Order, vLLM's (its model runner masks the grammar, then its sampler): the grammar's bitmask, banned tokens
+    out (unless that would leave a constrained row nothing: then the grammar, which allows only a stop token, wins,
+    as in vLLM), logit_bias, the repetition penalty (HF's and vLLM's: prompt and output tokens), the frequency then
+    presence penalty (output tokens only, OpenAI's definition), then greedy argmax, or temperature, min_p (vLLM's
+    place for it), top-k and top-p (HF semantics for each). Greedy rows take the argmax and never touch the
+    sampling machinery. A sampled row's draw depends only on its own logits, parameters and generator, never on
+    the other rows of the batch. `logits` itself is never modified (the caller's logprobs read it raw).
     """
     dev = logits.device
+    if allowed is not None:
+        logits = apply_bitmask(logits, allowed)
     if banned and any(banned):
         rows = [i for i, ids in enumerate(banned) for _ in ids]
         cols = [t for ids in banned for t in ids]
+        unbanned = logits
         logits = logits.index_put(
             (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
             torch.tensor(float("-inf"), dtype=logits.dtype, device=dev),
+        )
+        if allowed is not None:
+            # min_tokens against a complete grammar: a row left with no token at all keeps its stop tokens
+            dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+            logits = torch.where(dead, unbanned, logits)
+    if any(p.logit_bias for p in params):
+        rows = [i for i, p in enumerate(params) for _ in p.logit_bias]
+        cols = [t for p in params for t, _ in p.logit_bias]
+        bias = [b for p in params for _, b in p.logit_bias]
+        logits = logits.index_put(
+            (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+            torch.tensor(bias, dtype=logits.dtype, device=dev),
+            accumulate=True,
         )
     if any(p.repetition_penalty != 1.0 for p in params):
         penalty = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype, device=dev)[:, None]
         penalized = torch.where(logits < 0, logits * penalty, logits / penalty)  # exact for penalty 1
         logits = torch.where(seen, penalized, logits)
+    if counts is not None and any(p.frequency_penalty or p.presence_penalty for p in params):
+        frequency = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=dev)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=dev)[:, None]
+        # rows without penalties subtract 0 (exact); -inf stays -inf
+        logits = logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
     chosen = logits.argmax(dim=-1)
     vocab = logits.shape[-1]
     sampled = [i for i, p in enumerate(params) if p.temperature > 0.0]

@@ -10,11 +10,20 @@ import pytest
 import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
-from llamaq_gateway import openai_compat
 from llamaq_gateway.app import create_app
 from llamaq_gateway.event_hub import EventHub
 from llamaq_gateway.errors import InvalidParameter, ModelNotFound, WaitTimeout, error_response
-from llamaq_gateway.openai_compat import ChatCompletionRequest, ChunkBuilder, CompletionRequest, to_params
+from llamaq_gateway.openai import (
+    ChatCompletionRequest,
+    ChunkBuilder,
+    CompletionRequest,
+    Rendering,
+    check_model,
+    completion,
+    models_list,
+    stream_completion,
+    to_params,
+)
 from llamaq_gateway.settings import GatewaySettings
 from llamaq_protocol import Job, JobOutput, JobStatus, ModelCard, Usage, keys
 from nginx_local import free_port
@@ -86,24 +95,33 @@ def test_completions_prompt_is_one_user_turn():
     assert to_params(text(prompt=["hi"]), LIMIT).chat_messages() == [USER]
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
 @pytest.mark.parametrize(
     ("request_", "param"),
     [
         (chat(n=2), "n"),
-        (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
-        (chat(tool_choice="auto"), "tool_choice"),
+        (chat(tools=[{"type": "web_search"}]), "tools.0.type"),
+        (chat(tools=[TOOL, TOOL]), "tools"),  # the same name twice
+        (chat(tool_choice="auto"), "tool_choice"),  # without tools
+        (chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "other"}}), "tool_choice"),
         (chat(functions=[{"name": "f"}]), "functions"),
         (chat(function_call="auto"), "function_call"),
         (chat(top_logprobs=3), "top_logprobs"),  # without logprobs: true
         (chat(min_tokens=10, max_tokens=5), "min_tokens"),
-        (chat(response_format={"type": "json_object"}), "response_format"),
-        (chat(frequency_penalty=0.5), "frequency_penalty"),
-        (chat(presence_penalty=-1), "presence_penalty"),
-        (chat(logit_bias={"50256": -100}), "logit_bias"),
+        (chat(response_format={"type": "xml"}), "response_format.type"),
+        (chat(response_format={"type": "json_schema", "json_schema": {"schema": {}}}), "response_format.json_schema"),
+        (chat(response_format={"type": "json_object"}, structured_outputs={"regex": "a"}), "structured_outputs"),
+        (chat(structured_outputs={"regex": "a", "choice": ["b"]}), "structured_outputs"),
+        (chat(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"}), "structured_outputs"),
+        (chat(logit_bias={"abc": -100}), "logit_bias"),
         (chat(max_tokens=LIMIT + 1), "max_tokens"),
         (chat(max_completion_tokens=LIMIT + 1), "max_completion_tokens"),
-        (chat(messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]), "messages.0.role"),
-        (chat(messages=[{"role": "assistant", "tool_calls": [{"id": "1"}]}]), "messages.0.tool_calls"),
+        # a tool turn answering no call an earlier assistant turn made
+        (chat(messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]), "messages.0"),
+        (chat(messages=[{"role": "assistant", "tool_calls": [{"id": "1"}]}]), "messages.0.tool_calls.0.function"),
+        (chat(messages=[USER, {"role": "user", "content": "x", "tool_call_id": "1"}]), "messages.1.tool_call_id"),
         (chat(messages=[USER, {"role": "assistant", "content": None}]), "messages.1.content"),
         (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
          "messages.0.content.0"),
@@ -134,12 +152,12 @@ def test_out_of_range_fields_fail_validation(fields):
 
 
 def test_model_must_be_the_served_one_or_omitted():
-    openai_compat.check_model(None, card())
-    openai_compat.check_model("SmolLM2", card())
+    check_model(None, card())
+    check_model("SmolLM2", card())
     with pytest.raises(ModelNotFound) as missing:
-        openai_compat.check_model("gpt-4o", card())
+        check_model("gpt-4o", card())
     assert missing.value.status_code == 404 and missing.value.param == "model"
-    listed = openai_compat.models_list(card())
+    listed = models_list(card())
     assert listed["object"] == "list" and listed["data"][0]["id"] == "SmolLM2"
     assert listed["data"][0]["object"] == "model" and listed["data"][0]["owned_by"] == "llamaq"
 
@@ -157,18 +175,18 @@ def job(status=JobStatus.succeeded, finish_reason="stop", text_="Paris.") -> Job
 
 
 def test_completion_objects():
-    reply = openai_compat.completion("chat", job(), "SmolLM2")
+    reply = completion("chat", job(), "SmolLM2")
     assert reply == {
         "id": "chatcmpl-abc", "object": "chat.completion", "created": 1704067200, "model": "SmolLM2",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."}, "logprobs": None,
                      "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23},
     }
-    plain = openai_compat.completion("text", job(finish_reason="length"), "SmolLM2")
+    plain = completion("text", job(finish_reason="length"), "SmolLM2")
     assert plain["id"] == "cmpl-abc" and plain["object"] == "text_completion"
     assert plain["choices"][0]["text"] == "Paris." and plain["choices"][0]["finish_reason"] == "length"
     # OpenAI has no "canceled": a canceled job ends as "stop" with the text it had.
-    canceled = openai_compat.completion("chat", job(JobStatus.canceled, "canceled", "Par"), "m")
+    canceled = completion("chat", job(JobStatus.canceled, "canceled", "Par"), "m")
     assert canceled["choices"][0]["finish_reason"] == "stop"
 
 
@@ -243,7 +261,7 @@ def logprob_job() -> Job:
 
 
 def test_chat_logprobs_in_openais_shape():
-    reply = openai_compat.completion("chat", logprob_job(), "m", openai_compat.Rendering(logprobs=1))
+    reply = completion("chat", logprob_job(), "m", Rendering(logprobs=1))
     content = reply["choices"][0]["logprobs"]["content"]
     assert content[0] == {"token": " blue", "logprob": -0.5, "bytes": list(b" blue"),
                           "top_logprobs": [{"token": " blue", "logprob": -0.5, "bytes": list(b" blue")}]}
@@ -251,8 +269,8 @@ def test_chat_logprobs_in_openais_shape():
 
 
 def test_completions_echo_with_logprobs_as_vllm():
-    rendering = openai_compat.Rendering(logprobs=1, echo="The sky is", first_prompt_token="The")
-    choice = openai_compat.completion("text", logprob_job(), "m", rendering)["choices"][0]
+    rendering = Rendering(logprobs=1, echo="The sky is", first_prompt_token="The")
+    choice = completion("text", logprob_job(), "m", rendering)["choices"][0]
     assert choice["text"] == "The sky is blue."
     logprobs = choice["logprobs"]
     assert logprobs["tokens"] == ["The", " sky", " is", " blue", "."]
@@ -261,13 +279,13 @@ def test_completions_echo_with_logprobs_as_vllm():
     assert logprobs["top_logprobs"] == [None, {" sky": -4.0, " is": -2.0}, {" is": -1.0}, {" blue": -0.5},
                                         {".": -0.1}]
     assert logprobs["text_offset"] == [0, 3, 7, 10, 15]
-    only = openai_compat.completion("text", logprob_job(), "m", openai_compat.Rendering(
+    only = completion("text", logprob_job(), "m", Rendering(
         logprobs=1, echo="The sky is", first_prompt_token="The", echo_only=True))["choices"][0]
     assert only["text"] == "The sky is" and only["logprobs"]["tokens"] == ["The", " sky", " is"]
 
 
 def test_stream_chunks_with_logprobs_echo_and_continuous_usage():
-    rendering = openai_compat.Rendering(logprobs=0, echo="The sky is", first_prompt_token="The",
+    rendering = Rendering(logprobs=0, echo="The sky is", first_prompt_token="The",
                                         continuous_usage=True, prompt_tokens=3)
     chunks = ChunkBuilder("text", logprob_job(), "m", include_usage=True, rendering=rendering)
     out = logprob_job().output.model_dump()
@@ -390,7 +408,7 @@ def streamed(redis_url, store):
             hub = EventHub(redis_url, commands)
             hub.start()
             try:
-                return [p async for p in openai_compat.stream_completion(
+                return [p async for p in stream_completion(
                     "chat", FakeJobs(hub, final), job(), "o", "m", False, 0.01)]
             finally:
                 await hub.aclose()
@@ -445,7 +463,7 @@ def test_the_role_chunk_comes_with_the_first_token_not_while_queued(redis_url, s
 
         writer = asyncio.create_task(write())
         try:
-            received = [(time.monotonic(), p) async for p in openai_compat.stream_completion(
+            received = [(time.monotonic(), p) async for p in stream_completion(
                 "chat", FakeJobs(hub, final), job(), "o", "m", False, 10)]
             await writer
             return token_written_at, received
