@@ -15,6 +15,17 @@ COMPOSE_VENV := .venv-compose
 # lm-eval pull torch (pinned here to the CPU build on this disk) and a newer transformers than the test venv allows.
 CLIENTS_VENV := .venv-clients
 CLIENT_PACKAGES := guidellm==0.8.1 lm-eval[api]==0.4.13 langchain-openai==1.7.4
+# Agent frameworks and structured-output clients that tests/test_agent_clients.py runs (tool calls, response_format),
+# without torch: the openai 3.x SDK with openai-agents, pydantic-ai, langchain-openai and langgraph in one venv;
+# instructor in another (it caps jiter below 0.15, which holds openai at 3.3.0, and pydantic-ai's openai extra
+# needs openai 3.50 or newer). Each stamp depends on this Makefile: a changed pin reinstalls (pip moves to it).
+AGENT_CLIENTS_VENV := .venv-clients-agents
+AGENT_CLIENT_PACKAGES := openai==3.63.0 openai-agents==0.24.0 pydantic-ai-slim[openai]==2.78.0 \
+	langchain-openai==1.8.1 langchain-core==1.8.3 langgraph==1.2.24 langgraph-prebuilt==1.1.3
+INSTRUCTOR_VENV := .venv-clients-instructor
+INSTRUCTOR_PACKAGES := instructor==1.17.0 openai==3.3.0
+# Node clients (Vercel AI SDK, OpenAI's Node SDK and Agents SDK), exact versions in package.json and its lock file.
+NODE_CLIENTS := tests/clients/node
 # Single-binary tools that come from no Python package (promtool).
 TOOLS_DIR := .tools
 PROMTOOL := $(TOOLS_DIR)/promtool
@@ -55,6 +66,23 @@ $(CLIENTS_VENV)/.installed:
 	$(CLIENTS_VENV)/bin/pip install -q torch==$(TORCH_VERSION) $(CLIENT_PACKAGES)
 	touch $@
 
+$(AGENT_CLIENTS_VENV)/.installed: Makefile
+	test -x $(AGENT_CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(AGENT_CLIENTS_VENV)
+	$(AGENT_CLIENTS_VENV)/bin/pip install -q --upgrade pip
+	$(AGENT_CLIENTS_VENV)/bin/pip install -q $(AGENT_CLIENT_PACKAGES)
+	touch $@
+
+$(INSTRUCTOR_VENV)/.installed: Makefile
+	test -x $(INSTRUCTOR_VENV)/bin/python || $(PYTHON) -m venv $(INSTRUCTOR_VENV)
+	$(INSTRUCTOR_VENV)/bin/pip install -q --upgrade pip
+	$(INSTRUCTOR_VENV)/bin/pip install -q $(INSTRUCTOR_PACKAGES)
+	touch $@
+
+# `npm ci`: exactly the lock file's versions (it empties node_modules first).
+$(NODE_CLIENTS)/node_modules/.installed: $(NODE_CLIENTS)/package.json $(NODE_CLIENTS)/package-lock.json
+	cd $(NODE_CLIENTS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 # promtool (checks deploy/prometheus/*.yml and the Grafana dashboard's PromQL) from Debian's prometheus package,
 # unpacked without installing it: the package would also start a Prometheus server.
 $(PROMTOOL):
@@ -64,7 +92,8 @@ $(PROMTOOL):
 	chmod +x $@.part && mv $@.part $@
 	rm -rf $(TOOLS_DIR)/deb
 
-tools: $(COMPOSE_VENV)/.installed $(CLIENTS_VENV)/.installed $(VENV)/.installed $(PROMTOOL)
+tools: $(COMPOSE_VENV)/.installed $(CLIENTS_VENV)/.installed $(AGENT_CLIENTS_VENV)/.installed \
+	$(INSTRUCTOR_VENV)/.installed $(NODE_CLIENTS)/node_modules/.installed $(VENV)/.installed $(PROMTOOL)
 
 model: $(VENV)/.installed
 	$(PY) scripts/prepare_small_model.py
@@ -82,4 +111,5 @@ test-compose: $(COMPOSE_VENV)/.installed model
 	scripts/test_compose.sh
 
 clean:
-	rm -rf $(VENV) $(COMPOSE_VENV) $(CLIENTS_VENV) $(TOOLS_DIR) .cache .pytest_cache
+	rm -rf $(VENV) $(COMPOSE_VENV) $(CLIENTS_VENV) $(AGENT_CLIENTS_VENV) $(INSTRUCTOR_VENV) \
+		$(NODE_CLIENTS)/node_modules $(TOOLS_DIR) .cache .pytest_cache

@@ -61,7 +61,7 @@ def test_openai_sdk_runs_a_batch_on_the_real_model(stack) -> None:
         "{not json",
         chat_line("wrong-url", "hi", url="/v1/completions"),
         chat_line("capital", "duplicate custom id"),
-        chat_line("two-choices", "hi", n=2),
+        chat_line("too-many-choices", "hi", n=99),  # over MAX_N
         chat_line("unknown-model", "hi", model="gpt-4o"),
     ]
     uploaded = client.files.create(file=("questions.jsonl", jsonl(good[:2] + bad + good[2:])), purpose="batch")
@@ -89,12 +89,12 @@ def test_openai_sdk_runs_a_batch_on_the_real_model(stack) -> None:
 
     errors = [json.loads(line) for line in client.files.content(batch.error_file_id).text.splitlines()]
     assert len(errors) == 5
-    malformed, wrong_url, duplicate, two_choices, unknown_model = errors
+    malformed, wrong_url, duplicate, too_many_choices, unknown_model = errors
     assert malformed["custom_id"] is None and "not JSON" in malformed["error"]["message"]
     assert "url" in wrong_url["error"]["message"]
     assert "earlier line" in duplicate["error"]["message"]
-    assert two_choices["response"]["status_code"] == 400
-    assert two_choices["response"]["body"]["error"]["param"] == "n"
+    assert too_many_choices["response"]["status_code"] == 400
+    assert too_many_choices["response"]["body"]["error"]["param"] == "n"
     assert unknown_model["response"]["status_code"] == 404
     assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
     assert created.id in [b.id for b in client.batches.list(limit=100).data]

@@ -173,7 +173,7 @@ def test_jobs_carry_logprobs_in_their_output_and_token_events(client):
     ("/v1/chat/completions", {"messages": FRANCE, "min_p": 2}, 422, "min_p"),
     ("/v1/chat/completions", {"messages": FRANCE, "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
-    ("/v1/chat/completions", {"messages": FRANCE, "presence_penalty": 1}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": FRANCE, "presence_penalty": 3}, 422, "presence_penalty"),  # -2 .. 2
 ])
 def test_bad_combinations_are_refused_before_queueing(client, store, path, body, status, param):
     before = store.llen(QUEUE)
@@ -206,3 +206,11 @@ def test_an_engine_without_logprobs_refuses_them_before_queueing(prompt_logging_
         ok = http.post("/v1/chat/completions", json={"messages": FRANCE, "ignore_eos": True, "min_tokens": 1,
                                                     "max_tokens": 8})
         assert ok.status_code == 200, ok.text
+        # Nor can it hold its output to a grammar: refused the same way, naming the request's own field.
+        for path, body, param in [
+            ("/v1/chat/completions", {"messages": FRANCE, "response_format": {"type": "json_object"}}, "response_format"),
+            ("/v1/jobs", {"prompt": "hi", "structured_outputs": {"choice": ["a", "b"]}}, None),
+        ]:
+            reply = http.post(path, json=body)
+            assert reply.status_code == 400 and "echo engine" in reply.json()["error"]["message"], reply.text
+            assert param is None or reply.json()["error"]["param"] == param

@@ -156,7 +156,7 @@ def test_completions_plain_and_streamed(oai, model):
 
 def test_openai_errors_in_both_shapes(oai, model, client):
     with pytest.raises(openai.BadRequestError) as refused:
-        oai.chat.completions.create(model=model, messages=PARIS_CHAT, n=2)
+        oai.chat.completions.create(model=model, messages=PARIS_CHAT, n=99)  # over MAX_N
     assert refused.value.body["param"] == "n" and refused.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.NotFoundError) as missing:
         oai.chat.completions.create(model="gpt-4o", messages=PARIS_CHAT)
@@ -165,7 +165,8 @@ def test_openai_errors_in_both_shapes(oai, model, client):
     reply = client.post("/v1/chat/completions", json={"messages": PARIS_CHAT, "tools": [{"type": "function"}]})
     assert reply.status_code == 400
     assert reply.json() == {"error": {
-        "type": "invalid_request_error", "message": reply.json()["error"]["message"], "code": 400, "param": "tools",
+        "type": "invalid_request_error", "message": reply.json()["error"]["message"], "code": 400,
+        "param": "tools.0.function",
     }}
     invalid = client.post("/v1/completions", json={"prompt": "hi", "temperature": 9})
     assert invalid.status_code == 422

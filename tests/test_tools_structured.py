@@ -1,4 +1,4 @@
-"""Tool calling, structured outputs, penalties and logit_bias through the real stack (nginx, gunicorn, Redis, a worker
+"""Tool calling, structured outputs, `n`, penalties and logit_bias through the real stack (nginx, gunicorn, Redis, a worker
 with the small model), with the transformers engine here and vLLM's in test_vllm_stack.py, which runs these same
 functions against its own stack.
 
@@ -19,6 +19,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import running_stack, stack_environment
+from helpers import wait_until
 
 TEMPLATE = Path(__file__).resolve().parent / "clients" / "chatml_tools.jinja"
 WEATHER = {"type": "function", "function": {
@@ -201,6 +202,56 @@ def test_logit_bias_and_penalties_change_the_output_as_they_should(client):
     assert present != unpenalized
 
 
+def test_n_choices_sample_apart_reproducibly_and_stream_by_index(client, oai):
+    # n = 3 on a worker of MAX_BATCH 2: the third choice starts once a slot frees.
+    body = {"messages": [{"role": "user", "content": "Write a short poem about the sea."}], "n": 3,
+            "temperature": 1.0, "seed": 7, "max_tokens": 16}
+    answer = chat(client, **body)
+    choices = answer["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    texts = [c["message"]["content"] for c in choices]
+    assert len(set(texts)) > 1 and all(texts)
+    assert all(c["finish_reason"] in ("stop", "length") for c in choices)
+    assert chat(client, **body)["choices"] == choices  # seed, seed + 1, seed + 2
+    job = client.get(f"/v1/jobs/{answer['id'].removeprefix('chatcmpl-')}").json()
+    assert sum(c["completion_tokens"] for c in job["output"]["choices"]) == answer["usage"]["completion_tokens"]
+    streamed: dict[int, str] = {}
+    finished = {}
+    for chunk in oai.chat.completions.create(model=_model(oai), stream=True, **body):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert [streamed[i] for i in range(3)] == texts
+    assert finished == {i: c["finish_reason"] for i, c in enumerate(choices)}
+    generated = client.post("/v1/generate", json={"prompt": "Name a colour.", "n": 2, "temperature": 1.0, "seed": 3,
+                                                  "max_new_tokens": 8}).json()
+    assert [c["index"] for c in generated["output"]["choices"]] == [0, 1]
+    assert generated["output"]["text"] == generated["output"]["choices"][0]["text"]
+
+
+def test_batch_api_lines_take_the_same_options(stack):
+    sdk = OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    bodies = {
+        "schema": {"messages": [{"role": "user", "content": "Which city is the capital of France? Reply in JSON."}],
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": CITY}}},
+        "tool": {"messages": ASK, "tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False},
+        "two": {"messages": ASK, "n": 2, "temperature": 1.0, "seed": 5, "logit_bias": {"0": -100}},
+    }
+    lines = "\n".join(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                                  "body": {**GREEDY, **body}}) for cid, body in bodies.items())
+    uploaded = sdk.files.create(file=("options.jsonl", lines.encode()), purpose="batch")
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = wait_until(lambda b: b.status in ("completed", "failed", "cancelled", "expired"), 120, "the batch",
+                       observe=lambda: sdk.batches.retrieve(batch.id), interval_s=0.5)
+    assert batch.status == "completed" and batch.request_counts.completed == 3, batch
+    answers = {line["custom_id"]: line["response"]["body"]
+               for line in map(json.loads, sdk.files.content(batch.output_file_id).text.splitlines())}
+    jsonschema.validate(json.loads(answers["schema"]["choices"][0]["message"]["content"]), CITY)
+    assert calls_of(answers["tool"])[0][0] == "get_weather"
+    assert [c["index"] for c in answers["two"]["choices"]] == [0, 1]
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -211,7 +262,7 @@ def test_logit_bias_and_penalties_change_the_output_as_they_should(client):
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]},
          "tools.0.function.parameters"),
         ({"messages": [*ASK, {"role": "tool", "tool_call_id": "call_9", "content": "1"}]}, "messages.1"),
-        ({"n": 2}, "n"),
+        ({"n": 99}, "n"),  # over MAX_N
     ],
 )
 def test_bad_tools_and_constraints_are_refused_and_nothing_is_queued(client, body, param):

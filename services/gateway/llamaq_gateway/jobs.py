@@ -116,6 +116,8 @@ class JobService:
         `card`: the served model's card when the caller has just read it (one read per request); `names`: the
         request's own field for each GenerationParams one, for the refusals' `param` (the OpenAI routes')."""
         check_max_new_tokens(params.max_new_tokens, self.settings.max_new_tokens_limit)
+        if params.n > self.settings.max_n:
+            raise InvalidRequest(f"n: at most {self.settings.max_n} choices per request (MAX_N)", param="n")
         if card is None:
             card = await self.served_model()
         check_capabilities(params, card, names)

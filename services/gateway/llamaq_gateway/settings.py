@@ -26,6 +26,8 @@ class GatewaySettings(BaseSettings):
     job_timeout_s: int = Field(default=600, ge=1)
     max_new_tokens_limit: int = Field(default=4096, ge=1)
     max_prompt_tokens: int = Field(default=8192, ge=1)
+    # Most choices (`n`) one request may ask for: each is a sequence of its own on the worker.
+    max_n: int = Field(default=16, ge=1, le=128)
     max_queue: int = Field(default=1000, ge=1)
     # The batch-priority queue's own bound (`priority: batch` submissions); it never refuses interactive ones.
     max_batch_queue: int = Field(default=10000, ge=1)

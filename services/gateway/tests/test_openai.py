@@ -101,7 +101,6 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 @pytest.mark.parametrize(
     ("request_", "param"),
     [
-        (chat(n=2), "n"),
         (chat(tools=[{"type": "web_search"}]), "tools.0.type"),
         (chat(tools=[TOOL, TOOL]), "tools"),  # the same name twice
         (chat(tool_choice="auto"), "tool_choice"),  # without tools
@@ -125,7 +124,6 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
         (chat(messages=[USER, {"role": "assistant", "content": None}]), "messages.1.content"),
         (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
          "messages.0.content.0"),
-        (text(n=3), "n"),
         (text(best_of=2), "best_of"),
         (text(max_tokens=0), "max_tokens"),  # 0 only with echo
         (text(suffix="end"), "suffix"),
@@ -312,10 +310,11 @@ def offline_client():
 
 
 def test_refusals_come_before_redis_in_both_error_shapes(offline_client):
-    refused = offline_client.post("/v1/chat/completions", json={"messages": [USER], "n": 2})
+    refused = offline_client.post("/v1/chat/completions", json={"messages": [USER], "functions": [{"name": "f"}]})
     assert refused.status_code == 400
     assert refused.json() == {"error": {
-        "type": "invalid_request_error", "message": refused.json()["error"]["message"], "code": 400, "param": "n",
+        "type": "invalid_request_error", "message": refused.json()["error"]["message"], "code": 400,
+        "param": "functions",
     }}
     invalid = offline_client.post("/v1/completions", json={"prompt": "hi", "top_p": 7})
     assert invalid.status_code == 422

@@ -3,6 +3,7 @@
 from .models import (
     DEFAULT_SYSTEM_PROMPT,
     ChatMessage,
+    ChoiceOutput,
     ErrorBody,
     ErrorDetail,
     FinishReason,
@@ -27,6 +28,7 @@ from .models import (
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "ChatMessage",
+    "ChoiceOutput",
     "ErrorBody",
     "ErrorDetail",
     "FinishReason",

@@ -20,6 +20,8 @@ ABSOLUTE_MAX_NEW_TOKENS = 1 << 20
 MAX_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 256
 MAX_TOOLS = 128
+# Hard ceiling on a job's choices whatever the deployment sets; the gateway narrows it to MAX_N.
+ABSOLUTE_MAX_N = 128
 MAX_LOGIT_BIAS = 300  # OpenAI's cap on logit_bias entries
 # What an engine can do beyond the parameters every engine honours (ModelCard.capabilities).
 CAPABILITY_LOGPROBS = "logprobs"
@@ -237,6 +239,8 @@ class GenerationParams(BaseModel):
     tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
+    # Several answers to the one prompt, each its own sequence (with a seed, choice i samples with seed + i).
+    n: int = Field(default=1, ge=1, le=ABSOLUTE_MAX_N)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -344,7 +348,21 @@ class TokenLogprob(TopLogprob):
     top: list[TopLogprob] = Field(default_factory=list)
 
 
+class ChoiceOutput(BaseModel):
+    """One of a job's `n` answers (JobOutput.choices)."""
+
+    index: int
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
 class JobOutput(BaseModel):
+    """The job's answer: with `n` > 1, the first choice's text, reason, logprobs and calls, every choice in
+    `choices`, and usage summed over them (the prompt counted once, as vLLM does)."""
+
     text: str = ""
     finish_reason: FinishReason | None = None
     usage: Usage = Field(default_factory=Usage)
@@ -354,6 +372,7 @@ class JobOutput(BaseModel):
     prompt_logprobs: list[TokenLogprob | None] | None = None
     # The calls the model made, parsed from its text (then `text` holds only what it said besides them).
     tool_calls: list[ToolCall] | None = None
+    choices: list[ChoiceOutput] | None = None
 
 
 class JobError(BaseModel):
@@ -380,7 +399,7 @@ class Job(BaseModel):
         for optional in ("position", "output", "error"):
             if data[optional] is None:
                 del data[optional]
-        for optional in ("logprobs", "prompt_logprobs", "tool_calls"):  # only when there are some
+        for optional in ("logprobs", "prompt_logprobs", "tool_calls", "choices"):  # only when there are some
             if data.get("output") and data["output"].get(optional) is None:
                 data["output"].pop(optional, None)
         return data

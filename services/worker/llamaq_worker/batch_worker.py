@@ -72,7 +72,7 @@ class BatchWorker(SimpleWorker):
         self.claimer = Claimer(self)
         self.publisher = Publisher(
             self.connection, self.name, self.slots, settings=settings, metrics=metrics, until_redis=self.until_redis,
-            stop_generating=self._stop_generating,
+            stop_generating=self.stop_generating,
         )
         self.bookkeeping = RQBookkeeping(self)
         self._reclaim = self.connection.register_script(RECLAIM_SCRIPT)
@@ -95,6 +95,7 @@ class BatchWorker(SimpleWorker):
                 if self._stop_requested and time.monotonic() >= self._drain_deadline:
                     self._give_back_all(engine_dead=None)
                     break
+                self._start_waiting_choices()
                 self._claim_more()
                 self._apply_cancels_and_timeouts()
                 self.metrics.batch_size.observe(len(self.slots))
@@ -117,7 +118,16 @@ class BatchWorker(SimpleWorker):
             self.metrics.jobs_in_batch.set(len(self.slots))
         self.set_state(WorkerStatus.IDLE)
 
+    def _start_waiting_choices(self) -> None:
+        """The later choices of running jobs (`n` > 1) that found no free slot at admission, while there is room:
+        they go before any new job."""
+        for job_id, slot in self.slots.items():
+            while slot.waiting and self.engine.free_slots > 0:
+                self.claimer.start_choice(job_id, slot, *slot.waiting.pop(0))
+
     def _claim_more(self) -> None:
+        if any(slot.waiting for slot in self.slots.values()):
+            return
         while self.engine.free_slots > 0 and not self._stop_requested:
             popped = self.claimer.pop()
             if popped is None:
@@ -162,18 +172,25 @@ class BatchWorker(SimpleWorker):
             if current > slot.deadline:
                 slot.timed_out = True
             if cancel_requested or slot.timed_out:
-                self._stop_generating(job_id, slot)
+                self.stop_generating(job_id, slot)
 
-    def _stop_generating(self, job_id: str, slot: Slot) -> None:
-        """The job's sequence canceled in the engine (once); its last output comes with a later step."""
+    def stop_generating(self, job_id: str, slot: Slot) -> None:
+        """The job's sequences canceled in the engine (once); their last outputs come with a later step. Choices
+        still waiting for a slot never start."""
         if not slot.cancel_sent:
             slot.cancel_sent = True
-            self.engine.cancel(job_id)
+            for index, _, _ in slot.waiting:
+                slot.choices[index].finish_reason = "canceled"
+            slot.waiting.clear()
+            for sequence in slot.running_sequences(job_id):
+                self.engine.cancel(sequence)
 
     def _end(self, job_id: str, ending: Ending, outcome: bytes | None = None) -> None:
         """Close a job that ended: its record (unless `outcome` says the finish script already ran), RQ's
         registries, the metrics and the log."""
         slot = self.slots.pop(job_id)
+        for sequence in slot.running_sequences(job_id):  # another choice failed: the job is over
+            self.engine.cancel(sequence)
         if outcome is None:
             outcome = self.publisher.finish(job_id, ending)
         self.bookkeeping.record_end(job_id, slot, ending, outcome)
@@ -266,7 +283,8 @@ class BatchWorker(SimpleWorker):
         for job_id in list(self.slots):
             slot = self.slots.pop(job_id)
             if engine_dead is None:
-                self.engine.cancel(job_id)
+                for sequence in slot.running_sequences(job_id):
+                    self.engine.cancel(sequence)
             # RQ's execution closed first, so a worker that takes the job back at once is not disturbed by it.
             self.execution = slot.execution
             self.until_redis("handing a job back", self.bookkeeping.close_execution, slot.rq_job)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -22,7 +23,7 @@ from llamaq_protocol.records import CLAIM_SCRIPT, claim_keys
 from .engines.base import EngineDead, SamplingParams, StructuredOutputs, text_token_ids
 from .metrics import seconds_since
 from .publishing import REDIS_DOWN
-from .slots import Ending, Slot
+from .slots import Choice, Ending, Slot, seq_id
 from .tool_calls import ToolCallStream, forced_tool_schema
 
 if TYPE_CHECKING:
@@ -66,6 +67,11 @@ def sampling_params(params: GenerationParams, defaults: dict) -> SamplingParams:
         logit_bias=tuple(sorted((params.logit_bias or {}).items())),
         structured_outputs=structured_outputs(params),
     )
+
+
+def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index`'s settings: the job's, its seed (if any) moved on by the index."""
+    return sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + index)
 
 
 def structured_outputs(params: GenerationParams) -> StructuredOutputs | None:
@@ -184,17 +190,27 @@ class Claimer:
             slot.prompt_tokens = len(prompt_ids)
             worker.metrics.prompt_tokens.inc(len(prompt_ids))
             slot.max_new_tokens = params.max_new_tokens
-            if params.logprobs is not None:
-                slot.logprobs = []
-            if params.tools and params.effective_tool_choice() != "none":
-                slot.tool_calls = ToolCallStream(params, worker.tool_parser, engine.tokenizer)
             if len(prompt_ids) + params.max_new_tokens > engine.context_length:
                 raise JobRefused(
                     "prompt_too_long",
                     f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                     f"the model's context of {engine.context_length}",
                 )
-            engine.add(job.id, prompt_ids, sampling_params(params, engine.defaults))
+            sampling = sampling_params(params, engine.defaults)
+            slot.choices = [Choice(i) for i in range(params.n)]
+            for choice in slot.choices:
+                if params.logprobs is not None:
+                    choice.logprobs = []
+                if params.tools and params.effective_tool_choice() != "none":
+                    choice.tool_calls = ToolCallStream(params, worker.tool_parser, engine.tokenizer)
+            # The first choice starts now (its refusal is the job's); the others as the engine has room. With a seed,
+            # choice i samples with seed + i, so the choices differ and the job is reproducible.
+            engine.add(job.id, prompt_ids, sampling)
+            slot.choices[0].started = True
+            slot.waiting = [(i, prompt_ids, choice_sampling(sampling, i))
+                            for i in range(1, params.n)]
+            while slot.waiting and engine.free_slots > 0:
+                self.start_choice(job.id, slot, *slot.waiting.pop(0))
         except ValidationError as exc:
             return Ending(JobStatus.failed, error=JobError(type="invalid_payload", message=str(exc)))
         except JobRefused as exc:
@@ -208,3 +224,17 @@ class Claimer:
             logger.exception("job %s could not start", job.id)
             return Ending(JobStatus.failed, error=JobError(type="internal_error", message=str(exc)))
         return None
+
+    def start_choice(self, job_id: str, slot: Slot, index: int, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        """One of the job's later choices handed to the engine. Should the engine refuse it, the choice fails and
+        the job is stopped: it then ends failed with that error."""
+        choice = slot.choices[index]
+        try:
+            self.worker.engine.add(seq_id(job_id, index), prompt_ids, sampling)
+            choice.started = True
+        except EngineDead:
+            raise
+        except Exception as exc:
+            logger.exception("choice %d of job %s could not start", index, job_id)
+            choice.error = f"{'invalid_request' if isinstance(exc, ValueError) else 'internal_error'}: {exc}"
+            self.worker.stop_generating(job_id, slot)

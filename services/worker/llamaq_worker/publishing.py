@@ -26,7 +26,7 @@ from llamaq_protocol.records import FINISH_SCRIPT, TOKENS_SCRIPT, end_keys, even
 from .engines.base import StepOutput
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
-from .slots import Ending, Slot, ending_of
+from .slots import Ending, Slot, ending_of, job_and_choice
 
 logger = logging.getLogger(__name__)
 
@@ -112,27 +112,31 @@ class Publisher:
     def publish(self, outputs: list[StepOutput]) -> dict[str, tuple[Ending, bytes]]:
         """Take one step's outputs into the slots and write them; returns each job that ended in this step with its
         ending and its finish's outcome (b"finished", or what the record said instead)."""
-        finished: list[StepOutput] = []
+        finished: dict[str, Slot] = {}
         generated = 0
         for out in outputs:
-            slot = self.slots.get(out.seq_id)
-            if slot is None:
-                continue
-            if out.completion_tokens > slot.completion_tokens:
+            job_id, index = job_and_choice(out.seq_id)
+            slot = self.slots.get(job_id)
+            if slot is None or job_id in finished:
+                continue  # (a choice still leaving the engine after its job ended)
+            choice = slot.choices[index]
+            if out.completion_tokens > choice.completion_tokens:
                 if slot.completion_tokens == 0 and slot.waited_s is not None:
                     self.metrics.first_token.observe(slot.waited_s + time.monotonic() - slot.admitted_at)
-                generated += out.completion_tokens - slot.completion_tokens
-            slot.completion_tokens = out.completion_tokens
-            event = None if slot.lost else slot.take_token_event(out)
+                generated += out.completion_tokens - choice.completion_tokens
+            choice.completion_tokens = out.completion_tokens
+            event = None if slot.lost else slot.take_token_event(out, choice)
             if event is not None:
                 slot.unpublished.append(event_data(event))
                 slot.token_events += 1
-                self._pending[out.seq_id] = slot
+                self._pending[job_id] = slot
             if out.finish_reason or out.error:
-                finished.append(out)
+                choice.finish_reason, choice.error = out.finish_reason, out.error
+                if slot.ended:
+                    finished[job_id] = slot
         if generated:
             self.metrics.generated_tokens.inc(generated)
-        endings = {out.seq_id: ending_of(self.slots[out.seq_id], out) for out in finished}
+        endings = {job_id: ending_of(slot) for job_id, slot in finished.items()}
         # While Redis is away decoding waits here, holding the tokens, rather than running on and dropping them.
         outcomes = self.until_redis("publishing tokens", self._write, endings)
         return {job_id: (ending, outcomes[job_id]) for job_id, ending in endings.items()}

@@ -5,7 +5,7 @@ single user message under the model's chat template, except that a prompt of tok
 `echo: true`, is continued as raw text (what lm-eval's `local-completions` needs). vLLM's sampling extensions
 (top_k, min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids, skip_special_tokens,
 include_stop_str_in_output) and logprobs are passed to the engine, which honours them; options llamaq does not
-offer (n > 1, best_of, suffix, deprecated function calling) are refused with 400 rather than silently ignored;
+offer (best_of, suffix, deprecated function calling) are refused with 400 rather than silently ignored;
 `user`, `metadata`, `store` and `service_tier` are accepted and ignored. Tools live in `tools.py`, response formats
 in `structured.py`.
 """
@@ -35,8 +35,6 @@ def _refuse(param: str, message: str) -> InvalidParameter:
 
 def _check_supported(req: _OpenAIRequest) -> None:
     """400 for every option llamaq would otherwise have to ignore silently."""
-    if req.n not in (None, 1):
-        raise _refuse("n", "only n=1 is supported (one choice per request)")
     if isinstance(req, ChatCompletionRequest):
         if req.top_logprobs and not req.logprobs:
             raise _refuse("top_logprobs", "goes with logprobs: true")
@@ -109,7 +107,7 @@ def _prompt(req: CompletionRequest) -> dict[str, Any]:
 # The sampling fields that pass to the job as they are (vLLM's names are the job's).
 _SAMPLING_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "stop", "stop_token_ids", "seed",
                     "ignore_eos", "min_tokens", "skip_special_tokens", "include_stop_str_in_output",
-                    "presence_penalty", "frequency_penalty")
+                    "presence_penalty", "frequency_penalty", "n")
 DEFAULT_MAX_NEW_TOKENS = GenerationParams.model_fields["max_new_tokens"].default
 # The job fields the refusals before queueing name by these routes' own fields.
 OPENAI_PARAM_NAMES = {"logprobs": "logprobs", "prompt_logprobs": "logprobs", "prompt_token_ids": "prompt",

@@ -4,10 +4,10 @@ finish reason, and Rendering (what a request asks for besides the text: logprobs
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from llamaq_protocol import FinishReason, Job, ModelCard
+from llamaq_protocol import ChoiceOutput, FinishReason, Job, JobOutput, ModelCard
 
 from .logprobs import chat_logprobs, text_logprobs
 from .requests import CHAT, Kind
@@ -37,19 +37,27 @@ def completion_id(kind: Kind, job_id: str) -> str:
     return f"chatcmpl-{job_id}" if kind == CHAT else f"cmpl-{job_id}"
 
 
-def finish_reason(job: Job) -> str:
+def finish_reason(reason: FinishReason | None) -> str:
     """OpenAI knows stop, length and tool_calls; a canceled job ends as `stop` with the text it had."""
-    reason = job.output.finish_reason if job.output else None
     if reason in (FinishReason.length, FinishReason.tool_calls):
         return reason.value
     return "stop"
 
 
-def tool_calls(job: Job) -> list[dict[str, Any]] | None:
-    """The calls the model made, in OpenAI's message shape (None when it made none)."""
-    if job.output is None or not job.output.tool_calls:
-        return None
-    return [call.model_dump() for call in job.output.tool_calls]
+def _choices(job: Job) -> list[ChoiceOutput]:
+    """The job's answers (one, or its `n`), each with its own text, reason, logprobs and calls."""
+    output = job.output or JobOutput()
+    if output.choices:
+        return output.choices
+    return [ChoiceOutput(index=0, text=output.text, finish_reason=output.finish_reason,
+                         completion_tokens=output.usage.completion_tokens, logprobs=output.logprobs,
+                         tool_calls=output.tool_calls)]
+
+
+def finish_reasons(job: Job, n: int = 1) -> list[str]:
+    """Each choice's OpenAI finish reason (`n` of them, should the job have ended before all began)."""
+    reasons = [finish_reason(choice.finish_reason) for choice in _choices(job)]
+    return reasons + [finish_reason(job.output.finish_reason if job.output else None)] * (n - len(reasons))
 
 
 def usage(job: Job) -> dict[str, int]:
@@ -72,20 +80,30 @@ class Rendering:
     echo_only: bool = False  # echo with max_tokens 0: the prompt alone, the one generated token left out
     continuous_usage: bool = False
     prompt_tokens: int = 0  # for usage on every chunk
-
-
-def _output_logprobs(job: Job) -> tuple[list[dict[str, Any]], list[dict[str, Any] | None]]:
-    if job.output is None:
-        return [], []
-    dumped = job.output.model_dump()
-    return dumped.get("logprobs") or [], dumped.get("prompt_logprobs") or []
+    n: int = 1  # choices
+    # Streams with echo: the prompt's logprobs, which the worker sends once for every choice.
+    prompt_logprobs: list[dict[str, Any] | None] = field(default_factory=list)
 
 
 def completion(kind: Kind, job: Job, model: str, rendering: Rendering | None = None) -> dict[str, Any]:
     """The `chat.completion` / `text_completion` object of a terminal job."""
     rendering = rendering or Rendering()
-    text = job.output.text if job.output else ""
-    generated, prompt = _output_logprobs(job)
+    prompt = (job.output.model_dump().get("prompt_logprobs") or []) if job.output else []
+    return {
+        "id": completion_id(kind, job.id),
+        "object": "chat.completion" if kind == CHAT else "text_completion",
+        "created": _created(job),
+        "model": model,
+        "choices": [_choice(kind, choice, rendering, prompt) for choice in _choices(job)],
+        "usage": usage(job),
+    }
+
+
+def _choice(
+    kind: Kind, choice: ChoiceOutput, rendering: Rendering, prompt: list[dict[str, Any] | None]
+) -> dict[str, Any]:
+    text = choice.text
+    generated = choice.model_dump().get("logprobs") or []
     if rendering.echo_only:
         text, generated = "", []
     logprobs = None
@@ -93,24 +111,17 @@ def completion(kind: Kind, job: Job, model: str, rendering: Rendering | None = N
         if rendering.logprobs is not None:
             logprobs = chat_logprobs(generated, rendering.logprobs)
         message: dict[str, Any] = {"role": "assistant", "content": text}
-        calls = tool_calls(job)
-        if calls:
+        if choice.tool_calls:
             # As OpenAI answers a turn of calls: content null unless the model also wrote text.
-            message = {"role": "assistant", "content": text or None, "tool_calls": calls}
-        choice = {"index": 0, "message": message, "logprobs": logprobs}
+            message = {"role": "assistant", "content": text or None,
+                       "tool_calls": [call.model_dump() for call in choice.tool_calls]}
+        answer = {"index": choice.index, "message": message, "logprobs": logprobs}
     else:
         if rendering.logprobs is not None:
             entries = (prompt if rendering.echo is not None else []) + generated
             logprobs = text_logprobs(entries, rendering.logprobs, first_token=rendering.first_prompt_token)
         if rendering.echo is not None:
             text = rendering.echo + text
-        choice = {"index": 0, "text": text, "logprobs": logprobs}
-    choice["finish_reason"] = finish_reason(job)
-    return {
-        "id": completion_id(kind, job.id),
-        "object": "chat.completion" if kind == CHAT else "text_completion",
-        "created": _created(job),
-        "model": model,
-        "choices": [choice],
-        "usage": usage(job),
-    }
+        answer = {"index": choice.index, "text": text, "logprobs": logprobs}
+    answer["finish_reason"] = finish_reason(choice.finish_reason)
+    return answer

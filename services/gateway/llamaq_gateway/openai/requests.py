@@ -33,7 +33,7 @@ class _OpenAIRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = None
+    n: int | None = Field(default=None, ge=1)  # at most MAX_N
     # vLLM's sampling extensions, with its meaning and ranges (top_k -1 is "off", as 0).
     top_k: int | None = Field(default=None, ge=-1, le=100_000)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)

@@ -76,7 +76,8 @@ async def _rendering(
 ) -> Rendering:
     """What the answer needs besides the job's output: the echoed prompt's text (decoded from its ids for a
     token-id prompt) and its first token, and the prompt's token count for usage on every chunk."""
-    rendering = Rendering(logprobs=params.logprobs, continuous_usage=bool(req.stream) and req.continuous_usage())
+    rendering = Rendering(logprobs=params.logprobs, continuous_usage=bool(req.stream) and req.continuous_usage(),
+                          n=params.n)
     if params.prompt_token_ids is not None:
         check_token_ids(params, (await jobs.prompt_counter(card)).vocab_size, OPENAI_PARAM_NAMES)
     if rendering.continuous_usage:

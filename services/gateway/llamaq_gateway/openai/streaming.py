@@ -15,7 +15,7 @@ from .. import streams
 from ..errors import JobFailed, JobNotFound, error_body
 from ..jobs import JobService
 from .logprobs import chat_logprobs, text_logprobs
-from .render import Rendering, _created, completion_id, finish_reason, usage
+from .render import Rendering, _created, completion_id, finish_reasons, usage
 from .requests import CHAT, Kind
 
 logger = logging.getLogger(__name__)
@@ -30,8 +30,11 @@ class ChunkBuilder:
         self.kind = kind
         self.include_usage = include_usage
         self.rendering = rendering or Rendering()
-        self.echo_pending = self.rendering.echo is not None
-        self.text_offset = 0  # completions logprobs: where the next token starts in the streamed text
+        n = self.rendering.n
+        # The choices whose prompt (echo) is still to be sent, each before its first text.
+        self.echo_pending = set(range(n)) if self.rendering.echo is not None else set()
+        self.text_offset = [0] * n  # completions logprobs: where each choice's next token starts in its text
+        self.opened = {0}  # chat: the choices whose role went out (the first's in its own opening chunk)
         self.completion_tokens = 0
         self.base = {
             "id": completion_id(kind, job.id),
@@ -52,58 +55,65 @@ class ChunkBuilder:
 
     def _choice(
         self, text: str | None, reason: str | None, role: bool = False, logprobs: dict[str, Any] | None = None,
-        tool_calls: list[dict[str, Any]] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None, index: int = 0,
     ) -> dict[str, Any]:
         if self.kind == CHAT:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if index not in self.opened:  # a later choice's first delta carries its role
+                self.opened.add(index)
+                delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
             if tool_calls:  # OpenAI's call deltas: id, type and name first, then the arguments in pieces
                 delta["tool_calls"] = tool_calls
-            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-        return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
 
     def opening(self) -> str | None:
         return self._chunk([self._choice(None, None, role=True)]) if self.kind == CHAT else None
 
-    def text(self, text: str) -> str:
-        return self._chunk([self._choice(text, None)])
+    def text(self, text: str, index: int = 0) -> str:
+        return self._chunk([self._choice(text, None, index=index)])
 
     def token_event(self, payload: dict[str, Any]) -> str | None:
         """The chunk of one `token` event (its text and logprobs; with echo, the prompt first), or None when it
         has nothing to send."""
         rendering = self.rendering
+        index = payload.get("choice", 0)
+        # (with n > 1 a token event's count is its choice's; usage on every chunk shows the latest one's)
         self.completion_tokens = payload.get("completion_tokens", self.completion_tokens)
         text = payload.get("text", "")
         generated = payload.get("logprobs") or []
         prompt: list[dict[str, Any] | None] = []
         if rendering.echo_only:
             text, generated = "", []
-        if self.echo_pending:
-            self.echo_pending = False
+        if index in self.echo_pending:
+            self.echo_pending.discard(index)
             text = (rendering.echo or "") + text
-            prompt = payload.get("prompt_logprobs") or []
+            prompt = payload.get("prompt_logprobs") or rendering.prompt_logprobs
+            rendering.prompt_logprobs = prompt  # the worker sends them once, for every choice
         calls = payload.get("tool_calls") if self.kind == CHAT else None
         if calls and (rendering.logprobs is None or not generated):
-            return self._chunk([self._choice(text or None, None, tool_calls=calls)])
+            return self._chunk([self._choice(text or None, None, tool_calls=calls, index=index)])
         if rendering.logprobs is None or not (prompt or generated):
-            return self.text(text) if text else None
+            return self.text(text, index) if text else None
         if self.kind == CHAT:
             logprobs = chat_logprobs(generated, rendering.logprobs)
         else:
-            logprobs = text_logprobs(prompt + generated, rendering.logprobs, self.text_offset,
+            logprobs = text_logprobs(prompt + generated, rendering.logprobs, self.text_offset[index],
                                      rendering.first_prompt_token)
             if logprobs["tokens"]:
-                self.text_offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-        return self._chunk([self._choice(text, None, logprobs=logprobs, tool_calls=calls)])
+                self.text_offset[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+        return self._chunk([self._choice(text, None, logprobs=logprobs, tool_calls=calls, index=index)])
 
     def closing(self, job: Job) -> list[str]:
         pieces = []
-        if self.echo_pending:  # no token event came: the prompt alone
-            self.echo_pending = False
-            pieces.append(self.text(self.rendering.echo or ""))
+        for index in sorted(self.echo_pending):  # no token event came: the prompt alone
+            pieces.append(self.text(self.rendering.echo or "", index))
+        self.echo_pending.clear()
         self.completion_tokens = usage(job)["completion_tokens"]
-        pieces.append(self._chunk([self._choice(None, finish_reason(job))]))
+        for index, reason in enumerate(finish_reasons(job, self.rendering.n)):
+            pieces.append(self._chunk([self._choice(None, reason, index=index)]))
         if self.include_usage:
             pieces.append(self._chunk([], usage(job)))
         return pieces
