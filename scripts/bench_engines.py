@@ -8,6 +8,9 @@ llamaq is measured through nginx on `/v1/chat/completions` (streamed), as any Op
 
     .venv/bin/python scripts/bench_engines.py                     # all servers, concurrency 1, 16, 64
     .venv/bin/python scripts/bench_engines.py --servers llamaq-vllm --concurrency 16 --no-doc
+    # what constrained decoding costs: the same prompts plain, held to a JSON schema, and with a forced tool call
+    .venv/bin/python scripts/bench_engines.py --servers vllm-serve,llamaq-vllm --concurrency 16 \
+        --variants plain,json_schema,tools --section constrained
 
 Results go to docs/benchmarks.md (section "engines") with the command that produced them.
 """
@@ -40,6 +43,26 @@ SERVED_NAME = "SmolLM2-135M-Instruct"
 PROMPTS = {1: 8, 16: 48, 64: 128}
 
 
+# What each request adds to vLLM's random prompt (`vllm bench serve --extra-body`): nothing, a JSON schema its answer
+# must follow, or a function it must call (tool_choice "required": a grammar, then the call parsed out).
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"},
+                                                  "sources": {"type": "array", "items": {"type": "string"}}},
+                 "required": ["answer", "confidence", "sources"]}
+LOOKUP_TOOL = {"type": "function", "function": {
+    "name": "search", "description": "Search the documentation",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+                   "required": ["query", "limit"]}}}
+VARIANTS = {
+    "plain": {},
+    "json_schema": {"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA}}},
+    "tools": {"tools": [LOOKUP_TOOL], "tool_choice": "required", "parallel_tool_calls": False},
+}
+# Tools need a template that renders them (SmolLM2's ignores them): the tests' Llama-3.1-style ChatML one, which
+# renders a conversation without tools exactly as the model's own does.
+TOOL_TEMPLATE = ROOT / "tests" / "clients" / "chatml_tools.jinja"
+
+
 def prompts_for(concurrency: int) -> int:
     return PROMPTS.get(concurrency, max(16, 2 * concurrency))
 
@@ -56,6 +79,7 @@ class VllmServe:
                 "--max-num-seqs", str(args.max_batch), "--disable-log-stats"]
         if args.eager:
             argv.append("--enforce-eager")
+        argv += ["--chat-template", str(TOOL_TEMPLATE)]
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.kv_cache_gib))
         self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -87,7 +111,7 @@ class Llamaq:
     def __init__(self, model: str, args, engine: str, dtype: str):
         env = dict(MODEL_PATH=model, DEVICE="cpu", DTYPE=dtype, ENGINE=engine, MAX_BATCH=str(args.max_batch),
                    MAX_MODEL_LEN=str(args.max_model_len), KV_CACHE_CPU_GIB=str(args.kv_cache_gib),
-                   ENFORCE_EAGER="1" if args.eager else "0", WEB_CONCURRENCY="2")
+                   ENFORCE_EAGER="1" if args.eager else "0", WEB_CONCURRENCY="2", CHAT_TEMPLATE=str(TOOL_TEMPLATE))
         self.stack = start_stack(env)
         self.stack.wait_ready(900)
 
@@ -107,20 +131,25 @@ SERVERS = {
 }
 
 
-def run_client(url: str, model: str, concurrency: int, args, out_dir: Path, label: str) -> dict:
-    """One `vllm bench serve` run; returns its result JSON."""
-    name = f"{label}-c{concurrency}.json"
+def run_client(
+    url: str, model: str, concurrency: int, args, out_dir: Path, label: str, variant: str = "plain",
+    prompts: int | None = None,
+) -> dict:
+    """One `vllm bench serve` run (`prompts`: how many, else prompts_for(concurrency)); returns its result JSON."""
+    name = f"{label}-{variant}-c{concurrency}{'-warmup' if prompts else ''}.json"
     argv = [sys.executable, "-c", "import sys, argparse\n"
             "from vllm.benchmarks.serve import add_cli_args, main\n"
             "parser = argparse.ArgumentParser(); add_cli_args(parser); main(parser.parse_args(sys.argv[1:]))",
             "--backend", "openai-chat", "--base-url", url, "--endpoint", "/v1/chat/completions",
             "--model", SERVED_NAME, "--tokenizer", model, "--dataset-name", "random",
             "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-            "--num-prompts", str(prompts_for(concurrency)), "--max-concurrency", str(concurrency),
+            "--num-prompts", str(prompts or prompts_for(concurrency)), "--max-concurrency", str(concurrency),
             "--request-rate", "inf", "--seed", "0", "--temperature", "0",
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
             # --save-detailed: each request's error is kept, so a failed one says why.
             "--save-result", "--save-detailed", "--result-dir", str(out_dir), "--result-filename", name]
+    if VARIANTS[variant]:
+        argv += ["--extra-body", json.dumps(VARIANTS[variant])]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with ForeignLoad() as load:
         done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
@@ -155,11 +184,16 @@ def main() -> int:
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                         help="vLLM without torch.compile (both vLLM servers alike)")
     parser.add_argument("--wait-quiet-s", type=float, default=900, help="most time to wait for a quiet machine")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="one unmeasured round per server first, of the first concurrency's prompts (one-off "
+                             "costs paid, and the prompts in the prefix cache for every measured run alike)")
+    parser.add_argument("--variants", default="plain", help=f"request bodies to run, of {', '.join(VARIANTS)}")
     parser.add_argument("--section", default="engines", help="docs/benchmarks.md section to (re)write")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     model = small_model()
     levels = [int(c) for c in args.concurrency.split(",")]
+    variants = args.variants.split(",")
     out_dir = Path(tempfile.mkdtemp(prefix="llamaq-bench-engines-"))
     started = datetime.now(timezone.utc)
     rows, results, failures = [], {}, []
@@ -170,15 +204,21 @@ def main() -> int:
             server = SERVERS[label](model, args)
             startup_s = time.monotonic() - began
             try:
+                if args.warmup:  # the same prompts: every measured run then finds them in the prefix cache alike
+                    for variant in variants:  # (each variant's own: tools change the prompt's system turn)
+                        run_client(server.url, model, levels[0], args, out_dir, label, variant,
+                                   prompts=prompts_for(levels[0]))
                 for concurrency in levels:
-                    result = run_client(server.url, model, concurrency, args, out_dir, label)
-                    results[(label, concurrency)] = result
-                    rows.append(row(label, concurrency, result))
-                    print(rows[-1], flush=True)
-                    if result["failures"]:
-                        failures.append(f"- {label} at concurrency {concurrency}: {len(result['failures'])} "
-                                        f"failed; the client said: {result['failures'][0].strip()[-600:]!r}")
-                        print(failures[-1], flush=True)
+                    for variant in variants:
+                        named = label if variant == "plain" else f"{label} {variant}"
+                        result = run_client(server.url, model, concurrency, args, out_dir, label, variant)
+                        results[(named, concurrency)] = result
+                        rows.append(row(named, concurrency, result))
+                        print(rows[-1], flush=True)
+                        if result["failures"]:
+                            failures.append(f"- {named} at concurrency {concurrency}: {len(result['failures'])} "
+                                            f"failed; the client said: {result['failures'][0].strip()[-600:]!r}")
+                            print(failures[-1], flush=True)
             finally:
                 server.stop()
             print(f"{label}: ready in {startup_s:.0f} s", file=sys.stderr)
@@ -192,6 +232,14 @@ def main() -> int:
                 ratios.append(f"- concurrency {concurrency}: {label} / vllm serve output tok/s = "
                               f"{mine['output_throughput'] / base['output_throughput']:.2f}×, TTFT p50 "
                               f"{mine['median_ttft_ms'] - base['median_ttft_ms']:+.0f} ms")
+    for concurrency in levels:
+        for label in args.servers.split(","):
+            plain = results.get((label, concurrency))
+            for variant in variants:
+                constrained = results.get((f"{label} {variant}", concurrency))
+                if plain and constrained:
+                    ratios.append(f"- concurrency {concurrency}: {label}, {variant} / plain output tok/s = "
+                                  f"{constrained['output_throughput'] / plain['output_throughput']:.2f}×")
     for concurrency in levels:
         fp32, bf16 = results.get(("llamaq-transformers", concurrency)), results.get(("llamaq-transformers-bf16",
                                                                                      concurrency))
@@ -208,9 +256,13 @@ def main() -> int:
         f"--dataset-name random --random-input-len {args.input_len} --random-output-len {args.output_len} "
         "--temperature 0 --seed 0`, closed loop at each concurrency (prompts: "
         + ", ".join(f"{prompts_for(c)} at {c}" for c in levels) + "); greedy, so every server generates the same "
-        "text for the same prompt and stops at the model's end of sequence.",
+        "text for the same prompt and stops at the model's end of sequence."
+        + (f" Variants (`--extra-body`): {'; '.join(f'{v}: `{json.dumps(VARIANTS[v])}`' for v in variants if VARIANTS[v])}."
+           if any(VARIANTS[v] for v in variants) else ""),
         "",
-        f"Before the runs other processes used {quiet:.0f}% of the CPU; the last column is that share during each run.",
+        f"Before the runs other processes used {quiet:.0f}% of the CPU; the last column is that share during each run."
+        + (" Each server first served one unmeasured round of the first concurrency's prompts in every variant, so"
+           " every measured run finds its prompts in the prefix cache alike." if args.warmup else ""),
         "",
         HEADER, *rows, "", *ratios,
         *(["", "Requests the client counted failed:", *failures] if failures else []),

@@ -64,6 +64,22 @@ def stack():
         yield running
 
 
+# A chat template that renders `tools` (SmolLM2's ignores them): its ChatML with the tools written as vLLM's Llama 3.1
+# JSON template writes them, as production serves Llama 3.1 with its own; and vLLM's parser for that format.
+TOOL_TEMPLATE = Path(__file__).resolve().parent / "clients" / "chatml_tools.jinja"
+
+
+def tool_environment(**overrides: str) -> dict[str, str]:
+    return stack_environment(CHAT_TEMPLATE=str(TOOL_TEMPLATE), TOOL_CALL_PARSER="llama3_json", **overrides)
+
+
+@pytest.fixture(scope="session")
+def tool_stack():
+    """A stack that renders tools, shared by the tool-calling, Responses API and agent-client tests."""
+    with running_stack("llamaq-tools-", tool_environment()) as running:
+        yield running
+
+
 @pytest.fixture(scope="module")
 def aof_stack():
     """A stack of its own whose Redis keeps an append-only file (as compose runs it), for the tests that restart

@@ -1,6 +1,7 @@
 """Agent frameworks and structured-output libraries, run unchanged against the real stack's /v1/chat/completions:
 tool calling (`tools`, `tool_choice` required / named / auto, tool turns) and structured outputs (`response_format`
-json_object / json_schema), as each library sends and parses them.
+json_object / json_schema), as each library sends and parses them; and both OpenAI Agents SDKs on their default
+model, which speaks the Responses API (/v1/responses: input items, function_call / function_call_output).
 
 The stack is one of this module's own, started as production serves Llama 3.1: a chat template that renders
 `tools` (tests/clients/chatml_tools.jinja: SmolLM2's ChatML with the tools written as vLLM's Llama 3.1 JSON
@@ -26,24 +27,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import running_stack, stack_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = ROOT / "tests" / "clients"
 NODE_DIR = CLIENTS / "node"
 AGENTS_VENV = ROOT / ".venv-clients-agents"
 INSTRUCTOR_VENV = ROOT / ".venv-clients-instructor"
-CHAT_TEMPLATE = CLIENTS / "chatml_tools.jinja"
 CLIENT_TIMEOUT_S = 120
 
 WEATHER_PREFIX = "sunny, 21 C in "  # what every client's get_weather tool returns, before the city
 
 
 @pytest.fixture(scope="module")
-def agent_stack():
-    env = stack_environment(CHAT_TEMPLATE=str(CHAT_TEMPLATE), TOOL_CALL_PARSER="llama3_json")
-    with running_stack("llamaq-agents-", env) as running:
-        yield running
+def agent_stack(tool_stack):
+    return tool_stack
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +218,11 @@ def test_openai_agents_chat_completions_model_with_a_function_tool(base_url, mod
     """`OpenAIChatCompletionsModel` with one `@function_tool`: tool_choice "required" first (strict schema), the
     SDK resets it to auto after the call, and the run ends with a text answer; streamed, the call comes as deltas."""
     argv = [python_of(AGENTS_VENV), str(CLIENTS / "openai_agents_client.py"), base_url, model]
-    out = run_client(argv + (["stream"] if stream else []), client_env)
+    assert_agent_run(run_client(argv + (["stream"] if stream else []), client_env))
+
+
+def assert_agent_run(out: dict) -> None:
+    """An OpenAI Agents SDK run (Python or JS): the tool called with valid arguments, its output, a final answer."""
     call, output, *rest = out["items"]
     assert call["tool_call"] == "get_weather", out
     assert_weather_arguments(call["arguments"])
@@ -258,10 +259,29 @@ def test_ai_sdk_generate_text_with_a_tool(base_url, model, client_env, case):
 
 def test_node_openai_agents_chat_completions_model_with_a_tool(base_url, model, client_env):
     """@openai/agents (JavaScript) on `OpenAIChatCompletionsModel` with one tool, toolChoice "required" first."""
-    out = run_client([node(), str(NODE_DIR / "openai_agents.mjs"), base_url, model], client_env, cwd=NODE_DIR)
-    call, output, *rest = out["items"]
-    assert call["tool_call"] == "get_weather", out
-    assert_weather_arguments(call["arguments"])
-    assert output == {"tool_output": WEATHER_PREFIX + json.loads(call["arguments"])["city"]}, out
-    assert rest and rest[-1] == {"item": "message_output_item"}, out
-    assert isinstance(out["final_output"], str) and out["final_output"].strip(), out
+    assert_agent_run(run_client([node(), str(NODE_DIR / "openai_agents.mjs"), base_url, model], client_env,
+                                cwd=NODE_DIR))
+
+
+# --- 7. The Agents SDKs on their default model: the Responses API -----------------------------------------------
+
+@pytest.mark.parametrize("stream", [False, True], ids=["run", "run_streamed"])
+def test_openai_agents_responses_model_with_a_function_tool(base_url, model, client_env, stream):
+    """openai-agents on its default model, `OpenAIResponsesModel` (POST /v1/responses; the default client pointed at
+    the stack, the model a plain name): tool_choice "required" first, the tool's function_call and
+    function_call_output sent back as input items, then (tool_choice reset) a message; streamed, the call and the
+    answer come as Responses events."""
+    argv = [python_of(AGENTS_VENV), str(CLIENTS / "openai_agents_responses.py"), base_url, model]
+    out = run_client(argv + (["stream"] if stream else []), client_env)
+    assert out["model_class"] == "OpenAIResponsesModel", out
+    assert_agent_run(out)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["run", "run_streamed"])
+def test_node_openai_agents_responses_model_with_a_tool(base_url, model, client_env, stream):
+    """@openai/agents (JavaScript) on its default model, `OpenAIResponsesModel`, the same run: toolChoice
+    "required" first, then an answer; streamed with `run(..., { stream: true })`."""
+    argv = [node(), str(NODE_DIR / "openai_agents_responses.mjs"), base_url, model]
+    out = run_client(argv + (["stream"] if stream else []), client_env, cwd=NODE_DIR)
+    assert out["model_class"] == "OpenAIResponsesModel", out
+    assert_agent_run(out)

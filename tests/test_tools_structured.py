@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
-
 import jsonschema
 import pytest
 from openai import OpenAI
 
-from conftest import running_stack, stack_environment
 from helpers import wait_until
 
-TEMPLATE = Path(__file__).resolve().parent / "clients" / "chatml_tools.jinja"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
@@ -35,14 +31,9 @@ CITY = {"type": "object", "properties": {"city": {"type": "string"}, "country": 
 GREEDY = {"temperature": 0, "max_tokens": 60}
 
 
-def tool_environment(**overrides: str) -> dict[str, str]:
-    return stack_environment(CHAT_TEMPLATE=str(TEMPLATE), TOOL_CALL_PARSER="llama3_json", **overrides)
-
-
 @pytest.fixture(scope="module")
-def stack():
-    with running_stack("llamaq-tools-", tool_environment()) as running:
-        yield running
+def stack(tool_stack):
+    return tool_stack
 
 
 @pytest.fixture(scope="module")

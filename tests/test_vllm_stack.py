@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from conftest import running_stack, stack_environment
+from conftest import TOOL_TEMPLATE, running_stack, stack_environment
 from helpers import wait_for_job_status, wait_until
 from rq_checks import wait_for_rq_status
 
@@ -28,8 +28,14 @@ from test_stack import (  # noqa: F401
     test_poll_wait_returns_as_soon_as_the_job_ends,
     test_submit_then_poll_and_rq_agrees,
 )
+from test_responses import (  # noqa: F401
+    sdk,
+    test_dropped_stream_resumes_after_its_last_sequence_number,
+    test_function_tool_round_trip,
+    test_json_schema_text_format,
+    test_stream_sends_openais_events_in_order,
+)
 from test_tools_structured import (  # noqa: F401
-    TEMPLATE,
     test_auto_parses_the_models_own_calls_parallel_ones_too,
     test_bad_tools_and_constraints_are_refused_and_nothing_is_queued,
     test_batch_api_lines_take_the_same_options,
@@ -71,7 +77,7 @@ def vllm_environment(**overrides: str) -> dict[str, str]:
         MAX_MODEL_LEN="2048",
         DRAIN_TIMEOUT_S="30",
         # Tools rendered as Llama 3.1 does, for the tool-calling tests (test_tools_structured.py).
-        CHAT_TEMPLATE=str(TEMPLATE),
+        CHAT_TEMPLATE=str(TOOL_TEMPLATE),
         **overrides,
     )
 

@@ -22,7 +22,7 @@ from .event_hub import BLOCK_MS, EventHub
 from .jobs import REDIS_BLIP_S, JobService
 from .limits import StreamLimiter
 from .metrics import HTTP_DURATION, HTTP_REQUESTS
-from .routers import batch_api, events, generate, health, jobs, legacy, metrics, openai, vllm_compat
+from .routers import batch_api, events, generate, health, jobs, legacy, metrics, openai, responses, vllm_compat
 from .settings import GatewaySettings, get_settings
 from .batches import BatchDriver, BatchService
 from .files import FileStore
@@ -163,7 +163,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     app.add_middleware(RequestContext)
-    for router in (legacy.router, jobs.router, events.router, generate.router, openai.router, batch_api.router,
-                   vllm_compat.router, health.router, metrics.router):
+    for router in (legacy.router, jobs.router, events.router, generate.router, openai.router, responses.router,
+                   batch_api.router, vllm_compat.router, health.router, metrics.router):
         app.include_router(router)
     return app

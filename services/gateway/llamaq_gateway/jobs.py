@@ -273,7 +273,7 @@ class JobService:
     async def get(self, job_id: str, owner: str) -> Job:
         if not JOB_ID_PATTERN.match(job_id):
             raise JobNotFound(f"no job {job_id!r}")
-        return await self._job_of(job_id, await self.aio.hgetall(keys.job(job_id)), owner)
+        return await self.job_of(job_id, await self.aio.hgetall(keys.job(job_id)), owner)
 
     async def ended(self, job_id: str, owner: str) -> Job:
         """The job once its `done` event has been read. Every waiter of this process that reads that `done` (a
@@ -290,9 +290,9 @@ class JobService:
             if self._endings.get(job_id) is read:
                 del self._endings[job_id]  # the next waiter reads again
             raise
-        return await self._job_of(job_id, record, owner)
+        return await self.job_of(job_id, record, owner)
 
-    async def _job_of(self, job_id: str, record: dict, owner: str) -> Job:
+    async def job_of(self, job_id: str, record: dict, owner: str) -> Job:
         if not record or record.get(b"owner", b"").decode() != owner:
             raise JobNotFound(f"no job {job_id!r}")
         position = None

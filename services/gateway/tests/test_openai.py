@@ -490,3 +490,30 @@ def test_stream_restarted_by_a_lost_worker(streamed):
     # Text already sent cannot be taken back: the stream ends with an error.
     loud = streamed([("1-0", "token", '{"index":0,"text":"P"}'), requeued, ("4-0", "token", '{"index":0,"text":"P"}')])
     assert '"type":"worker_lost"' in loud[2] and loud[3] == "data: [DONE]\n\n" and len(loud) == 4
+
+
+def test_tools_response_formats_and_sampling_options_reach_the_job():
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    params = to_params(chat(
+        messages=[USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "2"}]}],
+        tools=[TOOL], tool_choice={"type": "function", "function": {"name": "f"}}, parallel_tool_calls=False,
+        n=3, presence_penalty=0.5, frequency_penalty=-1, logit_bias={"42": 5},
+    ), LIMIT)
+    assert params.forced_tools() and params.parallel_tool_calls is False and params.n == 3
+    assert (params.presence_penalty, params.frequency_penalty, params.logit_bias) == (0.5, -1, {42: 5.0})
+    # The template gets a call's arguments as an object, and the tool turn's text.
+    assert params.chat_messages()[1]["tool_calls"][0]["function"]["arguments"] == {"x": 1}
+    assert params.chat_messages()[2] == {"role": "tool", "content": "2", "tool_call_id": "call_1"}
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    formats = [
+        ({"type": "text"}, None),
+        ({"type": "json_object"}, ("json_object", True)),
+        ({"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}}, ("json", schema)),
+        ({"type": "json_schema", "json_schema": {"name": "s"}}, ("json", {"type": "object"})),
+    ]
+    for response_format, kind in formats:
+        constraint = to_params(chat(response_format=response_format), LIMIT).structured_outputs
+        assert (constraint.kind() if constraint else None) == kind
+    vllm_style = to_params(text(structured_outputs={"choice": ["yes", "no"]}), LIMIT).structured_outputs
+    assert vllm_style.kind() == ("choice", ["yes", "no"])

@@ -23,6 +23,7 @@ MAX_TOOLS = 128
 # Hard ceiling on a job's choices whatever the deployment sets; the gateway narrows it to MAX_N.
 ABSOLUTE_MAX_N = 128
 MAX_LOGIT_BIAS = 300  # OpenAI's cap on logit_bias entries
+MAX_CONSTRAINT_CHARS = 65536  # a regex, grammar or choice of structured_outputs, at most
 # What an engine can do beyond the parameters every engine honours (ModelCard.capabilities).
 CAPABILITY_LOGPROBS = "logprobs"
 CAPABILITY_PROMPT_LOGPROBS = "prompt_logprobs"
@@ -120,9 +121,10 @@ class StructuredOutputs(BaseModel):
 
     json_schema: dict[str, Any] | None = Field(default=None, alias="json")
     json_object: bool | None = None
-    regex: Annotated[str, StringConstraints(min_length=1)] | None = None
-    choice: Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)] | None = None
-    grammar: Annotated[str, StringConstraints(min_length=1)] | None = None
+    regex: Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONSTRAINT_CHARS)] | None = None
+    choice: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONSTRAINT_CHARS)]],
+                      Field(min_length=1, max_length=1024)] | None = None
+    grammar: Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONSTRAINT_CHARS)] | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 

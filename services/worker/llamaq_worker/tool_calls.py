@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from functools import cached_property
 from typing import Any
@@ -26,6 +27,9 @@ from llamaq_protocol import GenerationParams
 logger = logging.getLogger(__name__)
 
 AUTO, REQUIRED, NAMED = "auto", "required", "named"
+# One call of a "required" list, up to where its arguments begin: `{"name": "<name>", "parameters": `.
+_REQUIRED_ITEM = re.compile(r'\{\s*"name"\s*:\s*"([A-Za-z0-9_.-]{1,64})"\s*,\s*"parameters"\s*:\s*')
+_DECODER = json.JSONDecoder()
 
 
 def make_call_id() -> str:
@@ -116,6 +120,8 @@ class ToolCallStream:
                 deltas = [self._take_delta(d.model_dump(exclude_none=True)) for d in message.tool_calls]
         elif self.mode == NAMED and delta:
             deltas = [self._take_delta({"index": 0, "function": {"arguments": delta}})]
+        elif self.mode == REQUIRED and delta:
+            deltas = self._required_deltas()
         self.content += content
         if final:
             more_content, more_deltas = self._finish()
@@ -168,21 +174,36 @@ class ToolCallStream:
                       for call in self.sent[:len(final)] if call["name"]]
         return content, deltas
 
-    def _required_calls(self) -> list[tuple[str, str]]:
-        """The calls a "required" grammar made the model write: a JSON list of {"name", "parameters"}. A list cut
-        short (max_tokens; a small model may repeat calls until then) keeps its complete items."""
-        items, position = [], self.text.find("[") + 1
-        decoder = json.JSONDecoder()
-        while position > 0:
-            while position < len(self.text) and self.text[position] in " \t\r\n,":
-                position += 1
+    def _required_items(self) -> list[tuple[str, str, bool]]:
+        """The calls a "required" grammar has made the model write so far, in its list of {"name", "parameters"}
+        objects (vLLM's schema: the name first): each call's name, its arguments' text as written so far, and
+        whether that text is complete. Only the last may be incomplete, so a list cut short (max_tokens; a small
+        model may repeat calls until then) keeps its complete calls."""
+        items = []
+        for match in _REQUIRED_ITEM.finditer(self.text):
+            start = match.end()
             try:
-                item, position = decoder.raw_decode(self.text, position)
+                _, end = _DECODER.raw_decode(self.text, start)
             except ValueError:
-                break  # the list's end, or an item cut short
-            items.append(item)
-        return [(item["name"], json.dumps(item.get("parameters", item.get("arguments", {})), ensure_ascii=False))
-                for item in items if isinstance(item, dict) and isinstance(item.get("name"), str)]
+                items.append((match.group(1), self.text[start:], False))  # still being written
+                break
+            items.append((match.group(1), self.text[start:end], True))
+        return items
+
+    def _required_deltas(self) -> list[dict[str, Any]]:
+        """The call deltas of the text so far: a call's id and name once its name is written, then its arguments
+        as they come (the text of its "parameters" object, which is what the call's arguments are)."""
+        deltas = []
+        for index, (name, arguments, _) in enumerate(self._required_items()):
+            sent = self.sent[index]["arguments"] if index < len(self.sent) else None
+            if sent is None:
+                deltas.append(self._take_delta({"index": index, "function": {"name": name, "arguments": arguments}}))
+            elif len(arguments) > len(sent):
+                deltas.append(self._take_delta({"index": index, "function": {"arguments": arguments[len(sent):]}}))
+        return deltas
+
+    def _required_calls(self) -> list[tuple[str, str]]:
+        return [(name, arguments) for name, arguments, complete in self._required_items() if complete]
 
     @property
     def called(self) -> bool:

@@ -83,9 +83,13 @@ def test_auto_text_that_looks_like_json_but_is_none_comes_out_as_content(parser,
     assert content == '{"answer": 4'
 
 
-def test_required_reads_the_grammar_list_at_the_end(parser, tokenizer):
+def test_required_streams_each_call_of_the_grammar_list_as_it_is_written(parser, tokenizer):
     stream = ToolCallStream(params("required"), parser, tokenizer)
     text = '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "get_time", "parameters": {}}]'
+    _, early = stream.feed(text[:text.index("Pa") + 2], final=False)  # a name, and the start of its arguments
+    assert early == [{"index": 0, "id": early[0]["id"], "type": "function",
+                      "function": {"name": "get_weather", "arguments": '{"city": "Pa'}}]
+    stream = ToolCallStream(params("required"), parser, tokenizer)
     content, calls = run(stream, chunks(text))
     assert content == ""
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Paris"}),

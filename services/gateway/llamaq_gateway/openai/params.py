@@ -167,11 +167,11 @@ def to_params(req: ChatCompletionRequest | CompletionRequest, max_new_tokens_lim
 def _invalid(exc: ValidationError) -> InvalidParameter:
     first = exc.errors()[0]
     message = str(first.get("msg", "")).removeprefix("Value error, ")
-    param = ".".join(str(p) for p in first.get("loc", ())) or _named_param(message)
+    param = ".".join(str(p) for p in first.get("loc", ())) or named_param(message)
     return InvalidParameter(f"{param or 'body'}: {message}", param=param)
 
 
-def _named_param(message: str) -> str | None:
+def named_param(message: str) -> str | None:
     """The field a whole-request rule of the job names first ("'tool_choice' names ...", "messages.3: ...")."""
     match = re.match(r"'?([a-z_]+(?:\.\d+)?)'?[: ]", message)
     return match.group(1) if match else None

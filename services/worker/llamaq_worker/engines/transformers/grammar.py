@@ -23,7 +23,7 @@ from ..base import StructuredOutputs
 
 try:
     import xgrammar as xgr
-except ImportError:  # the worker's own dependencies do not include it (vLLM's do): no structured outputs then
+except ImportError:  # a worker dependency, but an install without it still serves, without structured outputs
     xgr = None
 
 logger = logging.getLogger(__name__)
