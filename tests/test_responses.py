@@ -47,8 +47,10 @@ def model(sdk):
 
 
 def test_create_plain_then_retrieve(sdk, model, client):
-    response = sdk.responses.create(model=model, input="What is the capital of France?", **GREEDY)
+    response = sdk.responses.create(model=model, input="What is the capital of France?", metadata={"case": "plain"},
+                                    user="tester", **GREEDY)
     assert response.status == "completed" and response.object == "response"
+    assert response.metadata == {"case": "plain"} and response.user == "tester" and response.max_output_tokens == 40
     assert "Paris" in response.output_text
     assert response.usage.input_tokens > 0 and 0 < response.usage.output_tokens <= 40
     assert response.output[0].type == "message" and response.output[0].role == "assistant"
@@ -169,6 +171,12 @@ def test_input_items_are_listed_and_paged_and_a_deleted_response_is_gone(sdk, mo
         sdk.responses.create(model=model, input="Again?", previous_response_id=response.id)
 
 
+def test_flex_service_tier_runs_at_batch_priority(sdk, model, client):
+    response = sdk.responses.create(model=model, input="Hi!", service_tier="flex", background=True, **GREEDY)
+    assert client.get(f"/v1/jobs/{response.id}").json()["priority"] == "batch"
+    assert response.service_tier == "flex"
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
@@ -183,6 +191,8 @@ def test_input_items_are_listed_and_paged_and_a_deleted_response_is_gone(sdk, mo
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}}, 400,
          "text.format.schema"),
         ({"tool_choice": {"type": "function", "name": "missing"}, "tools": [WEATHER]}, 400, "tool_choice"),
+        ({"webhook": "https://example.invalid/hook"}, 400, "webhook"),  # this stack has no WEBHOOK_SECRET
+        ({"truncation": "auto"}, 400, "truncation"),
     ],
 )
 def test_bad_requests_are_refused_naming_the_param_and_nothing_is_queued(client, body, status, param):

@@ -4,7 +4,7 @@ the wire models live in llamaq_protocol."""
 from typing import Annotated, Any, Literal
 
 from fastapi import Path
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llamaq_protocol import ErrorBody, GenerationParams, Priority
 
@@ -44,13 +44,10 @@ def error_responses(*codes: int, auth: bool = True) -> dict[int | str, dict[str,
     return responses
 
 
-class JobRequest(GenerationParams):
-    """`POST /v1/jobs`: the generation parameters plus what is about the job rather than its text."""
+class WebhookFields(BaseModel):
+    """A job's webhook, as `POST /v1/jobs`, `/v1/generate` and `/v1/responses` take it."""
 
-    priority: Priority = Field(
-        default=Priority.interactive,
-        description="interactive jobs are claimed before every queued batch one; batch jobs fill the remaining room",
-    )
+    model_config = ConfigDict(extra="forbid")
 
     webhook: str | None = Field(
         default=None, max_length=2048, pattern=r"^https?://[^/?#\s]+[^\s]*$",
@@ -71,6 +68,15 @@ class JobRequest(GenerationParams):
         if self.webhook is None:
             return None
         return record_fields(self.webhook, self.webhook_events or list(DEFAULT_EVENTS))
+
+
+class JobRequest(WebhookFields, GenerationParams):
+    """`POST /v1/jobs`: the generation parameters plus what is about the job rather than its text."""
+
+    priority: Priority = Field(
+        default=Priority.interactive,
+        description="interactive jobs are claimed before every queued batch one; batch jobs fill the remaining room",
+    )
 
     def generation_params(self) -> GenerationParams:
         """The parameters alone, as the client set them (the job's own fields left out)."""

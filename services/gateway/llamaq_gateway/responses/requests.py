@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..schemas import WebhookFields
+
 
 class TextConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -21,7 +23,9 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # padding against length side channels: nothing to pad here
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(WebhookFields):
+    """`webhook` and `webhook_events` are llamaq's, as on /v1/jobs: told of the response's job when it ends."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None

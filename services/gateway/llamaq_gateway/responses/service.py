@@ -8,12 +8,13 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 
+from .. import streams
 from ..errors import InvalidParameter, InvalidRequest, WaitTimeout
 from ..jobs import JobService
 from ..limits import StreamSlots
 from ..openai.params import check_model
 from ..settings import GatewaySettings
-from .. import streams
+from ..webhooks import check_submission
 from . import render, store
 from .params import input_items, item_id, to_params
 from .requests import ResponsesRequest
@@ -27,6 +28,7 @@ ECHOED = tuple(render.ECHOED)
 
 async def create(req: ResponsesRequest, jobs: JobService, owner: str, request_id: str | None,
                  settings: GatewaySettings, slots: StreamSlots) -> Response:
+    await check_submission(settings, req.webhook)
     card = await jobs.served_model()
     check_model(req.model, card)
     history: list[dict[str, Any]] = []
@@ -45,22 +47,28 @@ async def create(req: ResponsesRequest, jobs: JobService, owner: str, request_id
         request["text"] = req.text.model_dump(exclude_none=True)
     response_id = item_id(store.ID_PREFIX.rstrip("_"))
     extra = store.record_fields(request, items, history, req.store is not False)
+    webhook = req.webhook_record()
+
+    async def enqueue() -> bytes:
+        """The response's job queued; the id of its `queued` event."""
+        _, queued = await jobs.enqueue(params, owner, request_id, None, priority, webhook, job_id=response_id,
+                                       record_extra=extra)
+        return queued
+
     if req.stream:
         release = slots.take()
         try:
-            await jobs.enqueue(params, owner, request_id, None, priority, job_id=response_id, record_extra=extra)
+            await enqueue()
             stored = await store.load(jobs, response_id, owner, include_unstored=True)
         except BaseException:
             release()
             raise
         return streams.sse_response(response_events(jobs, stored, owner), release=release)
     if req.background:
-        await jobs.enqueue(params, owner, request_id, None, priority, job_id=response_id, record_extra=extra)
+        await enqueue()
         return JSONResponse(render.response_object(await store.load(jobs, response_id, owner)))
     with slots.hold():
-        _, queued = await jobs.enqueue(params, owner, request_id, None, priority, job_id=response_id,
-                                       record_extra=extra)
-        job = await jobs.wait(response_id, owner, settings.max_generate_wait_s, since=queued)
+        job = await jobs.wait(response_id, owner, settings.max_generate_wait_s, since=await enqueue())
     if not job.status.is_terminal():
         raise WaitTimeout(f"response {response_id} is still {job.status.value} after "
                           f"{settings.max_generate_wait_s:g} s; it runs on: GET /v1/responses/{response_id} (or "
