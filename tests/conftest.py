@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from openai import OpenAI
 
 from devstack import Stack
 from nginx_local import free_port
@@ -104,6 +105,19 @@ def lone_redis():
         pytest.fail("redis-server not found: run `make system-deps`", pytrace=False)
     with running_stack("llamaq-scripts-", dict(os.environ), start=Stack.start_redis) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def oai(stack):
+    """The official `openai` SDK on the module's stack."""
+    with OpenAI(base_url=stack.url + "/v1", api_key="test", max_retries=0, timeout=180) as sdk:
+        yield sdk
+
+
+@pytest.fixture(scope="module")
+def model(oai):
+    """The served model's name, as /v1/models lists it."""
+    return oai.models.list().data[0].id
 
 
 @pytest.fixture

@@ -213,12 +213,21 @@ def test_langgraph_react_agent_runs_to_completion(base_url, model, client_env):
 
 # --- 5. openai-agents (Python) ----------------------------------------------------------------------------------
 
+# Each SDK on chat completions (its OpenAIChatCompletionsModel) and on its default model, OpenAIResponsesModel (the
+# Responses API: the default client pointed at the stack, the model a plain name).
+AGENT_APIS = {"chat": "OpenAIChatCompletionsModel", "responses": "OpenAIResponsesModel"}
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["run", "run_streamed"])
-def test_openai_agents_chat_completions_model_with_a_function_tool(base_url, model, client_env, stream):
-    """`OpenAIChatCompletionsModel` with one `@function_tool`: tool_choice "required" first (strict schema), the
-    SDK resets it to auto after the call, and the run ends with a text answer; streamed, the call comes as deltas."""
-    argv = [python_of(AGENTS_VENV), str(CLIENTS / "openai_agents_client.py"), base_url, model]
-    assert_agent_run(run_client(argv + (["stream"] if stream else []), client_env))
+@pytest.mark.parametrize("api", list(AGENT_APIS))
+def test_openai_agents_with_a_function_tool(base_url, model, client_env, api, stream):
+    """One `@function_tool`: tool_choice "required" first (strict schema), the SDK resets it after the call (on the
+    Responses API it sends the tool's function_call and function_call_output back as input items), and the run ends
+    with a text answer; streamed, the call and the answer come as deltas or Responses events."""
+    argv = [python_of(AGENTS_VENV), str(CLIENTS / "openai_agents_client.py"), base_url, model, api]
+    out = run_client(argv + (["stream"] if stream else []), client_env)
+    assert out["model_class"] == AGENT_APIS[api], out
+    assert_agent_run(out)
 
 
 def assert_agent_run(out: dict) -> None:
@@ -257,31 +266,11 @@ def test_ai_sdk_generate_text_with_a_tool(base_url, model, client_env, case):
     assert len(rest) == 1 and rest[0]["toolCalls"] == [] and rest[0]["text"].strip(), out
 
 
-def test_node_openai_agents_chat_completions_model_with_a_tool(base_url, model, client_env):
-    """@openai/agents (JavaScript) on `OpenAIChatCompletionsModel` with one tool, toolChoice "required" first."""
-    assert_agent_run(run_client([node(), str(NODE_DIR / "openai_agents.mjs"), base_url, model], client_env,
-                                cwd=NODE_DIR))
-
-
-# --- 7. The Agents SDKs on their default model: the Responses API -----------------------------------------------
-
 @pytest.mark.parametrize("stream", [False, True], ids=["run", "run_streamed"])
-def test_openai_agents_responses_model_with_a_function_tool(base_url, model, client_env, stream):
-    """openai-agents on its default model, `OpenAIResponsesModel` (POST /v1/responses; the default client pointed at
-    the stack, the model a plain name): tool_choice "required" first, the tool's function_call and
-    function_call_output sent back as input items, then (tool_choice reset) a message; streamed, the call and the
-    answer come as Responses events."""
-    argv = [python_of(AGENTS_VENV), str(CLIENTS / "openai_agents_responses.py"), base_url, model]
-    out = run_client(argv + (["stream"] if stream else []), client_env)
-    assert out["model_class"] == "OpenAIResponsesModel", out
-    assert_agent_run(out)
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["run", "run_streamed"])
-def test_node_openai_agents_responses_model_with_a_tool(base_url, model, client_env, stream):
-    """@openai/agents (JavaScript) on its default model, `OpenAIResponsesModel`, the same run: toolChoice
-    "required" first, then an answer; streamed with `run(..., { stream: true })`."""
-    argv = [node(), str(NODE_DIR / "openai_agents_responses.mjs"), base_url, model]
+@pytest.mark.parametrize("api", list(AGENT_APIS))
+def test_node_openai_agents_with_a_tool(base_url, model, client_env, api, stream):
+    """@openai/agents (JavaScript), the same run on either API: toolChoice "required" first, then an answer."""
+    argv = [node(), str(NODE_DIR / "openai_agents.mjs"), base_url, model, api]
     out = run_client(argv + (["stream"] if stream else []), client_env, cwd=NODE_DIR)
-    assert out["model_class"] == "OpenAIResponsesModel", out
+    assert out["model_class"] == AGENT_APIS[api], out
     assert_agent_run(out)

@@ -38,7 +38,7 @@ class DyingEngine(SequenceSlots):
         self.steps = 0
         self.running: list = []
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return [1, 2, 3]
 
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:

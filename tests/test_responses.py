@@ -35,33 +35,22 @@ def stack(tool_stack):
     return tool_stack
 
 
-@pytest.fixture(scope="module")
-def sdk(stack):
-    with OpenAI(base_url=stack.url + "/v1", api_key="test", max_retries=0, timeout=180) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def model(sdk):
-    return sdk.models.list().data[0].id
-
-
-def test_create_plain_then_retrieve(sdk, model, client):
-    response = sdk.responses.create(model=model, input="What is the capital of France?", metadata={"case": "plain"},
+def test_create_plain_then_retrieve(oai, model, client):
+    response = oai.responses.create(model=model, input="What is the capital of France?", metadata={"case": "plain"},
                                     user="tester", **GREEDY)
     assert response.status == "completed" and response.object == "response"
     assert response.metadata == {"case": "plain"} and response.user == "tester" and response.max_output_tokens == 40
     assert "Paris" in response.output_text
     assert response.usage.input_tokens > 0 and 0 < response.usage.output_tokens <= 40
     assert response.output[0].type == "message" and response.output[0].role == "assistant"
-    again = sdk.responses.retrieve(response.id)
+    again = oai.responses.retrieve(response.id)
     assert again.output_text == response.output_text and again.status == "completed"
     # A response is a job: the job API sees it too.
     assert client.get(f"/v1/jobs/{response.id}").json()["output"]["text"] == response.output_text
 
 
-def test_stream_sends_openais_events_in_order(sdk, model):
-    events = list(sdk.responses.create(model=model, input="What is the capital of France?", stream=True, **GREEDY))
+def test_stream_sends_openais_events_in_order(oai, model):
+    events = list(oai.responses.create(model=model, input="What is the capital of France?", stream=True, **GREEDY))
     kinds = [event.type for event in events]
     assert kinds[:4] == ["response.created", "response.queued", "response.in_progress",
                          "response.output_item.added"]
@@ -72,24 +61,24 @@ def test_stream_sends_openais_events_in_order(sdk, model):
     assert text == events[-1].response.output_text and "Paris" in text
 
 
-def test_background_response_is_retrieved_until_done_and_another_cancelled(sdk, model):
-    queued = sdk.responses.create(model=model, input="Name three colours.", background=True, **GREEDY)
+def test_background_response_is_retrieved_until_done_and_another_cancelled(oai, model):
+    queued = oai.responses.create(model=model, input="Name three colours.", background=True, **GREEDY)
     assert queued.status in ("queued", "in_progress") and queued.background is True
     done = wait_until(lambda r: r.status in ("completed", "incomplete"), 120, "the background response",
-                      observe=lambda: sdk.responses.retrieve(queued.id), interval_s=0.2)
+                      observe=lambda: oai.responses.retrieve(queued.id), interval_s=0.2)
     assert done.output_text
     if done.status == "incomplete":  # cut by max_output_tokens
         assert done.incomplete_details.reason == "max_output_tokens" and done.usage.output_tokens == 40
-    long = sdk.responses.create(model=model, background=True, **LONG)
+    long = oai.responses.create(model=model, background=True, **LONG)
     wait_until(lambda r: r.status == "in_progress", 60, "the long response to run",
-               observe=lambda: sdk.responses.retrieve(long.id), interval_s=0.1)
-    cancelled = sdk.responses.cancel(long.id)
+               observe=lambda: oai.responses.retrieve(long.id), interval_s=0.1)
+    cancelled = oai.responses.cancel(long.id)
     assert cancelled.status == "cancelled", cancelled
-    assert sdk.responses.retrieve(long.id).status == "cancelled"
+    assert oai.responses.retrieve(long.id).status == "cancelled"
 
 
-def test_dropped_stream_resumes_after_its_last_sequence_number(sdk, model):
-    created = sdk.responses.create(model=model, input="Write a sentence about the sea.", background=True,
+def test_dropped_stream_resumes_after_its_last_sequence_number(oai, model):
+    created = oai.responses.create(model=model, input="Write a sentence about the sea.", background=True,
                                    stream=True, **GREEDY)
     seen = []
     for event in created:
@@ -98,18 +87,18 @@ def test_dropped_stream_resumes_after_its_last_sequence_number(sdk, model):
             break  # the connection is dropped here
     created.close()
     response_id = seen[0].response.id
-    rest = list(sdk.responses.retrieve(response_id, stream=True, starting_after=seen[-1].sequence_number))
-    whole = list(sdk.responses.retrieve(response_id, stream=True))
+    rest = list(oai.responses.retrieve(response_id, stream=True, starting_after=seen[-1].sequence_number))
+    whole = list(oai.responses.retrieve(response_id, stream=True))
     assert [e.sequence_number for e in seen + rest] == list(range(len(whole)))
     assert [e.model_dump() for e in seen + rest][6:] == [e.model_dump() for e in whole][6:]
     assert rest[-1].type in ("response.completed", "response.incomplete")
 
 
-def test_previous_response_id_carries_the_conversation_across_three_turns(sdk, model, client):
+def test_previous_response_id_carries_the_conversation_across_three_turns(oai, model, client):
     turns = ["My name is Ada. Say hello to me.", "What is 2 + 2?", "What is my name?"]
-    first = sdk.responses.create(model=model, input=turns[0], instructions="Be brief.", **GREEDY)
-    second = sdk.responses.create(model=model, input=turns[1], previous_response_id=first.id, **GREEDY)
-    third = sdk.responses.create(model=model, input=turns[2], previous_response_id=second.id, **GREEDY)
+    first = oai.responses.create(model=model, input=turns[0], instructions="Be brief.", **GREEDY)
+    second = oai.responses.create(model=model, input=turns[1], previous_response_id=first.id, **GREEDY)
+    third = oai.responses.create(model=model, input=turns[2], previous_response_id=second.id, **GREEDY)
     assert third.previous_response_id == second.id and third.status in ("completed", "incomplete")
     # The third prompt is exactly the conversation so far: every turn and answer, and not the first turn's
     # instructions (OpenAI does not carry them), as /tokenize counts it through the same template.
@@ -120,21 +109,21 @@ def test_previous_response_id_carries_the_conversation_across_three_turns(sdk, m
     assert first.usage.input_tokens < second.usage.input_tokens < third.usage.input_tokens
 
 
-def test_function_tool_round_trip(sdk, model):
-    call_turn = sdk.responses.create(model=model, input="What is the weather like in Paris?", tools=[WEATHER],
+def test_function_tool_round_trip(oai, model):
+    call_turn = oai.responses.create(model=model, input="What is the weather like in Paris?", tools=[WEATHER],
                                      tool_choice="required", parallel_tool_calls=False, **GREEDY)
     calls = [item for item in call_turn.output if item.type == "function_call"]
     assert [call.name for call in calls] == ["get_weather"], call_turn.output
     jsonschema.validate(json.loads(calls[0].arguments), WEATHER["parameters"])
-    answer = sdk.responses.create(
+    answer = oai.responses.create(
         model=model, previous_response_id=call_turn.id, tools=[WEATHER], **GREEDY,
         input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 24 C."}])
     assert answer.status == "completed" and answer.output_text
     assert not [item for item in answer.output if item.type == "function_call"]
 
 
-def test_streamed_function_call_arguments_add_up(sdk, model):
-    events = list(sdk.responses.create(model=model, input="What is the weather like in Paris?", tools=[WEATHER],
+def test_streamed_function_call_arguments_add_up(oai, model):
+    events = list(oai.responses.create(model=model, input="What is the weather like in Paris?", tools=[WEATHER],
                                        tool_choice={"type": "function", "name": "get_weather"}, stream=True,
                                        **GREEDY))
     deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
@@ -145,34 +134,34 @@ def test_streamed_function_call_arguments_add_up(sdk, model):
     assert final.output[-1].type == "function_call" and final.output[-1].arguments == deltas
 
 
-def test_json_schema_text_format(sdk, model):
-    response = sdk.responses.create(model=model, input="Which city is the capital of France? Reply in JSON.",
+def test_json_schema_text_format(oai, model):
+    response = oai.responses.create(model=model, input="Which city is the capital of France? Reply in JSON.",
                                     text={"format": {"type": "json_schema", "name": "capital", "schema": CITY,
                                                      "strict": True}}, **GREEDY)
     jsonschema.validate(json.loads(response.output_text), CITY)
     assert response.text.format.type == "json_schema"
 
 
-def test_input_items_are_listed_and_paged_and_a_deleted_response_is_gone(sdk, model):
+def test_input_items_are_listed_and_paged_and_a_deleted_response_is_gone(oai, model):
     items = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
              {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a fruit."}]
-    response = sdk.responses.create(model=model, input=items, **GREEDY)
-    listed = sdk.responses.input_items.list(response.id, order="asc")
+    response = oai.responses.create(model=model, input=items, **GREEDY)
+    listed = oai.responses.input_items.list(response.id, order="asc")
     assert [item.role for item in listed.data] == ["system", "user", "assistant", "user"]
-    page = sdk.responses.input_items.list(response.id, limit=2)  # newest first, as OpenAI lists them
+    page = oai.responses.input_items.list(response.id, limit=2)  # newest first, as OpenAI lists them
     assert [item.role for item in page.data] == ["user", "assistant"] and page.has_more
-    rest = sdk.responses.input_items.list(response.id, limit=2, after=page.data[-1].id)
+    rest = oai.responses.input_items.list(response.id, limit=2, after=page.data[-1].id)
     assert [item.role for item in rest.data] == ["user", "system"] and not rest.has_more
-    deleted = sdk.responses.delete(response.id)
+    deleted = oai.responses.delete(response.id)
     assert deleted is None or getattr(deleted, "deleted", True)
     with pytest.raises(openai.NotFoundError):
-        sdk.responses.retrieve(response.id)
+        oai.responses.retrieve(response.id)
     with pytest.raises(openai.NotFoundError):
-        sdk.responses.create(model=model, input="Again?", previous_response_id=response.id)
+        oai.responses.create(model=model, input="Again?", previous_response_id=response.id)
 
 
-def test_flex_service_tier_runs_at_batch_priority(sdk, model, client):
-    response = sdk.responses.create(model=model, input="Hi!", service_tier="flex", background=True, **GREEDY)
+def test_flex_service_tier_runs_at_batch_priority(oai, model, client):
+    response = oai.responses.create(model=model, input="Hi!", service_tier="flex", background=True, **GREEDY)
     assert client.get(f"/v1/jobs/{response.id}").json()["priority"] == "batch"
     assert response.service_tier == "flex"
 
@@ -213,26 +202,26 @@ def keyed_stack():
 
 
 def test_background_response_survives_a_killed_worker_and_restarted_gateways(keyed_stack):
-    sdk = OpenAI(base_url=keyed_stack.url + "/v1", api_key="key-a", max_retries=2, timeout=180)
+    oai = OpenAI(base_url=keyed_stack.url + "/v1", api_key="key-a", max_retries=2, timeout=180)
     other = httpx.Client(base_url=keyed_stack.url, headers={"Authorization": "Bearer key-b"}, timeout=60)
-    model = sdk.models.list().data[0].id
-    response = sdk.responses.create(model=model, input="Write two sentences about the sea.", background=True,
+    model = oai.models.list().data[0].id
+    response = oai.responses.create(model=model, input="Write two sentences about the sea.", background=True,
                                     temperature=0, max_output_tokens=60)
     # Another key sees nothing of it, and cannot continue it.
     assert other.get(f"/v1/responses/{response.id}").status_code == 404
     refused = other.post("/v1/responses", json={"input": "Hi", "previous_response_id": response.id})
     assert refused.status_code == 404 and refused.json()["error"]["param"] == "previous_response_id"
     wait_until(lambda r: r.status == "in_progress", 60, "the response to run",
-               observe=lambda: sdk.responses.retrieve(response.id), interval_s=0.05)
+               observe=lambda: oai.responses.retrieve(response.id), interval_s=0.05)
     keyed_stack.stop_process("worker", signal.SIGKILL)
     keyed_stack.stop_process("gateway", signal.SIGTERM)
     keyed_stack.start_gateway()
     keyed_stack.start_worker()
     done = wait_until(lambda r: r.status in ("completed", "incomplete"), 180, "the response after the faults",
-                      observe=lambda: sdk.responses.retrieve(response.id), interval_s=0.5)
+                      observe=lambda: oai.responses.retrieve(response.id), interval_s=0.5)
     assert done.output_text and done.usage.output_tokens > 0
     # Answered once: the replayed stream ends in one completion, and the answer is the one that completed.
-    events = list(sdk.responses.retrieve(response.id, stream=True))
+    events = list(oai.responses.retrieve(response.id, stream=True))
     endings = [e.type for e in events if e.type in ("response.completed", "response.incomplete")]
     assert endings == [f"response.{done.status}"]
     assert events[-1].response.output_text == done.output_text

@@ -10,7 +10,6 @@ import json
 
 import openai
 import pytest
-from openai import OpenAI
 
 from helpers import read_sse
 
@@ -22,17 +21,6 @@ PARIS_CHAT = [
 PARIS_ANSWER = "The capital of France is Paris."
 # Greedy SmolLM2 keeps counting: exactly max_new_tokens tokens, many token events.
 COUNTING = {"prompt": "Count from 1 to 500, one number per line.", "max_new_tokens": 40, "temperature": 0}
-
-
-@pytest.fixture(scope="module")
-def oai(stack):
-    with OpenAI(base_url=stack.url + "/v1", api_key="test", max_retries=0, timeout=120) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def model(oai):
-    return oai.models.list().data[0].id
 
 
 def stream_id(event: dict) -> tuple[int, int]:

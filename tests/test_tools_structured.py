@@ -36,12 +36,6 @@ def stack(tool_stack):
     return tool_stack
 
 
-@pytest.fixture(scope="module")
-def oai(stack):
-    with OpenAI(base_url=stack.url + "/v1", api_key="test", max_retries=0, timeout=180) as client:
-        yield client
-
-
 def chat(client, **body) -> dict:
     reply = client.post("/v1/chat/completions", json={"messages": ASK, **GREEDY, **body})
     assert reply.status_code == 200, reply.text
@@ -93,11 +87,11 @@ def test_auto_parses_the_models_own_calls_parallel_ones_too(client):
     assert plain["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_streamed_tool_call_adds_up_to_the_unstreamed_one(client, oai):
+def test_streamed_tool_call_adds_up_to_the_unstreamed_one(client, oai, model):
     body = {"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False}
     whole = calls_of(chat(client, **body))
     assert len(whole) == 1 and whole[0][0] == "get_weather"
-    stream = oai.chat.completions.create(messages=ASK, model=_model(oai), stream=True, **GREEDY, **body)
+    stream = oai.chat.completions.create(messages=ASK, model=model, stream=True, **GREEDY, **body)
     calls: dict[int, dict] = {}
     reasons = []
     for chunk in stream:
@@ -112,9 +106,9 @@ def test_streamed_tool_call_adds_up_to_the_unstreamed_one(client, oai):
     assert all(c["id"] for c in calls.values()) and reasons[-1] == "tool_calls"
 
 
-def test_named_call_streams_its_arguments_in_pieces(oai):
+def test_named_call_streams_its_arguments_in_pieces(oai, model):
     stream = oai.chat.completions.create(
-        messages=ASK, model=_model(oai), stream=True, **GREEDY, tools=[WEATHER],
+        messages=ASK, model=model, stream=True, **GREEDY, tools=[WEATHER],
         tool_choice={"type": "function", "function": {"name": "get_weather"}})
     pieces = [d.function.arguments for c in stream for ch in c.choices for d in ch.delta.tool_calls or ()
               if d.function and d.function.arguments]
@@ -122,14 +116,14 @@ def test_named_call_streams_its_arguments_in_pieces(oai):
     jsonschema.validate(json.loads("".join(pieces)), WEATHER["function"]["parameters"])
 
 
-def test_second_turn_answers_from_the_tool_result_and_counts_tools_as_the_worker(client, oai):
+def test_second_turn_answers_from_the_tool_result_and_counts_tools_as_the_worker(client, oai, model):
     call = {"id": "call_1", "type": "function",
             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 24 degrees Celsius."}]
     # continuous usage: the first chunk carries the gateway's count, the last the worker's.
     stream = oai.chat.completions.create(
-        messages=messages, model=_model(oai), stream=True, tools=[WEATHER], **GREEDY,
+        messages=messages, model=model, stream=True, tools=[WEATHER], **GREEDY,
         stream_options={"include_usage": True, "continuous_usage_stats": True})
     chunks = list(stream)
     text = "".join(ch.delta.content or "" for c in chunks for ch in c.choices)
@@ -193,7 +187,7 @@ def test_logit_bias_and_penalties_change_the_output_as_they_should(client):
     assert present != unpenalized
 
 
-def test_n_choices_sample_apart_reproducibly_and_stream_by_index(client, oai):
+def test_n_choices_sample_apart_reproducibly_and_stream_by_index(client, oai, model):
     # n = 3 on a worker of MAX_BATCH 2: the third choice starts once a slot frees.
     body = {"messages": [{"role": "user", "content": "Write a short poem about the sea."}], "n": 3,
             "temperature": 1.0, "seed": 7, "max_tokens": 16}
@@ -208,7 +202,7 @@ def test_n_choices_sample_apart_reproducibly_and_stream_by_index(client, oai):
     assert sum(c["completion_tokens"] for c in job["output"]["choices"]) == answer["usage"]["completion_tokens"]
     streamed: dict[int, str] = {}
     finished = {}
-    for chunk in oai.chat.completions.create(model=_model(oai), stream=True, **body):
+    for chunk in oai.chat.completions.create(model=model, stream=True, **body):
         for choice in chunk.choices:
             streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
             if choice.finish_reason:
@@ -262,7 +256,3 @@ def test_bad_tools_and_constraints_are_refused_and_nothing_is_queued(client, bod
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param, reply.json()
     assert client.get("/v1/jobs", params={"limit": 1}).json()["data"] == before
-
-
-def _model(oai) -> str:
-    return oai.models.list().data[0].id

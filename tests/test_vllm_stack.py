@@ -29,7 +29,6 @@ from test_stack import (  # noqa: F401
     test_submit_then_poll_and_rq_agrees,
 )
 from test_responses import (  # noqa: F401
-    sdk,
     test_dropped_stream_resumes_after_its_last_sequence_number,
     test_function_tool_round_trip,
     test_json_schema_text_format,
@@ -52,8 +51,6 @@ from test_tools_structured import (  # noqa: F401
     test_tools_are_counted_against_the_context,
 )
 from test_streaming import (  # noqa: F401
-    model,
-    oai,
     test_chat_completion_answers_paris,
     test_chat_stream_reassembles_the_greedy_answer,
     test_completions_plain_and_streamed,

@@ -26,6 +26,7 @@ running then are handed back to the queue (their attempt not counted) for anothe
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import redis.exceptions
@@ -46,8 +47,8 @@ from .slots import Ending, Slot
 
 logger = logging.getLogger(__name__)
 
-# The gateway's JOB_RETRIES default (times a job whose worker died is re-queued before it fails as worker_lost),
-# for a WorkerSettings without the field.
+# Most time RQ's pubsub teardown may take when the worker stops (see BatchWorker.unsubscribe).
+UNSUBSCRIBE_WAIT_S = 5.0
 
 
 class BatchWorker(SimpleWorker):
@@ -243,6 +244,16 @@ class BatchWorker(SimpleWorker):
             super().run_maintenance_tasks()
         except REDIS_DOWN as exc:
             logger.warning("RQ maintenance skipped, Redis unreachable: %s", exc)
+
+    def unsubscribe(self):
+        """RQ's, bounded: closing its pubsub connection was seen to wait a whole minute on the listener thread's
+        blocked read after a SIGTERM drain (past compose's stop grace period), and the process is leaving anyway."""
+        closer = threading.Thread(target=super().unsubscribe, name="llamaq-rq-unsubscribe", daemon=True)
+        closer.start()
+        closer.join(UNSUBSCRIBE_WAIT_S)
+        if closer.is_alive():
+            logger.warning("RQ's pubsub did not close within %.0f s; leaving it to the process exit",
+                           UNSUBSCRIBE_WAIT_S)
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         # RQ retries ConnectionError here itself, but ends work() on a TimeoutError.

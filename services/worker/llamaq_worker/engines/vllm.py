@@ -284,7 +284,9 @@ class VLLMEngine(SequenceSlots[_VllmSeq]):
             return
         self._closing = True
         try:
-            self._on_loop(self._shutdown()).result(timeout=60)
+            # A dead EngineCore has nothing to drain, and its shutdown may wait out the whole timeout: the worker
+            # would then exit a minute late, its jobs long handed back.
+            self._on_loop(self._shutdown()).result(timeout=5 if self._dead is not None else 60)
         except Exception as exc:
             logger.warning("vLLM did not shut down cleanly: %s", exc)
         finally:
