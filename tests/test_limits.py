@@ -3,6 +3,7 @@ Redis and real worker (settings that the shared stack does not use are given to 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -51,6 +52,43 @@ def test_idempotency_key_returns_the_same_job(gateway):
         assert other.status_code == 400 and other.json()["error"]["type"] == "idempotency_key_reused"
         fresh = client.post("/v1/jobs", json=PARIS, headers={"Idempotency-Key": uuid.uuid4().hex})
         assert fresh.json()["id"] != first.json()["id"]
+
+
+CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 12,
+        "temperature": 0}
+
+
+@pytest.mark.parametrize(("path", "body", "job_of"), [
+    ("/", PARIS, lambda answer: answer["id"]),
+    ("/v1/generate", PARIS, lambda answer: answer["id"]),
+    ("/v1/chat/completions", CHAT, lambda answer: answer["id"].removeprefix("chatcmpl-")),
+    ("/v1/completions", {"prompt": "What is the capital of France?", "max_tokens": 12, "temperature": 0},
+     lambda answer: answer["id"].removeprefix("cmpl-")),
+    ("/v1/responses", {"input": "What is the capital of France?", "max_output_tokens": 12, "temperature": 0},
+     lambda answer: answer["id"]),
+])
+def test_every_submit_route_answers_a_retry_from_the_job_its_first_try_queued(client, path, body, job_of):
+    key = uuid.uuid4().hex
+    first = client.post(path, json=body, headers={"Idempotency-Key": key})
+    again = client.post(path, json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert job_of(first.json()) == job_of(again.json())
+    assert first.json() == again.json() or path == "/"  # (POST / stamps the time of its answer)
+    other = client.post(path, json={**body, "temperature": 0.5}, headers={"Idempotency-Key": key})
+    assert other.status_code == 400 and "Idempotency-Key" in other.json()["error"]["message"], other.text
+
+
+def test_a_streamed_retry_replays_the_same_answer(client):
+    key = uuid.uuid4().hex
+    texts, ids = [], set()
+    for _ in range(2):
+        with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True},
+                           headers={"Idempotency-Key": key}) as reply:
+            chunks = [json.loads(line.removeprefix("data: ")) for line in reply.iter_lines()
+                      if line.startswith("data: {")]
+        ids |= {chunk["id"] for chunk in chunks}
+        texts.append("".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]))
+    assert len(ids) == 1 and texts[0] == texts[1] and "Paris" in texts[0]
 
 
 def test_api_keys_guard_every_route_and_jobs_belong_to_their_key(gateway):

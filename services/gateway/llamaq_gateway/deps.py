@@ -76,3 +76,7 @@ BatchesDep = Annotated[BatchService, Depends(_batches)]
 OwnerDep = Annotated[str, Depends(_owner)]
 RequestIdDep = Annotated[str | None, Depends(_request_id)]
 StreamSlotsDep = Annotated[StreamSlots, Depends(_stream_slots)]
+# `Idempotency-Key` on every submit route: the same key with the same body gives the same job (a retry after a lost
+# answer waits on it, or replays it); with another body it is 400. A `str` with a None default at the use sites, so
+# the schema says "a string, or leave it out".
+IdempotencyKeyDep = Annotated[str, Header(max_length=256, description="the same key and body give the same job")]

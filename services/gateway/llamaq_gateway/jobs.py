@@ -158,13 +158,10 @@ class JobService:
         priority: Priority = Priority.interactive,
         webhook: dict[str, str] | None = None,
     ) -> Job:
-        """`webhook`: the record fields of the job's webhook (JobRequest.webhook_record)."""
+        """`webhook`: the record fields of the job's webhook (JobRequest.webhook_record). With an `idempotency_key`
+        the same key and body give the same job (a different body is 400)."""
         await self.check_params(params, card)
-        if idempotency_key:
-            existing = await self._idempotent_job(params, owner, idempotency_key, priority, webhook)
-            if existing is not None:
-                return existing
-        job_id, _ = await self.enqueue(params, owner, request_id, idempotency_key, priority, webhook)
+        job_id, _ = await self.enqueue_once(params, owner, request_id, idempotency_key, priority, webhook)
         return await self.get(job_id, owner)
 
     async def submit_and_wait(
@@ -176,11 +173,35 @@ class JobService:
         card: ModelCard | None = None,
         priority: Priority = Priority.interactive,
         webhook: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
     ) -> Job:
-        """Queue a job and wait for it (see `wait`), reading its events from the moment it was queued."""
+        """Queue a job and wait for it (see `wait`), reading its events from the moment it was queued; a retry under
+        the same `idempotency_key` waits on the job its first try queued."""
         await self.check_params(params, card)
-        job_id, queued_event_id = await self.enqueue(params, owner, request_id, None, priority, webhook)
+        job_id, queued_event_id = await self.enqueue_once(params, owner, request_id, idempotency_key, priority,
+                                                          webhook)
         return await self.wait(job_id, owner, timeout_s, since=queued_event_id)
+
+    async def enqueue_once(
+        self,
+        params: GenerationParams,
+        owner: str,
+        request_id: str | None,
+        idempotency_key: str | None,
+        priority: Priority = Priority.interactive,
+        webhook: dict[str, str] | None = None,
+        job_id: str | None = None,
+        record_extra: dict[str, str] | None = None,
+        body: str = "",
+    ) -> tuple[str, bytes | None]:
+        """`enqueue`, unless `idempotency_key` already names a job of this owner for the same body: then that job's
+        id and None (its events are read from wherever it is). `body`: more of the request the key is bound to."""
+        if idempotency_key:
+            existing = await self._idempotent_job(params, owner, idempotency_key, priority, webhook, body)
+            if existing is not None:
+                return existing.id, None
+        return await self.enqueue(params, owner, request_id, idempotency_key, priority, webhook, job_id,
+                                  record_extra, body)
 
     async def enqueue(
         self,
@@ -192,11 +213,12 @@ class JobService:
         webhook: dict[str, str] | None = None,
         job_id: str | None = None,
         record_extra: dict[str, str] | None = None,
+        body: str = "",
     ) -> tuple[str, bytes]:
         """Queue a job whose parameters `check_params` accepted: the new job's id, and the id of its `queued` event.
 
         `job_id`: the caller's own (the Batch API's, one per line); `record_extra`: more fields of its record (the
-        webhook's, a batch line's)."""
+        webhook's, a batch line's); `body`: more of the request an `idempotency_key` is bound to."""
         # Each priority has its own bound, so a batch backlog never refuses an interactive submission.
         limit = self.settings.max_batch_queue if priority is Priority.batch else self.settings.max_queue
         if await self.aio.llen(self.queues[priority].key) >= limit:
@@ -205,7 +227,7 @@ class JobService:
         payload = JobPayload(job_id=job_id, params=params, request_id=request_id)
         if idempotency_key:
             claimed = await self.aio.set(
-                keys.idempotency(owner, idempotency_key), f"{job_id}:{_digest(params, priority, webhook)}",
+                keys.idempotency(owner, idempotency_key), f"{job_id}:{_digest(params, priority, webhook, body)}",
                 nx=True, ex=self.settings.result_ttl_s,
             )
             if not claimed:
@@ -234,13 +256,13 @@ class JobService:
 
     async def _idempotent_job(
         self, params: GenerationParams, owner: str, key: str, priority: Priority = Priority.interactive,
-        webhook: dict[str, str] | None = None,
+        webhook: dict[str, str] | None = None, body: str = "",
     ) -> Job | None:
         stored = await self.aio.get(keys.idempotency(owner, key))
         if stored is None:
             return None
         job_id, _, digest = stored.decode().partition(":")
-        if digest != _digest(params, priority, webhook):
+        if digest != _digest(params, priority, webhook, body):
             raise IdempotencyConflict("Idempotency-Key was already used with a different body")
         try:
             return await self.get(job_id, owner)
@@ -401,12 +423,16 @@ def check_token_ids(params: GenerationParams, vocab_size: int, names: dict[str, 
 
 
 def _digest(
-    params: GenerationParams, priority: Priority = Priority.interactive, webhook: dict[str, str] | None = None
+    params: GenerationParams, priority: Priority = Priority.interactive, webhook: dict[str, str] | None = None,
+    body: str = "",
 ) -> str:
-    """The body an Idempotency-Key is bound to (a plain interactive job's digest is that of its parameters)."""
-    body = params.model_dump_json()
+    """The body an Idempotency-Key is bound to (a plain interactive job's digest is that of its parameters); `body`:
+    what else of the request it is bound to (a Responses request's own fields)."""
+    bound = params.model_dump_json()
     if priority is not Priority.interactive:
-        body += f"|priority={priority.value}"
+        bound += f"|priority={priority.value}"
     if webhook:
-        body += f"|webhook={webhook['webhook']}|{webhook['webhook_events']}"
-    return hashlib.sha256(body.encode()).hexdigest()
+        bound += f"|webhook={webhook['webhook']}|{webhook['webhook_events']}"
+    if body:
+        bound += f"|body={body}"
+    return hashlib.sha256(bound.encode()).hexdigest()

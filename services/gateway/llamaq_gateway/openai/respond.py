@@ -31,14 +31,16 @@ async def respond(
     request_id: str | None,
     settings: GatewaySettings,
     slots: StreamSlots,
+    idempotency_key: str | None = None,
 ) -> Response:
     """Submit through the queue; then stream the job, or wait for it and answer the completion object. Either
-    counts against the client's cap on open streams and waits (checked before anything is queued)."""
+    counts against the client's cap on open streams and waits (checked before anything is queued). A retry under
+    the same `idempotency_key` gets the job its first try queued: streamed from its start, or waited on."""
     params, card, rendering = await prepare(req, jobs, settings)
     if req.stream:
         release = slots.take()
         try:
-            job = await jobs.submit(params, owner, request_id, card=card)
+            job = await jobs.submit(params, owner, request_id, idempotency_key, card=card)
         except BaseException:
             release()
             raise
@@ -47,7 +49,8 @@ async def respond(
             release=release,
         )
     with slots.hold():
-        job = await jobs.submit_and_wait(params, owner, request_id, settings.max_generate_wait_s, card=card)
+        job = await jobs.submit_and_wait(params, owner, request_id, settings.max_generate_wait_s, card=card,
+                                         idempotency_key=idempotency_key)
     if job.status is JobStatus.failed:
         raise JobFailed.of(job)
     if not job.status.is_terminal():

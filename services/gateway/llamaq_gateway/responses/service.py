@@ -27,7 +27,9 @@ ECHOED = tuple(render.ECHOED)
 
 
 async def create(req: ResponsesRequest, jobs: JobService, owner: str, request_id: str | None,
-                 settings: GatewaySettings, slots: StreamSlots) -> Response:
+                 settings: GatewaySettings, slots: StreamSlots, idempotency_key: str | None = None) -> Response:
+    """A retry under the same `idempotency_key` (and body) gets the response its first try created: streamed from
+    its start, answered as it is now, or waited on."""
     await check_submission(settings, req.webhook)
     card = await jobs.served_model()
     check_model(req.model, card)
@@ -49,10 +51,13 @@ async def create(req: ResponsesRequest, jobs: JobService, owner: str, request_id
     extra = store.record_fields(request, items, history, req.store is not False)
     webhook = req.webhook_record()
 
-    async def enqueue() -> bytes:
-        """The response's job queued; the id of its `queued` event."""
-        _, queued = await jobs.enqueue(params, owner, request_id, None, priority, webhook, job_id=response_id,
-                                       record_extra=extra)
+    async def enqueue() -> bytes | None:
+        """The response's job queued (or the one a retry's key names: its id becomes the response's); the id of its
+        `queued` event, or None for a job queued before."""
+        nonlocal response_id
+        response_id, queued = await jobs.enqueue_once(
+            params, owner, request_id, idempotency_key, priority, webhook, job_id=response_id, record_extra=extra,
+            body=req.model_dump_json())
         return queued
 
     if req.stream:
@@ -68,7 +73,8 @@ async def create(req: ResponsesRequest, jobs: JobService, owner: str, request_id
         await enqueue()
         return JSONResponse(render.response_object(await store.load(jobs, response_id, owner)))
     with slots.hold():
-        job = await jobs.wait(response_id, owner, settings.max_generate_wait_s, since=await enqueue())
+        queued = await enqueue()  # (first: a retry's key may name another response)
+        job = await jobs.wait(response_id, owner, settings.max_generate_wait_s, since=queued)
     if not job.status.is_terminal():
         raise WaitTimeout(f"response {response_id} is still {job.status.value} after "
                           f"{settings.max_generate_wait_s:g} s; it runs on: GET /v1/responses/{response_id} (or "

@@ -2,11 +2,11 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Query, Response
 
 from llamaq_protocol import Job, JobStatus
 
-from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
+from ..deps import IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
 from ..job_list import MAX_LIMIT, list_jobs
 from ..schemas import JobId, JobRequest, error_responses
 from ..webhooks import check_submission
@@ -29,8 +29,7 @@ async def submit_job(
     jobs: JobsDep,
     owner: OwnerDep,
     request_id: RequestIdDep,
-    # `str` with a None default, so the schema says "a string, or leave it out" (not "null").
-    idempotency_key: Annotated[str, Header(max_length=256)] = None,
+    idempotency_key: IdempotencyKeyDep = None,
 ) -> dict:
     await check_submission(jobs.settings, body.webhook)
     job = await jobs.submit(body.generation_params(), owner, request_id, idempotency_key, priority=body.priority,

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter, Response
 
-from ..deps import JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
+from ..deps import IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
 from ..errors import OpenAIRoute
 from ..openai import (
     CHAT, TEXT, ChatCompletionRequest, CompletionRequest, check_model, model_object, models_list, respond,
@@ -39,8 +39,9 @@ async def chat_completions(
     request_id: RequestIdDep,
     settings: SettingsDep,
     slots: StreamSlotsDep,
+    idempotency_key: IdempotencyKeyDep = None,
 ) -> Response:
-    return await respond(CHAT, body, jobs, owner, request_id, settings, slots)
+    return await respond(CHAT, body, jobs, owner, request_id, settings, slots, idempotency_key)
 
 
 @router.post("/v1/completions", response_class=Response, responses=_STREAM)
@@ -51,6 +52,8 @@ async def completions(
     request_id: RequestIdDep,
     settings: SettingsDep,
     slots: StreamSlotsDep,
+    idempotency_key: IdempotencyKeyDep = None,
 ) -> Response:
-    """`prompt` becomes one user message under the model's chat template (no raw-text continuation)."""
-    return await respond(TEXT, body, jobs, owner, request_id, settings, slots)
+    """A string `prompt` becomes one user message under the chat template; token ids, or `echo`, continue as raw
+    text."""
+    return await respond(TEXT, body, jobs, owner, request_id, settings, slots, idempotency_key)
