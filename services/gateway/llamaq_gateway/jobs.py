@@ -161,7 +161,7 @@ class JobService:
         """`webhook`: the record fields of the job's webhook (JobRequest.webhook_record). With an `idempotency_key`
         the same key and body give the same job (a different body is 400)."""
         await self.check_params(params, card)
-        job_id, _ = await self.enqueue_once(params, owner, request_id, idempotency_key, priority, webhook)
+        job_id, _ = await self.enqueue(params, owner, request_id, idempotency_key, priority, webhook)
         return await self.get(job_id, owner)
 
     async def submit_and_wait(
@@ -178,30 +178,8 @@ class JobService:
         """Queue a job and wait for it (see `wait`), reading its events from the moment it was queued; a retry under
         the same `idempotency_key` waits on the job its first try queued."""
         await self.check_params(params, card)
-        job_id, queued_event_id = await self.enqueue_once(params, owner, request_id, idempotency_key, priority,
-                                                          webhook)
+        job_id, queued_event_id = await self.enqueue(params, owner, request_id, idempotency_key, priority, webhook)
         return await self.wait(job_id, owner, timeout_s, since=queued_event_id)
-
-    async def enqueue_once(
-        self,
-        params: GenerationParams,
-        owner: str,
-        request_id: str | None,
-        idempotency_key: str | None,
-        priority: Priority = Priority.interactive,
-        webhook: dict[str, str] | None = None,
-        job_id: str | None = None,
-        record_extra: dict[str, str] | None = None,
-        body: str = "",
-    ) -> tuple[str, bytes | None]:
-        """`enqueue`, unless `idempotency_key` already names a job of this owner for the same body: then that job's
-        id and None (its events are read from wherever it is). `body`: more of the request the key is bound to."""
-        if idempotency_key:
-            existing = await self._idempotent_job(params, owner, idempotency_key, priority, webhook, body)
-            if existing is not None:
-                return existing.id, None
-        return await self.enqueue(params, owner, request_id, idempotency_key, priority, webhook, job_id,
-                                  record_extra, body)
 
     async def enqueue(
         self,
@@ -214,11 +192,17 @@ class JobService:
         job_id: str | None = None,
         record_extra: dict[str, str] | None = None,
         body: str = "",
-    ) -> tuple[str, bytes]:
+    ) -> tuple[str, bytes | None]:
         """Queue a job whose parameters `check_params` accepted: the new job's id, and the id of its `queued` event.
+        Should `idempotency_key` already name a job of this owner for the same body, that job's id and None instead
+        (its events are read from wherever it is); another body is IdempotencyConflict (400).
 
         `job_id`: the caller's own (the Batch API's, one per line); `record_extra`: more fields of its record (the
         webhook's, a batch line's); `body`: more of the request an `idempotency_key` is bound to."""
+        if idempotency_key:
+            existing = await self._idempotent_job(params, owner, idempotency_key, priority, webhook, body)
+            if existing is not None:
+                return existing.id, None
         # Each priority has its own bound, so a batch backlog never refuses an interactive submission.
         limit = self.settings.max_batch_queue if priority is Priority.batch else self.settings.max_queue
         if await self.aio.llen(self.queues[priority].key) >= limit:

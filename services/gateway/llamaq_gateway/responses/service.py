@@ -55,7 +55,7 @@ async def create(req: ResponsesRequest, jobs: JobService, owner: str, request_id
         """The response's job queued (or the one a retry's key names: its id becomes the response's); the id of its
         `queued` event, or None for a job queued before."""
         nonlocal response_id
-        response_id, queued = await jobs.enqueue_once(
+        response_id, queued = await jobs.enqueue(
             params, owner, request_id, idempotency_key, priority, webhook, job_id=response_id, record_extra=extra,
             body=req.model_dump_json())
         return queued
