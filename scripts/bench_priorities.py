@@ -66,7 +66,8 @@ def scenario(stack, name: str, args) -> dict:
     from llamaq_protocol import keys
 
     store = redis.Redis.from_url(stack.env["REDIS_URL"])
-    interactive, batch = (f"rq:queue:{name}" for name in keys.queue_names(keys.DEFAULT_QUEUE_NAME))
+    # The fair queue's depth lists (as long as the jobs waiting in each tier).
+    interactive, batch = (keys.fair_tier(keys.DEFAULT_QUEUE_NAME, tier) + ":depth" for tier in ("interactive", "batch"))
 
     def queued() -> int:
         return store.llen(interactive) + store.llen(batch)
@@ -128,7 +129,8 @@ def main() -> int:
     with BenchFlag():
         stack = start_stack(dict(MODEL_PATH=small_model(), DEVICE="cpu", ENGINE="paced",
                                  PACED_TOKENS_PER_S=str(args.tokens_per_s), MAX_BATCH=str(args.max_batch),
-                                 MAX_QUEUE=str(args.backlog + 100)))
+                                 # (one client queues the whole backlog, probes included: it may fill the queue)
+                                 MAX_QUEUE=str(args.backlog + 100), MAX_CLIENT_SHARE="1"))
         try:
             for name in args.scenarios.split(","):
                 rows.append(scenario(stack, name, args))

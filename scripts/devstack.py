@@ -3,7 +3,8 @@ and nginx with the project's real config (upstream pointed at loopback).
 
 `make dev` runs `python scripts/devstack.py` in the foreground (Ctrl-C stops everything; a crashed worker is
 restarted). The integration tests start the same `Stack`. It honours the compose variables (HTTP_PORT,
-MODEL_PATH, DEVICE, DTYPE, MAX_BATCH, QUEUE_NAME, API_KEYS, ...); REDIS_URL is always its own Redis.
+MODEL_PATH, DEVICE, DTYPE, MAX_BATCH, QUEUE_NAME, API_KEYS, TRUSTED_PROXIES for nginx, ...); REDIS_URL is always its
+own Redis.
 """
 
 from __future__ import annotations
@@ -100,7 +101,11 @@ class Stack:
         wait_for_port(self.gateway_port, proc, 30, "gateway")
 
     def start_nginx(self) -> None:
-        edge = self._contexts.enter_context(run_nginx(self.workdir / "nginx", self.http_port, self.gateway_port))
+        # nginx's output: self.nginx.access_log (JSON lines) and error_log, under workdir/nginx.
+        edge = self._contexts.enter_context(run_nginx(
+            self.workdir / "nginx", self.http_port, self.gateway_port,
+            trusted_proxies=self.env.get("TRUSTED_PROXIES", ""),
+        ))
         self.procs["nginx"] = edge.process
         self.nginx = edge
 

@@ -1,8 +1,9 @@
 """Run the real nginx/nginx.conf on loopback, for tests.
 
 The config is written for compose (`server gateway:8000`, `listen 6006`). `render_nginx_conf`
-points those two lines at local ports; `run_nginx` starts a private nginx with the result and
-stops it afterwards:
+points those two lines at local ports and writes the trusted proxies (TRUSTED_PROXIES) in place of
+the include that the container fills at start (nginx/trusted-proxies.sh); `run_nginx` starts a
+private nginx with the result and stops it afterwards:
 
     with run_nginx(tmp_path, listen_port=None, gateway_port=8000) as edge:
         urllib.request.urlopen(edge.url + "/healthz")
@@ -11,6 +12,7 @@ stops it afterwards:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = REPO_ROOT / "nginx" / "nginx.conf"
 UPSTREAM_LINE = "server gateway:8000"
 LISTEN_LINE = "listen 6006"
+# Filled at container start by nginx/trusted-proxies.sh; here replaced by the same set_real_ip_from lines.
+TRUSTED_PROXIES_INCLUDE = "include /etc/nginx/llamaq/trusted-proxies.conf;"
 # Temp paths nginx needs when it cannot use its compiled-in ones (those need root).
 _TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
@@ -47,6 +51,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def trusted_proxy_lines(trusted_proxies: str) -> list[str]:
+    """TRUSTED_PROXIES (addresses or CIDRs, comma or space separated) as nginx directives, one per entry: what
+    nginx/trusted-proxies.sh writes in the container. Raises ValueError on an entry it would refuse too."""
+    lines = []
+    for entry in trusted_proxies.replace(",", " ").split():
+        if not re.fullmatch(r"[0-9A-Fa-f.:/]+", entry):
+            raise ValueError(f"TRUSTED_PROXIES: {entry!r} is not an IP address or CIDR")
+        lines.append(f"set_real_ip_from {entry};")
+    return lines
+
+
 def render_nginx_conf(
     src_text: str,
     listen_port: int,
@@ -54,15 +69,19 @@ def render_nginx_conf(
     *,
     gateway_host: str = "127.0.0.1",
     temp_dir: Path | None = None,
+    trusted_proxies: str = "",
 ) -> str:
     """The compose config with nginx listening on 127.0.0.1:listen_port and the upstream at
-    gateway_host:gateway_port. With temp_dir, nginx's temp files go there (needed when not root)."""
-    for needle in (UPSTREAM_LINE, LISTEN_LINE):
+    gateway_host:gateway_port. With temp_dir, nginx's temp files go there (needed when not root).
+    trusted_proxies: as the TRUSTED_PROXIES setting (empty: trust nobody)."""
+    for needle in (UPSTREAM_LINE, LISTEN_LINE, TRUSTED_PROXIES_INCLUDE):
         count = src_text.count(needle)
         if count != 1:
             raise ValueError(f"nginx.conf must contain {needle!r} exactly once, found {count}")
     text = src_text.replace(UPSTREAM_LINE, f"server {gateway_host}:{gateway_port}")
     text = text.replace(LISTEN_LINE, f"listen 127.0.0.1:{listen_port}")
+    lines = trusted_proxy_lines(trusted_proxies) or ["# TRUSTED_PROXIES empty: trust nobody."]
+    text = text.replace(TRUSTED_PROXIES_INCLUDE, "\n    ".join(lines))
     if temp_dir is not None:
         if text.count("http {") != 1:
             raise ValueError("nginx.conf must contain 'http {' exactly once")
@@ -146,6 +165,7 @@ def run_nginx(
     *,
     gateway_host: str = "127.0.0.1",
     conf_text: str | None = None,
+    trusted_proxies: str = "",
     startup_timeout: float = 15.0,
     stop_timeout: float = 10.0,
 ) -> Iterator[NginxInstance]:
@@ -153,6 +173,7 @@ def run_nginx(
 
     listen_port: None picks a free one (see the yielded instance's port and url).
     conf_text: an already rendered config to use instead of rendering nginx/nginx.conf.
+    trusted_proxies: as the TRUSTED_PROXIES setting, for the rendered config (empty: trust nobody).
     Raises RuntimeError carrying nginx's stderr if it does not come up."""
     nginx = find_nginx()
     if nginx is None:
@@ -163,7 +184,8 @@ def run_nginx(
     if conf_text is None:
         temp_dir = _temp_dir_if_unprivileged(workdir)
         conf_text = render_nginx_conf(
-            NGINX_CONF.read_text(), port, gateway_port, gateway_host=gateway_host, temp_dir=temp_dir
+            NGINX_CONF.read_text(), port, gateway_port, gateway_host=gateway_host, temp_dir=temp_dir,
+            trusted_proxies=trusted_proxies,
         )
     conf = workdir / "nginx.conf"
     conf.write_text(conf_text)

@@ -84,3 +84,23 @@ def _sse_lines(response: httpx.Response) -> Iterator[str]:
         yield from (line.removesuffix("\r") for line in complete)
     if pending:
         yield pending.removesuffix("\r")
+
+
+def waiting_in_fair_queue(store, job_id: str) -> bool:
+    """Whether the job waits in its client's list of the fair queue (records.FAIR_LUA), where its record says."""
+    from llamaq_protocol import keys
+
+    tier, client = store.hmget(keys.job(job_id), "fq_tier", "client")
+    if tier is None or client is None:
+        return False
+    return store.lpos(keys.fair_jobs(tier.decode(), client.decode()), job_id) is not None
+
+
+def pop_as_a_worker_would(store, queue_name: str = "llamaq") -> str | None:
+    """The next job of the fair queue moved onto its RQ queue's intermediate list, as a worker's dequeue moves it
+    (records.POP_SCRIPT), without claiming it."""
+    from llamaq_protocol import keys
+    from llamaq_protocol.records import POP_SCRIPT
+
+    popped = store.eval(POP_SCRIPT, 0, 16, keys.job(""), *keys.fair_tiers(queue_name))
+    return popped.decode() if popped else None

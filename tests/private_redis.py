@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import redis
 
 from devstack import Stack
 from nginx_local import free_port
@@ -26,3 +27,14 @@ def private_redis(workdir_prefix: str) -> Iterator[str]:
         yield stack.env["REDIS_URL"]
     finally:
         stack.stop()
+
+
+@contextmanager
+def emptied(url: str) -> Iterator[redis.Redis]:
+    """A client of the Redis at `url`, emptied first (one test's clean slate), closed afterwards."""
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    try:
+        yield client
+    finally:
+        client.close()

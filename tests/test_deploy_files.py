@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import importlib
 import json
+import os
 import re
 import socket
 import subprocess
@@ -28,7 +29,9 @@ from pydantic_settings import BaseSettings
 from deploy_tools import (
     COMPOSE_FILE, NGINX_CONF, ROOT, RQ_DASHBOARD_DOCKERFILE, compose, compose_config, find_tool, missing_tool,
 )
-from nginx_local import find_nginx, free_port, nginx_test, render_nginx_conf, run_nginx
+from nginx_local import (
+    TRUSTED_PROXIES_INCLUDE, find_nginx, free_port, nginx_test, render_nginx_conf, run_nginx, trusted_proxy_lines,
+)
 
 DOCKERFILES = [
     ROOT / "services" / "gateway" / "Dockerfile", ROOT / "services" / "worker" / "Dockerfile", RQ_DASHBOARD_DOCKERFILE,
@@ -146,6 +149,14 @@ def test_compose_edge_and_gateway(config: dict) -> None:
         for v in nginx["volumes"]
     )
     assert nginx["depends_on"]["gateway"]["condition"] == "service_healthy"
+    # The image's entrypoint runs the script that writes the trusted proxies nginx.conf includes.
+    assert any(
+        v["target"] == "/docker-entrypoint.d/40-llamaq-trusted-proxies.sh" and v.get("read_only")
+        and v["source"] == str(ROOT / "nginx" / "trusted-proxies.sh")
+        for v in nginx["volumes"]
+    )
+    assert nginx["environment"]["TRUSTED_PROXIES"] == ""  # trust nobody by default
+    assert not nginx.get("command") and not nginx.get("entrypoint")  # the entrypoint runs its scripts only for `nginx`
 
     gateway = services["gateway"]
     assert "ports" not in gateway, "only nginx is published"
@@ -322,7 +333,10 @@ def test_nginx_conf_rules() -> None:
     assert sum("server gateway:8000" in line for line in lines) == 1
     assert sum("listen 6006" in line for line in lines) == 1
     assert text.count("server gateway:8000") == 1 and text.count("listen 6006") == 1
-    for forbidden in ("user", "pid", "include", "daemon"):
+    # One include only: the trusted proxies the container writes at start, which nginx_local inlines.
+    assert [line for line in lines if re.match(r"include\s", line)] == [TRUSTED_PROXIES_INCLUDE]
+    assert text.count(TRUSTED_PROXIES_INCLUDE) == 1
+    for forbidden in ("user", "pid", "daemon", "set_real_ip_from"):
         assert not any(re.match(rf"{forbidden}\s", line) for line in lines), forbidden
     for required in (
         "worker_processes auto;",
@@ -331,6 +345,11 @@ def test_nginx_conf_rules() -> None:
         "proxy_intercept_errors off;",
         "proxy_http_version 1.1;",
         "error_log stderr",
+        "real_ip_header X-Forwarded-For;",
+        "real_ip_recursive on;",
+        # The gateway trusts these two from nginx: only the address nginx decided on, never the client's header.
+        "proxy_set_header X-Real-IP $remote_addr;",
+        "proxy_set_header X-Forwarded-For $remote_addr;",
     ):
         assert any(line.startswith(required) for line in lines), required
     assert re.search(r"upstream gateway \{[^}]*server gateway:8000;[^}]*keepalive \d+;", text)
@@ -398,10 +417,56 @@ def _nginx_or_fail() -> None:
         missing_tool("nginx")
 
 
-def test_nginx_t(tmp_path: Path) -> None:
+@pytest.mark.parametrize("trusted_proxies", ["", "127.0.0.1", "10.0.0.0/8, 192.168.1.10 2001:db8::/32"])
+def test_nginx_t(tmp_path: Path, trusted_proxies: str) -> None:
     _nginx_or_fail()
-    conf = render_nginx_conf(NGINX_CONF.read_text(), free_port(), free_port())
+    conf = render_nginx_conf(NGINX_CONF.read_text(), free_port(), free_port(), trusted_proxies=trusted_proxies)
+    assert "include" not in _directives(conf)
     result = nginx_test(conf, tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_nginx_t_refuses_a_bad_trusted_proxy(tmp_path: Path) -> None:
+    # What passes the scripts' character check but is no address: nginx itself refuses to start.
+    _nginx_or_fail()
+    conf = render_nginx_conf(NGINX_CONF.read_text(), free_port(), free_port(), trusted_proxies="10.0.0.300/8")
+    assert nginx_test(conf, tmp_path).returncode != 0
+
+
+TRUSTED_PROXIES_SCRIPT = ROOT / "nginx" / "trusted-proxies.sh"
+
+
+def _run_trusted_proxies_script(value: str, out: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(TRUSTED_PROXIES_SCRIPT), str(out)], env={"PATH": "/usr/bin:/bin", "TRUSTED_PROXIES": value},
+        capture_output=True, text=True, timeout=10,
+    )
+
+
+@pytest.mark.parametrize("value", ["", " ", "127.0.0.1", "10.0.0.0/8,172.16.0.0/12", " 10.1.2.3 , fd00::/8\t1.2.3.4 "])
+def test_trusted_proxies_script_writes_what_the_tests_render(tmp_path: Path, value: str) -> None:
+    """The container's trusted-proxies.sh and nginx_local (the tests' nginx) give nginx the same directives."""
+    out = tmp_path / "llamaq" / "trusted-proxies.conf"
+    result = _run_trusted_proxies_script(value, out)
+    assert result.returncode == 0, result.stderr
+    assert _directives(out.read_text()) == trusted_proxy_lines(value)
+
+
+@pytest.mark.parametrize("value", ["1.2.3.4;", "10.0.0.0/8; include /etc/passwd", "proxy.example.com", "*"])
+def test_trusted_proxies_script_refuses_what_is_not_an_address(tmp_path: Path, value: str) -> None:
+    out = tmp_path / "trusted-proxies.conf"
+    result = _run_trusted_proxies_script(value, out)
+    assert result.returncode != 0 and "TRUSTED_PROXIES" in result.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-written for nginx to load
+    with pytest.raises(ValueError):
+        trusted_proxy_lines(value)
+
+
+def test_trusted_proxies_script_is_an_executable_posix_script() -> None:
+    # The image's entrypoint runs only executable *.sh files in /docker-entrypoint.d/ (compose mounts this one).
+    assert os.access(TRUSTED_PROXIES_SCRIPT, os.X_OK)
+    assert TRUSTED_PROXIES_SCRIPT.read_text().startswith("#!/bin/sh\n")  # busybox sh in nginx:*-alpine
+    result = subprocess.run(["sh", "-n", str(TRUSTED_PROXIES_SCRIPT)], capture_output=True, text=True, timeout=10)
     assert result.returncode == 0, result.stderr
 
 

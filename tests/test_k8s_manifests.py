@@ -157,9 +157,10 @@ def test_scaledobject_matches_keda_crd(objects: list[dict]) -> None:
 
 
 def _redis_triggers(objects: list[dict]) -> list[dict]:
-    """The ScaledObject's triggers: one Redis list per priority queue, interactive first."""
+    """The ScaledObject's triggers: one Redis list per tier of the fair queue, interactive first."""
     triggers = _one(objects, "ScaledObject", "worker")["spec"]["triggers"]
-    assert [(t["type"], t["name"]) for t in triggers] == [("redis", "interactive-queue"), ("redis", "batch-queue")]
+    assert [(t["type"], t["name"]) for t in triggers] == [
+        ("redis", "interactive-queue"), ("redis", "batch-queue"), ("redis", "over-queue")]
     return [t["metadata"] for t in triggers]
 
 
@@ -168,22 +169,17 @@ def _redis_trigger(objects: list[dict]) -> dict:
 
 
 def test_keda_watches_the_queue_the_gateway_fills(objects: list[dict]) -> None:
-    from rq import Queue
-
     gateway = _container(_one(objects, "Deployment", "gateway"), "gateway")
     worker = _container(_one(objects, "Deployment", "worker"), "worker")
     queue = _effective_env(objects, gateway)["QUEUE_NAME"]
     assert _effective_env(objects, worker)["QUEUE_NAME"] == queue
     # Only the shared ConfigMap sets it: no container overrides it.
     assert "QUEUE_NAME" not in _env(gateway) and "QUEUE_NAME" not in _env(worker)
-    # RQ keeps a queue's waiting job ids in the list rq:queue:<name>.
-    assert Queue.redis_queue_namespace_prefix == "rq:queue:"
-    assert _redis_trigger(objects)["listName"] == Queue.redis_queue_namespace_prefix + queue
-    # And the batch-priority queue beside it, every worker serving both.
+    # Each tier of the fair queue keeps a list as long as its waiting jobs, every worker serving them all.
     from llamaq_protocol import keys
 
     assert [t["listName"] for t in _redis_triggers(objects)] == [
-        Queue.redis_queue_namespace_prefix + name for name in keys.queue_names(queue)
+        tier + ":depth" for tier in keys.fair_tiers(queue)
     ]
 
 
@@ -197,7 +193,8 @@ def test_queue_name_lives_in_one_place(tmp_path: Path) -> None:
     env_file.write_text(re.sub(r"(?m)^QUEUE_NAME=.*$", "QUEUE_NAME=other-queue", text))
     objects = _render(tmp_path / "deploy" / "k8s")
     assert _config(objects)["QUEUE_NAME"] == "other-queue"
-    assert [t["listName"] for t in _redis_triggers(objects)] == ["rq:queue:other-queue", "rq:queue:other-queue:batch"]
+    assert [t["listName"] for t in _redis_triggers(objects)] == [
+        f"llamaq:fq:other-queue:{tier}:depth" for tier in ("interactive", "batch", "over")]
 
 
 def test_keda_reaches_the_redis_the_services_use(objects: list[dict]) -> None:
@@ -372,6 +369,19 @@ def test_nginx_uses_the_repository_config_and_finds_the_gateway(objects: list[di
             "readOnly": True} in nginx["volumeMounts"]
     listen = re.search(r"listen (\d+)[ ;]", text).group(1)
     assert {"name": "http", "containerPort": int(listen)} in nginx["ports"]
+
+    # Trusted proxies: the image's entrypoint runs trusted-proxies.sh (the very file, executable) from the same
+    # ConfigMap, with TRUSTED_PROXIES from llamaq.env (empty: trust nobody, until an ingress's range goes there).
+    script = ROOT / "nginx" / "trusted-proxies.sh"
+    assert config["data"]["trusted-proxies.sh"] == script.read_text()
+    assert {"name": "nginx-conf", "mountPath": "/docker-entrypoint.d/40-llamaq-trusted-proxies.sh",
+            "subPath": "trusted-proxies.sh", "readOnly": True} in nginx["volumeMounts"]
+    assert volume["configMap"]["defaultMode"] & 0o555 == 0o555
+    assert _env(nginx)["TRUSTED_PROXIES"] == {
+        "configMapKeyRef": {"name": _by_prefix(objects, "ConfigMap", "llamaq-config")["metadata"]["name"],
+                            "key": "TRUSTED_PROXIES"}}
+    assert _config(objects)["TRUSTED_PROXIES"] == ""
+    assert "command" not in nginx and "args" not in nginx  # the entrypoint runs its scripts only for `nginx`
     compose = yaml.safe_load(COMPOSE_FILE.read_text())
     assert nginx["image"] == compose["services"]["nginx"]["image"]
 

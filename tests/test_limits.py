@@ -29,16 +29,23 @@ def gateway(stack):
 def test_queue_full_is_429_and_nothing_is_queued(gateway, store):
     # A queue no worker serves, so the jobs stay queued.
     queue_name = f"unserved-{uuid.uuid4().hex[:8]}"
-    with gateway(queue_name=queue_name, max_queue=2) as client:
+    with gateway(queue_name=queue_name, max_queue=4) as client:
+        # One client holds at most MAX_CLIENT_SHARE (half) of the queue; the rest is left to the others.
         for _ in range(2):
             assert client.post("/v1/jobs", json=PARIS).status_code == 202
         jobs_before = len(store.keys("llamaq:job:*"))
         refused = client.post("/v1/jobs", json=PARIS)
         assert refused.status_code == 429
         assert refused.json()["error"]["type"] == "queue_full"
+        assert "this client" in refused.json()["error"]["message"]
+        for address in ("10.0.0.1", "10.0.0.2"):  # (X-Real-IP: nginx's; here the app is reached directly)
+            assert client.post("/v1/jobs", json=PARIS, headers={"X-Real-IP": address}).status_code == 202
+        refused = client.post("/v1/jobs", json=PARIS, headers={"X-Real-IP": "10.0.0.3"})
+        assert refused.status_code == 429
+        assert "the interactive queue holds 4" in refused.json()["error"]["message"]
         assert int(refused.headers["retry-after"]) > 0
-        assert store.llen(f"rq:queue:{queue_name}") == 2
-        assert len(store.keys("llamaq:job:*")) == jobs_before
+        assert store.llen(f"llamaq:fq:{queue_name}:interactive:depth") == 4
+        assert len(store.keys("llamaq:job:*")) == jobs_before + 2
 
 
 def test_idempotency_key_returns_the_same_job(gateway):

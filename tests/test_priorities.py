@@ -14,14 +14,13 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import running_stack, stack_environment
-from helpers import wait_for_job_status, wait_until
+from helpers import wait_for_job_status, wait_until, waiting_in_fair_queue
 from llamaq_gateway.app import create_app
 from llamaq_gateway.settings import GatewaySettings
 from llamaq_protocol import keys
 
 # One slot at 50 tokens/s: a 40-token batch job holds the worker for 0.8 s.
 BATCH_JOB = {"prompt": "batch work", "max_new_tokens": 40, "priority": "batch"}
-BATCH_QUEUE = "rq:queue:" + keys.queue_name(keys.DEFAULT_QUEUE_NAME, "batch")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +71,9 @@ def test_queue_depth_per_queue_and_priority_validation(client) -> None:
         if family.name == "llamaq_queue_depth"
         for sample in family.samples
     }
-    assert samples == {keys.DEFAULT_QUEUE_NAME, keys.queue_name(keys.DEFAULT_QUEUE_NAME, "batch")}
+    # (and the work keys queue over their rate limits, behind both)
+    assert samples == {keys.DEFAULT_QUEUE_NAME, keys.queue_name(keys.DEFAULT_QUEUE_NAME, "batch"),
+                       f"{keys.DEFAULT_QUEUE_NAME}:over"}
     refused = client.post("/v1/jobs", json={**BATCH_JOB, "priority": "urgent"})
     assert refused.status_code == 422
     assert set(refused.json()["error"]) == {"type", "message", "code"}
@@ -85,7 +86,7 @@ def test_a_full_batch_queue_refuses_batch_jobs_only(paced_stack) -> None:
     # A queue no worker serves, so the jobs stay queued; the paced worker's model card makes the gateway ready.
     queue_name = f"unserved-{uuid.uuid4().hex[:8]}"
     settings = GatewaySettings(redis_url=paced_stack.env["REDIS_URL"], queue_name=queue_name, max_queue=5,
-                               max_batch_queue=2)
+                               max_batch_queue=2, max_client_share=1)
     with TestClient(create_app(settings)) as gateway:
         first, second = (gateway.post("/v1/jobs", json=BATCH_JOB) for _ in range(2))
         assert first.status_code == second.status_code == 202
@@ -107,8 +108,8 @@ def test_a_lost_workers_batch_job_goes_back_onto_the_batch_queue(paced_stack, cl
     paced_stack.stop_process("worker", signal.SIGKILL)
     try:
         # WORKER_STALE_S (6 s) later the sweep re-queues it, onto its own queue.
-        wait_until(lambda: store.lpos(BATCH_QUEUE, job["id"]) is not None, 30, "the job back on the batch queue")
-        assert store.lpos(f"rq:queue:{keys.DEFAULT_QUEUE_NAME}", job["id"]) is None
+        wait_until(lambda: waiting_in_fair_queue(store, job["id"]), 30, "the job back in the fair queue")
+        assert store.hget(keys.job(job["id"]), "fq_tier") == keys.fair_tier(keys.DEFAULT_QUEUE_NAME, "batch").encode()
         assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
     finally:
         paced_stack.start_worker()

@@ -46,7 +46,7 @@ def token_data(first, texts):
 
 def tokens_of_many(r, writes, worker=WORKER):
     """One TOKENS_SCRIPT call for several jobs: `writes` holds (job id, first index, texts, partial output)."""
-    call_keys, args = tokens_call(worker, [(job, first, 100, partial, token_data(first, texts))
+    call_keys, args = tokens_call(worker, [(job, first, 100, partial, token_data(first, texts), first + len(texts))
                                            for job, first, texts, partial in writes])
     return r.eval(TOKENS_SCRIPT, len(call_keys), *call_keys, *args)
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from helpers import poll, read_sse, wait_until
+from helpers import poll, pop_as_a_worker_would, read_sse, wait_until, waiting_in_fair_queue
 from rq_checks import wait_for_rq_status
 
 PARIS = {"prompt": "What is the capital of France?", "max_new_tokens": 12, "temperature": 0}
@@ -220,7 +220,7 @@ def test_jobs_still_running_when_the_drain_time_ends_go_back_to_the_queue(aof_st
     assert back["status"] == "queued" and back["started_at"] is None, back
     assert attempts(store, job["id"]) == 0
     assert token_events_in_redis(store, job["id"]) == 0
-    assert store.lpos("rq:queue:llamaq", job["id"]) is not None
+    assert waiting_in_fair_queue(store, job["id"])
     assert f"job {job['id']} handed back (requeued)" in worker_log(aof_stack)
 
     aof_stack.start_worker()
@@ -234,14 +234,15 @@ def test_jobs_still_running_when_the_drain_time_ends_go_back_to_the_queue(aof_st
 
 
 def test_a_job_popped_by_a_worker_that_died_before_claiming_it_is_rescued(aof_stack, client, store):
-    # RQ's dequeue moves the id onto the queue's intermediate list; a worker killed before its claim script ran
+    # A worker's pop moves the id onto the queue's intermediate list; a worker killed before its claim script ran
     # leaves it there, `queued` in its record but in no queue. Made here by hand: the one worker is busy with a
     # full batch, and the third job is moved as such a dequeue would have moved it.
     busy = [submit(client, {**COUNT, "max_new_tokens": 60}) for _ in range(2)]
     for job in busy:
         wait_for_tokens(store, job["id"], 1)
     stranded = submit(client, {**COUNT, "max_new_tokens": 8})
-    assert store.lmove("rq:queue:llamaq", "rq:queue:llamaq:intermediate", "RIGHT", "LEFT") == stranded["id"].encode()
+    assert pop_as_a_worker_would(store) == stranded["id"]
+    assert store.lrange("rq:queue:llamaq:intermediate", 0, -1) == [stranded["id"].encode()]
 
     done = finished(client, stranded["id"], timeout_s=180)
     assert done["status"] == "succeeded", done

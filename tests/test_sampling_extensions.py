@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from helpers import read_sse
 from llamaq_protocol.keys import DEFAULT_QUEUE_NAME
 
-QUEUE = f"rq:queue:{DEFAULT_QUEUE_NAME}"
+QUEUE = f"llamaq:fq:{DEFAULT_QUEUE_NAME}:interactive:depth"  # (as long as the jobs waiting)
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 ANSWER = "The capital of France is Paris."  # greedy; 7 tokens, then EOS

@@ -17,12 +17,15 @@ from fastapi import FastAPI
 
 from llamaq_protocol.logs import request_id_var
 
+from .callers import Keyring
 from .errors import error_response, install_error_handlers, is_openai_scope
 from .event_hub import BLOCK_MS, EventHub
 from .jobs import REDIS_BLIP_S, JobService
 from .limits import StreamLimiter
 from .metrics import HTTP_DURATION, HTTP_REQUESTS
-from .routers import batch_api, events, generate, health, jobs, legacy, metrics, openai, responses, vllm_compat
+from .routers import (
+    batch_api, events, generate, health, jobs, legacy, metrics, openai, responses, usage, vllm_compat,
+)
 from .settings import GatewaySettings, get_settings
 from .batches import BatchDriver, BatchService
 from .files import FileStore
@@ -70,7 +73,12 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status, started_response = message["status"], True
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                message["headers"] = [*headers, (b"x-request-id", request_id.encode())]
+                headers.append((b"x-request-id", request_id.encode()))
+                # OpenAI's x-ratelimit-* headers, where an admission read the caller's limits (jobs.enqueue).
+                caller = scope["state"].get("caller")
+                if caller is not None:
+                    headers += [(k.encode(), v.encode()) for k, v in caller.rate_headers.items()]
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -128,7 +136,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         sync = redis.Redis.from_url(settings.redis_url, health_check_interval=30, socket_timeout=10,
                                     client_name=RQ_CLIENT_NAME)
         app.state.settings = settings
-        app.state.api_keys = settings.api_key_list()
+        app.state.keyring = Keyring.load(settings.api_key_list(), settings.api_keys_file)
         hub = EventHub(settings.redis_url, aio, readers=settings.stream_readers, outage_limit_s=REDIS_BLIP_S)
         app.state.jobs = JobService(settings, aio, sync, hub)
         app.state.stream_limiter = StreamLimiter(settings.max_streams_per_client)
@@ -164,6 +172,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app.add_middleware(RequestContext)
     for router in (legacy.router, jobs.router, events.router, generate.router, openai.router, responses.router,
-                   batch_api.router, vllm_compat.router, health.router, metrics.router):
+                   batch_api.router, usage.router, vllm_compat.router, health.router, metrics.router):
         app.include_router(router)
     return app

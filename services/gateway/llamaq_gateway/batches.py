@@ -34,6 +34,7 @@ from llamaq_protocol import Priority, keys, utc_now
 from llamaq_protocol.records import CANCEL_SCRIPT, end_keys, job_from_record
 
 from .errors import InvalidParameter, LlamaqError, NotFound, error_body
+from .callers import Caller, batch_caller
 from .files import PURPOSE_BATCH, PURPOSE_BATCH_OUTPUT, FileStore, owner_page, stored_file_commands
 from .jobs import JobService
 from .openai import CHAT, TEXT, ChatCompletionRequest, CompletionRequest, Rendering, completion, prepare
@@ -142,7 +143,10 @@ class BatchService:
         self.aio = aio
         self.files = files
 
-    async def create(self, owner: str, body: BatchRequest) -> dict[str, Any]:
+    async def create(self, caller: Caller, body: BatchRequest) -> dict[str, Any]:
+        """The batch's lines are queued later by the driver, as the caller: scheduled with its key's weight (its rate
+        limits do not apply to them: a batch waits for room instead, as OpenAI's do)."""
+        owner = caller.owner
         metadata = body.checked_metadata()
         record = await self.files.record(body.input_file_id, owner)
         if record.get(b"purpose", b"").decode() != PURPOSE_BATCH:
@@ -150,7 +154,8 @@ class BatchService:
                                    param="input_file_id")
         batch_id = new_batch_id()
         created = time.time()
-        fields = {"owner": owner, "status": "validating", "endpoint": body.endpoint,
+        fields = {"owner": owner, "list_owner": caller.list_owner, "client": caller.client,
+                  "account": caller.account, "weight": caller.weight, "status": "validating", "endpoint": body.endpoint,
                   "input_file_id": body.input_file_id, "completion_window": body.completion_window,
                   "created_at": int(created), "expires_at": int(created + COMPLETION_WINDOW_S[body.completion_window]),
                   "submitted": 0}
@@ -161,9 +166,9 @@ class BatchService:
             pipe.hset(keys.batch(batch_id), mapping=fields)
             pipe.expire(keys.batch(batch_id), ttl)
             pipe.sadd(keys.BATCHES_ACTIVE, batch_id)
-            pipe.zadd(keys.owner_batches(owner), {batch_id: created})
-            pipe.zremrangebyscore(keys.owner_batches(owner), "-inf", created - ttl)
-            pipe.expire(keys.owner_batches(owner), ttl)
+            pipe.zadd(keys.owner_batches(caller.list_owner), {batch_id: created})
+            pipe.zremrangebyscore(keys.owner_batches(caller.list_owner), "-inf", created - ttl)
+            pipe.expire(keys.owner_batches(caller.list_owner), ttl)
             await pipe.execute()
         logger.info("batch %s created from %s", batch_id, body.input_file_id)
         return await self.get(batch_id, owner)
@@ -178,7 +183,8 @@ class BatchService:
         fields = await self._fields(batch_id, owner)
         return batch_object(batch_id, fields, await counts_of(self.aio, batch_id, fields))
 
-    async def list(self, owner: str, limit: int, after: str | None) -> dict[str, Any]:
+    async def list(self, owner: str, limit: int, after: str | None, list_owner: str | None = None) -> dict[str, Any]:
+        """`list_owner`: whose list (Caller.list_owner); each batch listed must also be `owner`'s."""
         async def load(ids: list[str]) -> list[dict[str, Any] | None]:
             async with self.aio.pipeline(transaction=False) as pipe:
                 for batch_id in ids:
@@ -193,7 +199,7 @@ class BatchService:
                     found.append(batch_object(batch_id, fields, await counts_of(self.aio, batch_id, fields)))
             return found
 
-        return await owner_page(self.aio, keys.owner_batches(owner), "batch", load, limit, after)
+        return await owner_page(self.aio, keys.owner_batches(list_owner or owner), "batch", load, limit, after)
 
     async def cancel(self, batch_id: str, owner: str) -> dict[str, Any]:
         """Asks the driver to cancel the batch's unfinished lines; the batch is `cancelling` until they have."""
@@ -447,8 +453,7 @@ class BatchDriver:
 
     async def _submit(self, batch_id: str, fields: dict[str, str], parsed: BatchInput, submitted: int,
                       total: int) -> None:
-        batch_queue = self.jobs.queues[Priority.batch].key
-        room = self.settings.max_batch_queue - await self.aio.llen(batch_queue)
+        room = self.settings.max_batch_queue - await self.jobs.queued(Priority.batch)
         lines = range(submitted, min(total, submitted + min(SUBMIT_CHUNK, room)))
         if not lines:
             return  # the batch queue is full: the lines wait for room, they are not refused
@@ -471,7 +476,7 @@ class BatchDriver:
         try:
             custom_id, req = parsed.request(line, endpoint)
             params, card, rendering = await prepare(req, self.jobs, self.settings)
-            await self.jobs.check_params(params, card)
+            prompt_tokens = await self.jobs.check_params(params, card)
         except LineRefused as refused:
             error = None if refused.status_code else {"code": "invalid_request", "message": refused.message}
             await self._refuse(batch_id, line, result_line(batch_id, line, custom_id, status_code=refused.status_code,
@@ -489,6 +494,7 @@ class BatchDriver:
         try:
             await self.jobs.enqueue(
                 params, fields["owner"], None, None, Priority.batch, job_id=line_job_id(batch_id, line),
+                caller=batch_caller(fields), prompt_tokens=prompt_tokens,
                 record_extra={"batch": batch_id, "batch_custom_id": custom_id, "batch_render": json.dumps(render)},
             )
         except LlamaqError as exc:  # the batch queue filled meanwhile
@@ -553,7 +559,7 @@ class BatchDriver:
                 content = b"".join(line + b"\n" for _, line in ordered)
                 file_id = f"file-{hex_id}-{kind}"
                 stored_file_commands(pipe, file_id, owner, f"{batch_id}_{kind}.jsonl", PURPOSE_BATCH_OUTPUT,
-                                     content, self.settings.file_ttl_s)
+                                     content, self.settings.file_ttl_s, fields.get("list_owner") or owner)
                 ended[f"{kind}_file_id"] = file_id
             pipe.hset(keys.batch(batch_id), mapping=ended)
             pipe.srem(keys.BATCHES_ACTIVE, batch_id)

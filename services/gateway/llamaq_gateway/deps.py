@@ -5,20 +5,19 @@ All `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thr
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from llamaq_protocol import keys
+
 from .batches import BatchService
+from .callers import Caller, Keyring, open_caller, state_headers
 from .errors import Unauthorized
 from .files import FileStore
 from .jobs import JobService
 from .limits import StreamSlots
 from .settings import GatewaySettings
-
-PUBLIC_OWNER = "public"
 
 
 async def _settings(request: Request) -> GatewaySettings:
@@ -37,36 +36,48 @@ async def _batches(request: Request) -> BatchService:
     return request.app.state.batches
 
 
-async def _owner(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    """Who is asking: with API_KEYS set, a digest of their key (jobs are visible to that key only)."""
-    valid_keys: list[str] = request.app.state.api_keys
-    if not valid_keys:
-        return PUBLIC_OWNER
-    scheme, _, presented = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not presented:
-        raise Unauthorized("missing 'Authorization: Bearer <key>' header")
-    # Compare against every key so the time taken does not tell which one nearly matched.
-    matched = False
-    for key in valid_keys:
-        matched |= hmac.compare_digest(presented.encode(), key.encode())
-    if not matched:
-        raise Unauthorized("invalid API key")
-    return hashlib.sha256(presented.encode()).hexdigest()[:32]
+def client_address(request: Request) -> str:
+    """The client's address: nginx's X-Real-IP (set from the connection, or from a trusted proxy's
+    X-Forwarded-For with TRUSTED_PROXIES; never passed on from the client), else the connection's own."""
+    return request.headers.get("x-real-ip") or (request.client.host if request.client else "unknown")
+
+
+async def _caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    """Who is asking (callers.py): with keys configured, the holder of a valid bearer key; with the API open, the
+    client's address. Kept on the request, so every dependency of one request sees the same caller."""
+    caller = getattr(request.state, "caller", None)
+    if caller is not None:
+        return caller
+    keyring: Keyring = request.app.state.keyring
+    if keyring.open:
+        caller = open_caller(client_address(request))
+    else:
+        scheme, _, presented = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise Unauthorized("missing 'Authorization: Bearer <key>' header")
+        caller = keyring.caller(presented)
+        if caller is None:
+            raise Unauthorized("invalid API key")
+        if caller.limits.rpm or caller.limits.tpm:
+            # OpenAI's x-ratelimit-* headers on every answer to a key with limits (a submission refreshes them).
+            bucket = await request.app.state.jobs.aio.hgetall(keys.rate_bucket(caller.client))
+            caller.rate_headers = state_headers(bucket, caller.limits)
+    request.state.caller = caller
+    return caller
+
+
+async def _owner(caller: Annotated[Caller, Depends(_caller)]) -> str:
+    """Whose jobs the request may see: with keys, a digest of the caller's key; with the API open, everyone's."""
+    return caller.owner
 
 
 async def _request_id(request: Request) -> str | None:
     return request.state.request_id
 
 
-async def _stream_slots(request: Request, owner: Annotated[str, Depends(_owner)]) -> StreamSlots:
-    """The cap on open streams and waits is per API key; with the API open, per client address (nginx's
-    X-Real-IP, which it sets from the connection and never passes from the client)."""
-    if owner != PUBLIC_OWNER:
-        client = f"key:{owner}"
-    else:
-        client = request.headers.get("x-real-ip") or (request.client.host if request.client else "unknown")
-        client = f"addr:{client}"
-    return StreamSlots(request.app.state.stream_limiter, client)
+async def _stream_slots(request: Request, caller: Annotated[Caller, Depends(_caller)]) -> StreamSlots:
+    """The cap on open streams and waits is per API key; with the API open, per client address."""
+    return StreamSlots(request.app.state.stream_limiter, caller.client)
 
 
 SettingsDep = Annotated[GatewaySettings, Depends(_settings)]
@@ -74,6 +85,7 @@ JobsDep = Annotated[JobService, Depends(_jobs)]
 FilesDep = Annotated[FileStore, Depends(_files)]
 BatchesDep = Annotated[BatchService, Depends(_batches)]
 OwnerDep = Annotated[str, Depends(_owner)]
+CallerDep = Annotated[Caller, Depends(_caller)]
 RequestIdDep = Annotated[str | None, Depends(_request_id)]
 StreamSlotsDep = Annotated[StreamSlots, Depends(_stream_slots)]
 # `Idempotency-Key` on every submit route: the same key with the same body gives the same job (a retry after a lost

@@ -102,6 +102,17 @@ class QueueFull(LlamaqError):
     retry_after_s = 2
 
 
+class RateLimited(LlamaqError):
+    """The caller's key is over its requests or tokens per minute (API_KEYS_FILE)."""
+
+    status_code = 429
+    error_type = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class TooManyStreams(LlamaqError):
     """The client already holds MAX_STREAMS_PER_CLIENT open streams and waits on this gateway process."""
 

@@ -64,19 +64,20 @@ def check_batch_input(content: bytes, max_bytes: int, max_lines: int) -> int:
 
 
 def stored_file_commands(
-    pipe, file_id: str, owner: str, filename: str, purpose: str, content: bytes, ttl_s: int
+    pipe, file_id: str, owner: str, filename: str, purpose: str, content: bytes, ttl_s: int, list_owner: str
 ) -> dict[str, Any]:
-    """Queue a file's writes on `pipe` (a transaction of the caller's); returns its file object."""
+    """Queue a file's writes on `pipe` (a transaction of the caller's); returns its file object. `list_owner`: whose
+    list it appears in (Caller.list_owner)."""
     now = time.time()  # the index's score: to the microsecond, so files of one second keep their order
     created = int(now)
-    record = {"owner": owner, "filename": filename[:MAX_FILENAME_CHARS], "purpose": purpose,
-              "bytes": len(content), "created_at": created, "expires_at": created + ttl_s}
+    record = {"owner": owner, "list_owner": list_owner, "filename": filename[:MAX_FILENAME_CHARS],
+              "purpose": purpose, "bytes": len(content), "created_at": created, "expires_at": created + ttl_s}
     pipe.hset(keys.file(file_id), mapping=record)
     pipe.expire(keys.file(file_id), ttl_s)
     pipe.set(keys.file_content(file_id), content, ex=ttl_s)
-    pipe.zadd(keys.owner_files(owner), {file_id: now})
-    pipe.zremrangebyscore(keys.owner_files(owner), "-inf", now - ttl_s)
-    pipe.expire(keys.owner_files(owner), ttl_s)
+    pipe.zadd(keys.owner_files(list_owner), {file_id: now})
+    pipe.zremrangebyscore(keys.owner_files(list_owner), "-inf", now - ttl_s)
+    pipe.expire(keys.owner_files(list_owner), ttl_s)
     return file_object(file_id, {k.encode(): str(v).encode() for k, v in record.items()})
 
 
@@ -86,10 +87,10 @@ class FileStore:
         self.ttl_s = ttl_s
 
     async def create(self, owner: str, filename: str, purpose: str, content: bytes,
-                     file_id: str | None = None) -> dict[str, Any]:
+                     file_id: str | None = None, list_owner: str | None = None) -> dict[str, Any]:
         async with self.aio.pipeline(transaction=True) as pipe:
             created = stored_file_commands(pipe, file_id or new_file_id(), owner, filename, purpose, content,
-                                           self.ttl_s)
+                                           self.ttl_s, list_owner or owner)
             await pipe.execute()
         return created
 
@@ -111,14 +112,16 @@ class FileStore:
         return content
 
     async def delete(self, file_id: str, owner: str) -> dict[str, Any]:
-        await self.record(file_id, owner)
+        record = await self.record(file_id, owner)
         async with self.aio.pipeline(transaction=True) as pipe:
             pipe.delete(keys.file(file_id), keys.file_content(file_id))
-            pipe.zrem(keys.owner_files(owner), file_id)
+            pipe.zrem(keys.owner_files((record.get(b"list_owner") or owner.encode()).decode()), file_id)
             await pipe.execute()
         return {"id": file_id, "object": "file", "deleted": True}
 
-    async def list(self, owner: str, purpose: str | None, limit: int, after: str | None) -> dict[str, Any]:
+    async def list(self, owner: str, purpose: str | None, limit: int, after: str | None,
+                   list_owner: str | None = None) -> dict[str, Any]:
+        """`list_owner`: whose list (Caller.list_owner); each file listed must also be `owner`'s."""
         async def load(ids: list[str]) -> list[dict[str, Any]]:
             async with self.aio.pipeline(transaction=False) as pipe:
                 for file_id in ids:
@@ -128,7 +131,7 @@ class FileStore:
                     for i, r in zip(ids, records)]
 
         keep = (lambda f: f["purpose"] == purpose) if purpose else None
-        return await owner_page(self.aio, keys.owner_files(owner), "file", load, limit, after, keep)
+        return await owner_page(self.aio, keys.owner_files(list_owner or owner), "file", load, limit, after, keep)
 
 
 async def owner_page(aio, index: str, what: str, load, limit: int, after: str | None, keep=None,

@@ -1,10 +1,10 @@
 """`GET /v1/jobs`: the caller's own jobs, newest first, a page at a time.
 
-Each owner (an API key's digest, or the open API's one owner) has a sorted set of its job ids scored by creation
-time, written in the submission's MULTI/EXEC with the job record. Redis cannot expire members of a set one by
-one, so an entry outlives its job (RESULT_TTL_S after the job ended) until a listing meets it without a record and
-drops it; entries older than any record can live are trimmed at each submission, and the set itself expires with
-the owner's newest possible record.
+Each owner (an API key's digest; with the API open, each client address) has a sorted set of its job ids scored by
+creation time, written by the submission's admission script with the job record. Redis cannot expire members of a
+set one by one, so an entry outlives its job (RESULT_TTL_S after the job ended) until a listing meets it without a
+record and drops it; entries older than any record can live are trimmed at each submission, and the set itself
+expires with the owner's newest possible record.
 
 The cursor is a job id (`after`: the `last_id` of the previous page), resolved to its place in the set on each
 request, so jobs submitted meanwhile neither shift nor repeat a page. With a `status` filter a page may scan past
@@ -13,9 +13,10 @@ non-matching jobs: `last_id` is the last job looked at, matching or not, so the 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
-from llamaq_protocol import JobStatus, Priority, keys
+from llamaq_protocol import JobStatus, keys
 from llamaq_protocol.records import job_from_record
 
 from .errors import InvalidRequest
@@ -24,20 +25,14 @@ if TYPE_CHECKING:
     from .jobs import JobService
 
 MAX_LIMIT = 100
+# Waiting clients a position estimate looks at, least served first.
+MAX_POSITION_CLIENTS = 1000
 # Index entries one request reads at most (a status filter that matches little answers a short page, has_more).
 MAX_SCANNED = 1000
 SCAN_CHUNK = 100
 # An index entry older than this cannot name a live record (jobs.UNFINISHED_RECORD_TTL_S, the longest a record
 # lives); the set expires this long after its newest entry.
 INDEX_TTL_S = 7 * 24 * 3600
-
-
-def add_to_owner_list(pipe, owner: str, job_id: str, created_ts: float) -> None:
-    """The index writes of one submission, queued on the submission's transaction `pipe`."""
-    index = keys.owner_jobs(owner)
-    pipe.zadd(index, {job_id: created_ts})
-    pipe.zremrangebyscore(index, "-inf", created_ts - INDEX_TTL_S)
-    pipe.expire(index, INDEX_TTL_S)
 
 
 async def cursor_start(aio, index: str, after: str | None, what: str) -> int:
@@ -53,10 +48,11 @@ async def cursor_start(aio, index: str, after: str | None, what: str) -> int:
 
 
 async def list_jobs(
-    jobs: JobService, owner: str, status: JobStatus | None, limit: int, after: str | None
+    jobs: JobService, owner: str, status: JobStatus | None, limit: int, after: str | None, list_owner: str
 ) -> dict[str, Any]:
+    """`list_owner`: whose index to read (Caller.list_owner); each job listed must also be `owner`'s."""
     aio = jobs.aio
-    index = keys.owner_jobs(owner)
+    index = keys.owner_jobs(list_owner)
     start = await cursor_start(aio, index, after, "job")
     found: list[tuple[str, dict]] = []
     gone: list[bytes] = []
@@ -89,9 +85,7 @@ async def list_jobs(
     if gone:
         await aio.zrem(index, *gone)
     positions = await queue_positions(jobs, [
-        (job_id, (record.get(b"priority") or b"interactive").decode()) for job_id, record in found
-        if record.get(b"status") == b"queued"
-    ])
+        (job_id, record) for job_id, record in found if record.get(b"status") == b"queued"])
     data = [job_from_record(job_id, record, positions.get(job_id)).public() for job_id, record in found]
     return {
         "object": "list",
@@ -104,18 +98,60 @@ async def list_jobs(
     }
 
 
-async def queue_positions(jobs: JobService, queued: list[tuple[str, str]]) -> dict[str, int | None]:
-    """The 0-based places in the claim order of these queued jobs (id, priority), in one round trip: a batch job
-    waits behind every queued interactive one (and behind those that arrive later: its position can grow)."""
+async def queue_positions(jobs: JobService, queued: list[tuple[str, dict]]) -> dict[str, int | None]:
+    """The 0-based places in the claim order of these queued jobs (id, record): the jobs of earlier tiers (every
+    queued interactive job is ahead of a batch one, and those that arrive later too: its position can grow), its own
+    client's jobs ahead of it, and of every other waiting client as many as the fair share will claim first. That is
+    an estimate: a client's service grows by what its jobs really generate, counted as if each job cost this one's
+    tokens (prompt + max tokens), weighted by each client's weight."""
     if not queued:
         return {}
+    base = jobs.settings.queue_name
+    tiers = keys.fair_tiers(base)
+    wanted = {}
+    for job_id, record in queued:
+        tier, client = record.get(b"fq_tier", b"").decode(), record.get(b"client", b"").decode()
+        if tier in tiers:
+            wanted[job_id] = (tier, client, float(record.get(b"cost") or 1) or 1.0)
+    if not wanted:
+        return {}
+    used = sorted({tier for tier, _, _ in wanted.values()}, key=tiers.index)
     async with jobs.aio.pipeline(transaction=False) as pipe:
-        pipe.llen(jobs.queue.key)
-        for job_id, priority in queued:
-            queue = jobs.queues[Priority.batch] if priority == Priority.batch.value else jobs.queue
-            pipe.lpos(queue.key, job_id)
-        ahead, *places = await pipe.execute()
-    return {
-        job_id: None if place is None else place + (ahead if priority == Priority.batch.value else 0)
-        for (job_id, priority), place in zip(queued, places)
-    }
+        for tier in tiers:
+            pipe.llen(tier + ":depth")
+        for tier in used:
+            pipe.zrange(tier + ":clients", 0, MAX_POSITION_CLIENTS - 1)
+        for job_id, (tier, client, _) in wanted.items():
+            pipe.lpos(keys.fair_jobs(tier, client), job_id)
+        replies = await pipe.execute()
+    depth = {tier: int(count or 0) for tier, count in zip(tiers, replies)}
+    members = {tier: [m.decode() for m in found] for tier, found in zip(used, replies[len(tiers):])}
+    places = replies[len(tiers) + len(used):]
+    clients = sorted({c for found in members.values() for c in found} | {c for _, c, _ in wanted.values()})
+    async with jobs.aio.pipeline(transaction=False) as pipe:
+        pipe.hmget(keys.FAIR_SERVICE, clients)
+        pipe.hmget(keys.FAIR_WEIGHT, clients)
+        for tier in used:
+            for client in members[tier]:
+                pipe.llen(keys.fair_jobs(tier, client))
+        service, weights, *lengths = await pipe.execute()
+    service = {c: float(v or 0) for c, v in zip(clients, service)}
+    weight = {c: float(v or 1) for c, v in zip(clients, weights)}
+    waiting = {}
+    for tier in used:
+        for client in members[tier]:
+            waiting[(tier, client)] = lengths[len(waiting)]
+    positions: dict[str, int | None] = {}
+    for (job_id, (tier, client, cost)), place in zip(wanted.items(), places):
+        if place is None:
+            positions[job_id] = None  # claimed meanwhile
+            continue
+        ahead = sum(depth[t] for t in tiers[:tiers.index(tier)]) + place
+        # Its client's service when this job comes up; another client's jobs that start below it go first.
+        reached = service[client] + place * cost / weight[client]
+        for other in members[tier]:
+            if other != client:
+                first = math.ceil((reached - service[other]) * weight[other] / cost)
+                ahead += min(max(first, 0), waiting[(tier, other)])
+        positions[job_id] = ahead
+    return positions

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
+import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -24,12 +25,15 @@ from rq.serializers import JSONSerializer
 from llamaq_protocol import GenerationParams, Job, JobPayload, ModelCard, Priority, utc_now
 from llamaq_protocol.models import CAPABILITY_LOGPROBS, CAPABILITY_PROMPT_LOGPROBS
 from llamaq_protocol import keys
-from llamaq_protocol.records import CANCEL_SCRIPT, EVENT_STATUS, end_keys, job_from_record, new_record
+from llamaq_protocol.records import ADMIT_SCRIPT, CANCEL_SCRIPT, end_keys, job_from_record, new_record
 
+from .callers import Caller, KeyLimits, bucket_state, duration, rate_headers, system_caller
 from .constraints import check_constraints
 from .event_hub import EventHub
-from .job_list import add_to_owner_list, queue_positions
-from .errors import IdempotencyConflict, InvalidRequest, JobNotFound, NoReadyWorker, PromptTooLong, QueueFull
+from .job_list import INDEX_TTL_S, queue_positions
+from .errors import (
+    IdempotencyConflict, InvalidRequest, JobNotFound, NoReadyWorker, PromptTooLong, QueueFull, RateLimited,
+)
 from .prompt_tokens import PromptCounter
 from .settings import GatewaySettings
 
@@ -69,6 +73,7 @@ class JobService:
         # Job id -> the read of its record after `done` (see `ended`).
         self._endings: dict[str, asyncio.Future] = {}
         self._card_read_at = float("-inf")
+        self._admit = aio.register_script(ADMIT_SCRIPT)
 
     # ---- readiness -------------------------------------------------------------------------------------------
 
@@ -157,11 +162,13 @@ class JobService:
         card: ModelCard | None = None,
         priority: Priority = Priority.interactive,
         webhook: dict[str, str] | None = None,
+        caller: Caller | None = None,
     ) -> Job:
         """`webhook`: the record fields of the job's webhook (JobRequest.webhook_record). With an `idempotency_key`
         the same key and body give the same job (a different body is 400)."""
-        await self.check_params(params, card)
-        job_id, _ = await self.enqueue(params, owner, request_id, idempotency_key, priority, webhook)
+        prompt_tokens = await self.check_params(params, card)
+        job_id, _ = await self.enqueue(params, owner, request_id, idempotency_key, priority, webhook, caller=caller,
+                                       prompt_tokens=prompt_tokens)
         return await self.get(job_id, owner)
 
     async def submit_and_wait(
@@ -174,11 +181,13 @@ class JobService:
         priority: Priority = Priority.interactive,
         webhook: dict[str, str] | None = None,
         idempotency_key: str | None = None,
+        caller: Caller | None = None,
     ) -> Job:
         """Queue a job and wait for it (see `wait`), reading its events from the moment it was queued; a retry under
         the same `idempotency_key` waits on the job its first try queued."""
-        await self.check_params(params, card)
-        job_id, queued_event_id = await self.enqueue(params, owner, request_id, idempotency_key, priority, webhook)
+        prompt_tokens = await self.check_params(params, card)
+        job_id, queued_event_id = await self.enqueue(params, owner, request_id, idempotency_key, priority, webhook,
+                                                     caller=caller, prompt_tokens=prompt_tokens)
         return await self.wait(job_id, owner, timeout_s, since=queued_event_id)
 
     async def enqueue(
@@ -192,51 +201,83 @@ class JobService:
         job_id: str | None = None,
         record_extra: dict[str, str] | None = None,
         body: str = "",
+        caller: Caller | None = None,
+        prompt_tokens: int = 0,
     ) -> tuple[str, bytes | None]:
-        """Queue a job whose parameters `check_params` accepted: the new job's id, and the id of its `queued` event.
-        Should `idempotency_key` already name a job of this owner for the same body, that job's id and None instead
-        (its events are read from wherever it is); another body is IdempotencyConflict (400).
+        """Queue a job whose parameters `check_params` accepted (`prompt_tokens`: its count): the new job's id, and
+        the id of its `queued` event. Should `idempotency_key` already name a job of this owner for the same body,
+        that job's id and None instead (its events are read from wherever it is); another body is
+        IdempotencyConflict (400).
+
+        One script admits it (records.ADMIT_SCRIPT): the Idempotency-Key, the queue's bound and the caller's, the
+        caller's rate limits, then every write (record, first event, owner's list, RQ's job record, the job in the
+        caller's fair queue) at once, so no crash can leave a key held by no job or a bound exceeded.
 
         `job_id`: the caller's own (the Batch API's, one per line); `record_extra`: more fields of its record (the
-        webhook's, a batch line's); `body`: more of the request an `idempotency_key` is bound to."""
+        webhook's, a batch line's); `body`: more of the request an `idempotency_key` is bound to; `caller`: who is
+        asking (scheduled, limited and counted as such); without one, the owner alone (the Batch API's driver)."""
+        caller = caller or system_caller(owner)
+        digest = _digest(params, priority, webhook, body) if idempotency_key else ""
         if idempotency_key:
             existing = await self._idempotent_job(params, owner, idempotency_key, priority, webhook, body)
             if existing is not None:
                 return existing.id, None
-        # Each priority has its own bound, so a batch backlog never refuses an interactive submission.
-        limit = self.settings.max_batch_queue if priority is Priority.batch else self.settings.max_queue
-        if await self.aio.llen(self.queues[priority].key) >= limit:
-            raise QueueFull(f"the {priority.value} queue holds {limit} jobs already; retry later")
         job_id = job_id or uuid.uuid4().hex
         payload = JobPayload(job_id=job_id, params=params, request_id=request_id)
-        if idempotency_key:
-            claimed = await self.aio.set(
-                keys.idempotency(owner, idempotency_key), f"{job_id}:{_digest(params, priority, webhook, body)}",
-                nx=True, ex=self.settings.result_ttl_s,
-            )
-            if not claimed:
-                raise IdempotencyConflict("Idempotency-Key is in use by a request in flight; retry")
-        # The job's record, its first event, its entry in the owner's list and RQ's own enqueue, in one transaction.
+        limits = caller.limits
+        # What the job may cost: reserved against the key's tokens per minute, and the unit of queue positions.
+        cost = prompt_tokens + params.max_new_tokens * params.n
+        if limits.tpm and cost > limits.tpm:
+            raise InvalidRequest(f"this request reserves {cost} tokens (prompt + max tokens x n), more than this key's "
+                                 f"{limits.tpm} tokens per minute (tpm): lower max tokens")
+        queue = self.queues[priority]
         created_at = utc_now()
-        try:
-            async with self.aio.pipeline(transaction=True) as pipe:
-                pipe.hset(keys.job(job_id), mapping={**new_record(created_at, request_id, owner, priority),
-                                                     **(webhook or {}), **(record_extra or {})})
-                pipe.expire(keys.job(job_id), UNFINISHED_RECORD_TTL_S)
-                pipe.xadd(keys.events(job_id), {"event": EVENT_STATUS, "data": '{"status":"queued"}'})
-                pipe.expire(keys.events(job_id), UNFINISHED_RECORD_TTL_S)
-                add_to_owner_list(pipe, owner, job_id, created_at.timestamp())
-                for command in self._rq_enqueue_commands(payload, self.queues[priority]):
-                    pipe.execute_command(*command)
-                replies = await pipe.execute()
-        except Exception:
-            if idempotency_key:  # free the key for the client's retry (best effort), unless the job was queued
-                with contextlib.suppress(redis.exceptions.RedisError):  # and only the transaction's reply was lost
-                    if not await self.aio.exists(keys.job(job_id)):
-                        await self.aio.delete(keys.idempotency(owner, idempotency_key))
-            raise
+        record = {**new_record(created_at, request_id, owner, priority), **(webhook or {}), **(record_extra or {}),
+                  "account": caller.account, "prompt_tokens": str(prompt_tokens), "cost": str(cost),
+                  "fq_hold": queue.intermediate_queue_key}
+        base = self.settings.queue_name
+        # Each priority has its own bound, so a batch backlog never refuses an interactive submission.
+        bound = self.settings.max_batch_queue if priority is Priority.batch else self.settings.max_queue
+        over_tier = keys.fair_tier(base, "over") if limits.over_limit == "queue" else ""
+        commands = [arg for command in self._rq_enqueue_commands(payload, queue) if command[:2] != ("RPUSH", queue.key)
+                    for arg in (len(command), *command)]
+        idem_key = keys.idempotency(owner, idempotency_key) if idempotency_key else keys.job(job_id)
+        # The script runs whole or not at all; should only its reply be lost, a retry under the same Idempotency-Key
+        # finds the job it queued.
+        outcome = await self._admit(
+            keys=[keys.job(job_id), keys.events(job_id), keys.owner_jobs(caller.list_owner), idem_key,
+                  keys.rate_bucket(caller.client), keys.usage(caller.client)],
+            args=[job_id, f"{job_id}:{digest}" if idempotency_key else "", self.settings.result_ttl_s,
+                  json.dumps(record), UNFINISHED_RECORD_TTL_S, created_at.timestamp(), INDEX_TTL_S,
+                  keys.fair_tier(base, priority.value), bound, over_tier,
+                  caller.client, caller.weight, self._client_queue_bound(limits, bound), limits.max_concurrent,
+                  limits.rpm, limits.tpm, cost, *commands],
+        )
+        kind = outcome[0].decode()
+        if kind == "existing":
+            stored_id, _, stored_digest = outcome[1].decode().partition(":")
+            if stored_digest != digest:
+                raise IdempotencyConflict("Idempotency-Key was already used with a different body")
+            return stored_id, None
+        if kind == "queue_full":
+            raise QueueFull(f"the {priority.value} queue holds {int(outcome[1])} jobs already; retry later")
+        if kind == "key_queue_full":
+            raise QueueFull(f"this client has {int(outcome[1])} jobs waiting already, its most; retry later")
+        caller.rate_headers = rate_headers(*(int(v) for v in outcome[3:9]))
+        if kind == "rate_limited":
+            which, wait_ms = outcome[1].decode(), int(outcome[2])
+            raise RateLimited(
+                f"rate limit reached for {which} per minute (key {caller.client}); retry in {duration(wait_ms)}",
+                retry_after_s=max(1, math.ceil(wait_ms / 1000)),
+            )
         logger.info("job queued", extra={"job_id": job_id, "request_id": request_id})
-        return job_id, replies[2]  # the XADD's entry id
+        return job_id, outcome[1]  # the `queued` event's id
+
+    def _client_queue_bound(self, limits: KeyLimits, tier_bound: int) -> int:
+        """How many jobs one client may have waiting: its key's `max_queued`, and never so many that it alone fills
+        a tier (MAX_CLIENT_SHARE of its bound)."""
+        share = max(1, int(tier_bound * self.settings.max_client_share))
+        return min(limits.max_queued, share) if limits.max_queued else share
 
     async def _idempotent_job(
         self, params: GenerationParams, owner: str, key: str, priority: Priority = Priority.interactive,
@@ -274,6 +315,38 @@ class JobService:
         collector.reset()
         return commands
 
+    async def queued(self, priority: Priority) -> int:
+        """How many jobs of this priority wait (in its fair queue tier)."""
+        return await self.aio.llen(keys.fair_tier(self.settings.queue_name, priority.value) + ":depth")
+
+    async def usage(self, caller: Caller) -> dict:
+        """The caller's usage so far (counted as its jobs are admitted, claimed and generate), its jobs running and
+        waiting now, its weight and limits, and the rate budget left (GET /v1/usage)."""
+        tiers = keys.fair_tiers(self.settings.queue_name)
+        async with self.aio.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.usage(caller.client))
+            pipe.hget(keys.FAIR_RUNNING, caller.client)
+            for tier in tiers:
+                pipe.llen(keys.fair_jobs(tier, caller.client))
+            pipe.hgetall(keys.rate_bucket(caller.client))
+            used, running, *waiting, bucket = await pipe.execute()
+        used = {k.decode(): int(v) for k, v in used.items()}
+        limits = caller.limits
+        body = {
+            "object": "usage",
+            "key": caller.account if caller.keyed else None,
+            "requests": used.get("requests", 0),
+            "prompt_tokens": used.get("prompt_tokens", 0),
+            "completion_tokens": used.get("completion_tokens", 0),
+            "running": int(running or 0),
+            "queued": sum(waiting),
+            "weight": caller.weight,
+            "limits": limits.model_dump(),
+        }
+        if limits.rpm or limits.tpm:
+            body["remaining"] = {name: left for name, (left, _) in bucket_state(bucket, limits).items()}
+        return body
+
     # ---- read ------------------------------------------------------------------------------------------------
 
     async def get(self, job_id: str, owner: str) -> Job:
@@ -303,12 +376,8 @@ class JobService:
             raise JobNotFound(f"no job {job_id!r}")
         position = None
         if record.get(b"status") == b"queued":
-            position = await self.position(job_id, record.get(b"priority", b"interactive").decode())
+            position = (await queue_positions(self, [(job_id, record)])).get(job_id)
         return job_from_record(job_id, record, position)
-
-    async def position(self, job_id: str, priority: str) -> int | None:
-        """A queued job's 0-based place in the claim order (see job_list.queue_positions)."""
-        return (await queue_positions(self, [(job_id, priority)])).get(job_id)
 
     async def wait(self, job_id: str, owner: str, timeout_s: float, since: bytes | None = None) -> Job:
         """The job once terminal, or as it is when `timeout_s` runs out; wakes on the job's event stream.

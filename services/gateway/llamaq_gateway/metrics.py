@@ -28,6 +28,9 @@ HTTP_DURATION = Histogram(
     ["method", "route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
 TERMINAL_STATUSES = [status.value for status in JobStatus if status.is_terminal()]
+# Each key's usage (keys.usage), as llamaq_key_<field>_total{key}.
+USAGE_FIELDS = [("requests", "Requests admitted"), ("prompt_tokens", "Prompt tokens processed"),
+                ("completion_tokens", "Tokens generated")]
 
 
 @dataclass(eq=False)  # registered as a collector, so hashed by identity
@@ -41,23 +44,34 @@ class ClusterState:
     workers_alive: int
     # worker name -> its exposition text
     worker_metrics: dict[str, str] = field(default_factory=dict)
+    # account (a key's name, or "anonymous") -> its usage hash (requests, prompt_tokens, completion_tokens)
+    usage: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
-    async def read(cls, jobs) -> ClusterState:
-        """From the gateway's JobService: its Redis, its queue and its notion of a live worker."""
+    async def read(cls, jobs, accounts: list[str]) -> ClusterState:
+        """From the gateway's JobService: its Redis, its queue and its notion of a live worker; and the usage of
+        `accounts` (the keys' names: a bounded label, never a raw key or an address)."""
         aio = jobs.aio
+        base = jobs.settings.queue_name
+        # Each tier of the fair queue under the name of the RQ queue its jobs run from (over-quota: `<base>:over`).
+        tiers = {keys.fair_tier(base, tier): keys.queue_name(base, tier) if tier != "over" else f"{base}:over"
+                 for tier in keys.FAIR_TIERS}
         async with aio.pipeline(transaction=False) as pipe:
-            queues = list(jobs.queues.values())
-            for queue in queues:
-                pipe.llen(queue.key)
+            for tier in tiers:
+                pipe.llen(tier + ":depth")
             pipe.scard(keys.RUNNING)
             pipe.hgetall(keys.STATS)
             pipe.zrangebyscore(keys.WORKERS, jobs.fresh_since(), "+inf")
-            *depths, running, stats, workers = await pipe.execute()
+            for account in accounts:
+                pipe.hgetall(keys.usage(account))
+            replies = await pipe.execute()
+        depths, rest = replies[:len(tiers)], replies[len(tiers):]
+        running, stats, workers, usages = rest[0], rest[1], rest[2], rest[3:]
         names = [name.decode() for name in workers]
         texts = await aio.mget([keys.worker_metrics(name) for name in names]) if names else []
         return cls(
-            queue_depths={queue.name: depth for queue, depth in zip(queues, depths)},
+            queue_depths={name: int(depth or 0) for name, depth in zip(tiers.values(), depths)},
+            usage={account: {k.decode(): int(v) for k, v in found.items()} for account, found in zip(accounts, usages)},
             jobs_running=running,
             finished={k.decode(): int(v) for k, v in stats.items()},
             workers_alive=len(names),
@@ -76,6 +90,11 @@ class ClusterState:
         for status in TERMINAL_STATUSES:
             finished.add_metric([status], self.finished.get(status, 0))
         yield finished
+        for field_name, what in USAGE_FIELDS:
+            family = CounterMetricFamily(f"llamaq_key_{field_name}", f"{what}, by API key name", labels=["key"])
+            for account, used in sorted(self.usage.items()):
+                family.add_metric([account], used.get(field_name, 0))
+            yield family
         yield from _merge_workers(self.worker_metrics)
 
 

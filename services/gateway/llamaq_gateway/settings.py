@@ -33,8 +33,13 @@ class GatewaySettings(BaseSettings):
     max_batch_queue: int = Field(default=10000, ge=1)
     # Times a job whose worker died is put back on the queue before it fails as worker_lost.
     job_retries: int = Field(default=1, ge=0)
-    # Comma-separated bearer keys; unset or empty leaves the API open.
+    # Comma-separated bearer keys; unset or empty (and no API_KEYS_FILE) leaves the API open.
     api_keys: SecretStr | None = None
+    # A TOML file of keys by their SHA-256, each with a name, a fair-share weight and limits (callers.py).
+    api_keys_file: str = ""
+    # The most of a queue's bound (MAX_QUEUE, MAX_BATCH_QUEUE) one client (key, or address with the API open) may
+    # hold waiting, so one client's backlog never refuses everyone else's submissions.
+    max_client_share: float = Field(default=0.5, gt=0, le=1)
 
     # How long `POST /` (the original contract) holds the request before answering 504 with the job id. At most
     # 650: nginx/nginx.conf waits 660 s for `location = /`, and must outwait this so the client gets the job id
@@ -42,6 +47,9 @@ class GatewaySettings(BaseSettings):
     legacy_wait_s: float = Field(default=600, gt=0, le=650)
     max_poll_wait_s: float = 60
     max_generate_wait_s: float = 300
+    # The OpenAI routes (chat/completions, completions, responses without background) cancel the job of a client
+    # that disconnects before its answer is complete, as vLLM does (not with an Idempotency-Key; never the job API).
+    cancel_on_disconnect: bool = True
     # A worker whose heartbeat is older than this is not counted as ready.
     worker_stale_s: float = Field(default=15, gt=0)
     # Each process's pool for short commands; nothing blocks in it (waiters share the event hub's readers).

@@ -27,7 +27,7 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from llamaq_protocol import JobError, Priority, keys, utc_now
-from llamaq_protocol.records import RECLAIM_SCRIPT, reclaim_keys
+from llamaq_protocol.records import RECLAIM_SCRIPT, RETURN_SCRIPT, reclaim_keys
 
 from .jobs import JobService
 
@@ -36,15 +36,6 @@ logger = logging.getLogger(__name__)
 # Heartbeat entries older than this are dropped from the workers set: each worker start has a name of its own, so a
 # worker that died without saying goodbye would otherwise stay in it for good (readers only count fresh ones).
 STALE_WORKER_ENTRY_S = 3600
-
-# KEYS: the queue's intermediate list, the queue, the job record. ARGV: job id. Moves the id back to the front
-# of the queue only if it is still on the intermediate list and its job still unclaimed.
-RESCUE_SCRIPT = """
-if redis.call('HGET', KEYS[3], 'status') ~= 'queued' then return 0 end
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[2], ARGV[1])
-return 1
-"""
 
 
 class LostWorkerSweeper:
@@ -82,7 +73,7 @@ class LostWorkerSweeper:
             outcome = await self._reclaim(job_id, worker, queue)
             if outcome in ("requeued", "failed", "canceled"):
                 outcomes.append((job_id, outcome))
-                if outcome != "requeued":  # the script itself put it back on the RQ queue
+                if outcome != "requeued":  # the script itself put it back in the fair queue
                     await anyio.to_thread.run_sync(self._end_in_rq, job_id, outcome, queue)
                 logger.warning("job %s: worker %s lost; %s", job_id, worker, outcome, extra={"job_id": job_id})
         return outcomes
@@ -141,9 +132,7 @@ class LostWorkerSweeper:
             first_seen = self._stranded_since.setdefault(job_id, current)
             if current - first_seen < self.settings.worker_stale_s:
                 continue
-            moved = await aio.eval(
-                RESCUE_SCRIPT, 3, queue.intermediate_queue_key, queue.key, keys.job(job_id), job_id
-            )
+            moved = await aio.eval(RETURN_SCRIPT, 2, queue.intermediate_queue_key, keys.job(job_id), job_id)
             if not moved:
                 continue
             self._stranded_since.pop(job_id, None)

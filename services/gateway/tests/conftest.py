@@ -4,10 +4,9 @@ import hashlib
 import os
 
 import pytest
-import redis
 
 from llamaq_protocol import ModelCard
-from private_redis import private_redis
+from private_redis import emptied, private_redis
 
 
 @pytest.fixture(scope="session")
@@ -19,10 +18,8 @@ def redis_url():
 @pytest.fixture
 def store(redis_url):
     """The test Redis, emptied for each test."""
-    client = redis.Redis.from_url(redis_url)
-    client.flushall()
-    yield client
-    client.close()
+    with emptied(redis_url) as client:
+        yield client
 
 
 

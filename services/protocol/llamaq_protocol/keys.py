@@ -92,3 +92,49 @@ def owner_batches(owner: str) -> str:
 
 def idempotency(owner: str, key: str) -> str:
     return f"{PREFIX}:idem:{owner}:{key}"
+
+
+# ---- fair share (records.FAIR_LUA) --------------------------------------------------------------------------------
+# Queued jobs wait in llamaq's fair queue, not in RQ's lists: per tier (interactive, batch, then over-quota work), a
+# list of job ids per client and a sorted set of the clients with jobs waiting, scored by the service each has
+# received (tokens / weight); workers claim from the least served client of the first tier with work.
+FAIR_TIERS = ("interactive", "batch", "over")
+# Each client's service so far, in weighted tokens (a hash client -> float), shared by every tier.
+FAIR_SERVICE = f"{PREFIX}:fair:service"
+# Each client's running jobs (a hash client -> count) and, for a key with MAX_CONCURRENT, its cap.
+FAIR_RUNNING = f"{PREFIX}:fair:running"
+FAIR_MAX_RUNNING = f"{PREFIX}:fair:max-running"
+# Each client's weight, as its last submission gave it (a hash), for queue positions.
+FAIR_WEIGHT = f"{PREFIX}:fair:weight"
+
+
+def fair_tier(base: str, tier: str) -> str:
+    """The key prefix of one tier of a deployment's fair queue (`base`: QUEUE_NAME): `<prefix>:clients` (sorted set
+    of clients by service), `<prefix>:jobs:<client>` (a client's waiting job ids, oldest first), `<prefix>:depth`
+    (a list as long as the jobs waiting in the tier, one "1" each: what KEDA and the bounds read), `<prefix>:state`
+    (a hash: `last`, the client claimed last) and `<prefix>:wake` (a short list idle workers block
+    on)."""
+    return f"{PREFIX}:fq:{base}:{tier}"
+
+
+def fair_tiers(base: str) -> list[str]:
+    """Every tier's prefix, in the order workers claim from them."""
+    return [fair_tier(base, tier) for tier in FAIR_TIERS]
+
+
+def fair_jobs(tier_prefix: str, client: str) -> str:
+    return f"{tier_prefix}:jobs:{client}"
+
+
+def rate_bucket(client: str) -> str:
+    """A client's rate-limit buckets (a hash: requests and tokens, their caps, and when each was last filled)."""
+    return f"{PREFIX}:rl:{client}"
+
+
+def usage(client: str) -> str:
+    """A client's usage so far (a hash: requests, prompt_tokens, completion_tokens): GET /v1/usage and /metrics."""
+    return f"{PREFIX}:usage:{client}"
+
+
+# The accounts (key names, or "open") with usage, for /metrics.
+USAGE_ACCOUNTS = f"{PREFIX}:usage-accounts"

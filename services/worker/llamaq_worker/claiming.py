@@ -1,6 +1,6 @@
-"""Where a job is claimed and admitted: popped from RQ's queue, claimed in its record (CLAIM_SCRIPT), started in
-RQ's bookkeeping, its payload validated again, its prompt encoded and checked against the context, and handed to
-the engine with its sampling parameters (a job's own, else the model's defaults)."""
+"""Where a job is claimed and admitted: popped from the fair queue (priority_queues), claimed in its record
+(CLAIM_SCRIPT), started in RQ's bookkeeping, its payload validated again, its prompt encoded and checked against the
+context, and handed to the engine with its sampling parameters (a job's own, else the model's defaults)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 
 from llamaq_protocol import GenerationParams, JobError, JobPayload, JobStatus, utc_now
-from llamaq_protocol.records import CLAIM_SCRIPT, claim_keys
+from llamaq_protocol import keys
+from llamaq_protocol.records import CLAIM_SCRIPT, RETURN_SCRIPT, claim_keys
 
 from .engines.base import EngineDead, SamplingParams, StructuredOutputs, text_token_ids
 from .metrics import seconds_since
@@ -103,6 +104,7 @@ class Claimer:
     def __init__(self, worker: BatchWorker) -> None:
         self.worker = worker
         self._claim = worker.connection.register_script(CLAIM_SCRIPT)
+        self._return = worker.connection.register_script(RETURN_SCRIPT)
 
     def pop(self) -> tuple[RQJob, Queue] | None:
         """The next queued job, without waiting; None when there is none (or Redis is away: the publishing that
@@ -117,11 +119,8 @@ class Claimer:
             return None
 
     def push_back(self, job: RQJob, queue: Queue) -> None:
-        """A popped job back at the front of its queue, for a later claim."""
-        with self.worker.connection.pipeline() as pipe:
-            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-            queue.push_job_id(job.id, pipeline=pipe, at_front=True)
-            pipe.execute()
+        """A popped job back at the front of its client's list, for a later claim."""
+        self._return(keys=[queue.intermediate_queue_key, keys.job(job.id)], args=[job.id])
 
     def claim(self, job: RQJob, queue: Queue) -> Slot | None:
         """The popped job made this worker's, in its record and RQ's, as a new Slot; None if its record says it is

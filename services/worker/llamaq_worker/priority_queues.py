@@ -1,11 +1,13 @@
-"""Claiming from the priority queues in order (interactive before batch) without giving up RQ's safety net.
+"""Claiming from llamaq's fair queue in RQ's place: interactive before batch before over-quota work, and within each
+tier the least served client first (records.POP_SCRIPT; the gateway's admission puts jobs there).
 
-rq 2.x moves a popped id onto the queue's intermediate list (LMOVE) only when a worker serves one queue; over
-several it pops with plain LPOP/BLPOP, so a worker killed between the pop and the claim would lose the job. Here
-every pop is an LMOVE onto that queue's intermediate list, whichever queue it comes from (the gateway's sweep
-rescues ids stranded there), tried in the workers' queue order. Redis has no blocking move over several lists:
-an idle worker blocks on the first (interactive) queue for at most BATCH_POLL_S at a time and looks at the others
-in between, so an interactive job still wakes it at once and a batch job waits at most that long for an idle one.
+RQ's queue lists stay empty: RQ pops FIFO, and fairness needs a choice between clients. What RQ keeps is the rest:
+its job records, the intermediate list a popped id waits on until the claim (the gateway's sweep rescues ids
+stranded there), the started, finished, failed and canceled registries, and its worker records (`rq info` shows the
+workers and registries; the waiting jobs are in /metrics' llamaq_queue_depth). One POP_SCRIPT call pops and moves a
+job onto its queue's intermediate list atomically. Redis has no blocking pop over a choice like this: an idle worker
+blocks on the tiers' short wake lists (every admission pushes one) for at most WAKE_POLL_S at a time, then tries the
+pop again, so a new job wakes it at once and a wake it missed costs at most that long.
 """
 
 from __future__ import annotations
@@ -16,42 +18,43 @@ from rq import Queue
 from rq.exceptions import DequeueTimeout, NoSuchJobError
 from rq.utils import as_text
 
-# Longest an idle worker blocks on the interactive queue before it looks at the batch queue again.
-BATCH_POLL_S = 0.5
+from llamaq_protocol import keys
+from llamaq_protocol.records import POP_SCRIPT
+
+# Longest an idle worker blocks on the wake lists before it tries the pop again.
+WAKE_POLL_S = 0.5
+# Clients of a tier one pop looks at per try, least served first (past those at their MAX_CONCURRENT).
+POP_WIDTH = 16
 
 
 class PriorityQueue(Queue):
     @classmethod
     def dequeue_any(cls, queues, timeout, connection, job_class=None, serializer=None, death_penalty_class=None):
-        """The job at the front of the first non-empty queue, and its queue (RQ's contract: None when all are
-        empty and `timeout` is None, DequeueTimeout when `timeout` seconds pass)."""
+        """The next job of the fair queue, and the RQ queue it runs from (RQ's contract: None when none waits and
+        `timeout` is None, DequeueTimeout when `timeout` seconds pass). `queues`: the worker's, interactive first;
+        the first one's name is the deployment's QUEUE_NAME."""
         queues = list(queues)
+        by_name = {queue.name: queue for queue in queues}
+        tiers = keys.fair_tiers(queues[0].name)
         job_cls = job_class or cls.job_class
         deadline = None if timeout is None else time.monotonic() + timeout
+        pop = connection.register_script(POP_SCRIPT)  # (EVALSHA: the script's text is not sent on every pop)
         while True:
-            popped = _move_first(connection, queues)
-            if popped is None:
+            job_id = pop(args=[POP_WIDTH, keys.job(""), *tiers])
+            if job_id is None:
                 if deadline is None:
                     return None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise DequeueTimeout(timeout, [q.key for q in queues])
-                first = queues[0]
-                wait = remaining if len(queues) == 1 else min(remaining, BATCH_POLL_S)
-                job_id = connection.blmove(first.key, first.intermediate_queue_key, wait)
-                if job_id is None:
-                    continue
-                popped = (first, as_text(job_id))
-            queue, job_id = popped
+                connection.blpop([tier + ":wake" for tier in tiers], min(remaining, WAKE_POLL_S))
+                continue
+            job_id = as_text(job_id)
             try:
-                return job_cls.fetch(job_id, connection=connection, serializer=serializer), queue
+                job = job_cls.fetch(job_id, connection=connection, serializer=serializer)
             except NoSuchJobError:
-                connection.lrem(queue.intermediate_queue_key, 1, job_id)  # expired meanwhile: nothing to run
-
-
-def _move_first(connection, queues: list[Queue]) -> tuple[Queue, str] | None:
-    for queue in queues:
-        job_id = connection.lmove(queue.key, queue.intermediate_queue_key)
-        if job_id is not None:
-            return queue, as_text(job_id)
-    return None
+                # Its RQ record expired meanwhile: nothing to run (its own record ends with it).
+                for queue in queues:
+                    connection.lrem(queue.intermediate_queue_key, 1, job_id)
+                continue
+            return job, by_name.get(job.origin, queues[0])

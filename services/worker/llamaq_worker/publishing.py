@@ -164,7 +164,7 @@ class Publisher:
             if job_id not in endings and current >= slot.partial_due_at
         }
         writes = [(job_id, slot.token_events - len(slot.unpublished), slot.max_new_tokens + 16,
-                   partial.get(job_id, ""), slot.unpublished) for job_id, slot in pending]
+                   partial.get(job_id, ""), slot.unpublished, slot.completion_tokens) for job_id, slot in pending]
         calls = [tokens_call(self.worker_name, writes[i:i + TOKENS_JOBS_PER_CALL])
                  for i in range(0, len(writes), TOKENS_JOBS_PER_CALL)]
 

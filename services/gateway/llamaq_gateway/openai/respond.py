@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from llamaq_protocol import GenerationParams, JobStatus, ModelCard
 
-from .. import streams
+from .. import disconnect, streams
 from ..errors import JobFailed, WaitTimeout
 from ..constraints import check_constraints
+from ..event_hub import START
+from ..callers import Caller
 from ..jobs import JobService, check_capabilities, check_token_ids
 from .params import OPENAI_PARAM_NAMES, check_model, param_names, to_params
 from .render import Rendering, completion
@@ -32,25 +35,40 @@ async def respond(
     settings: GatewaySettings,
     slots: StreamSlots,
     idempotency_key: str | None = None,
+    request: Request | None = None,
+    caller: Caller | None = None,
 ) -> Response:
     """Submit through the queue; then stream the job, or wait for it and answer the completion object. Either
     counts against the client's cap on open streams and waits (checked before anything is queued). A retry under
-    the same `idempotency_key` gets the job its first try queued: streamed from its start, or waited on."""
+    the same `idempotency_key` gets the job its first try queued: streamed from its start, or waited on.
+
+    With `request` (the HTTP request), a client that disconnects first has its job canceled (disconnect.py).
+    `caller`: who is asking (its key's fair share and limits)."""
     params, card, rendering = await prepare(req, jobs, settings)
+    cancel_on_disconnect = request is not None and disconnect.applies(settings, idempotency_key)
     if req.stream:
         release = slots.take()
         try:
-            job = await jobs.submit(params, owner, request_id, idempotency_key, card=card)
+            job = await jobs.submit(params, owner, request_id, idempotency_key, card=card, caller=caller)
         except BaseException:
             release()
             raise
-        return streams.sse_response(
-            stream_completion(kind, jobs, job, owner, card.name, req.include_usage(), rendering=rendering),
-            release=release,
-        )
+        body = stream_completion(kind, jobs, job, owner, card.name, req.include_usage(), rendering=rendering)
+        if cancel_on_disconnect:
+            body, release = disconnect.guard_stream(body, release, jobs, job.id, owner)
+        return streams.sse_response(body, release=release)
     with slots.hold():
-        job = await jobs.submit_and_wait(params, owner, request_id, settings.max_generate_wait_s, card=card,
-                                         idempotency_key=idempotency_key)
+        if cancel_on_disconnect:
+            # submit_and_wait in two steps, the job's id being needed while it is waited on. Its events are read from
+            # the stream's start (START: no later than the state `submit` read), as the one just queued has few.
+            job = await jobs.submit(params, owner, request_id, idempotency_key, card=card, caller=caller)
+            waiting = jobs.wait(job.id, owner, settings.max_generate_wait_s, since=START.encode())
+            job = await disconnect.wait_or_cancel(request, waiting, jobs, job.id, owner)
+            if job is None:
+                return Response(status_code=499)  # nginx's "client closed request"; no one reads it
+        else:
+            job = await jobs.submit_and_wait(params, owner, request_id, settings.max_generate_wait_s, card=card,
+                                             idempotency_key=idempotency_key, caller=caller)
     if job.status is JobStatus.failed:
         raise JobFailed.of(job)
     if not job.status.is_terminal():

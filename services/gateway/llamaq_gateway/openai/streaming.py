@@ -133,7 +133,8 @@ async def stream_completion(
     heartbeat_s: float = streams.HEARTBEAT_S,
     rendering: Rendering | None = None,
 ) -> AsyncIterator[str]:
-    """OpenAI's streaming format from the job's event stream; a client going away leaves the job running."""
+    """OpenAI's streaming format from the job's event stream; a client going away only stops this reader (`respond`
+    cancels the job then, where disconnect.applies)."""
     chunks = ChunkBuilder(kind, job, model, include_usage, rendering)
     # The role chunk goes out with the first answer, not while the job is queued: vLLM sends it with the first
     # token, and benchmark clients take the first chunk as the time to first token.

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from .. import streams
+from .. import disconnect, streams
+from ..callers import Caller
 from ..errors import InvalidParameter, InvalidRequest, WaitTimeout
 from ..jobs import JobService
 from ..limits import StreamSlots
@@ -27,9 +29,12 @@ ECHOED = tuple(render.ECHOED)
 
 
 async def create(req: ResponsesRequest, jobs: JobService, owner: str, request_id: str | None,
-                 settings: GatewaySettings, slots: StreamSlots, idempotency_key: str | None = None) -> Response:
+                 settings: GatewaySettings, slots: StreamSlots, idempotency_key: str | None = None,
+                 http_request: Request | None = None, caller: Caller | None = None) -> Response:
     """A retry under the same `idempotency_key` (and body) gets the response its first try created: streamed from
-    its start, answered as it is now, or waited on."""
+    its start, answered as it is now, or waited on. With `http_request`, a client that disconnects
+    before a response without `background` is complete has its job canceled (disconnect.py); a background one is
+    meant to outlive its connection."""
     await check_submission(settings, req.webhook)
     card = await jobs.served_model()
     check_model(req.model, card)
@@ -42,7 +47,7 @@ async def create(req: ResponsesRequest, jobs: JobService, owner: str, request_id
         history = store.conversation_after(previous)
     items = input_items(req)
     params, priority = to_params(req, history, items, settings.max_new_tokens_limit)
-    await jobs.check_params(params, card, PARAM_NAMES)
+    prompt_tokens = await jobs.check_params(params, card, PARAM_NAMES)
     request = {name: getattr(req, name) for name in ECHOED if getattr(req, name, None) is not None}
     request["model"] = card.name
     if req.text is not None:
@@ -57,9 +62,11 @@ async def create(req: ResponsesRequest, jobs: JobService, owner: str, request_id
         nonlocal response_id
         response_id, queued = await jobs.enqueue(
             params, owner, request_id, idempotency_key, priority, webhook, job_id=response_id, record_extra=extra,
-            body=req.model_dump_json())
+            body=req.model_dump_json(), caller=caller, prompt_tokens=prompt_tokens)
         return queued
 
+    cancel_on_disconnect = (http_request is not None and not req.background
+                            and disconnect.applies(settings, idempotency_key))
     if req.stream:
         release = slots.take()
         try:
@@ -68,13 +75,22 @@ async def create(req: ResponsesRequest, jobs: JobService, owner: str, request_id
         except BaseException:
             release()
             raise
-        return streams.sse_response(response_events(jobs, stored, owner), release=release)
+        body = response_events(jobs, stored, owner)
+        if cancel_on_disconnect:
+            body, release = disconnect.guard_stream(body, release, jobs, response_id, owner)
+        return streams.sse_response(body, release=release)
     if req.background:
         await enqueue()
         return JSONResponse(render.response_object(await store.load(jobs, response_id, owner)))
     with slots.hold():
         queued = await enqueue()  # (first: a retry's key may name another response)
-        job = await jobs.wait(response_id, owner, settings.max_generate_wait_s, since=queued)
+        waiting = jobs.wait(response_id, owner, settings.max_generate_wait_s, since=queued)
+        if cancel_on_disconnect:
+            job = await disconnect.wait_or_cancel(http_request, waiting, jobs, response_id, owner)
+            if job is None:
+                return Response(status_code=499)  # nginx's "client closed request"; no one reads it
+        else:
+            job = await waiting
     if not job.status.is_terminal():
         raise WaitTimeout(f"response {response_id} is still {job.status.value} after "
                           f"{settings.max_generate_wait_s:g} s; it runs on: GET /v1/responses/{response_id} (or "

@@ -6,7 +6,7 @@ from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 from fastapi.responses import Response
 
 from ..batches import BatchRequest
-from ..deps import BatchesDep, FilesDep, OwnerDep, SettingsDep
+from ..deps import BatchesDep, CallerDep, FilesDep, OwnerDep, SettingsDep
 from ..errors import InvalidParameter, OpenAIRoute
 from ..files import PURPOSE_BATCH, check_batch_input
 from ..schemas import error_responses
@@ -22,7 +22,7 @@ BatchId = Annotated[str, Path(description="the batch's id")]
 @router.post("/v1/files", responses=error_responses(400, 413, 422, 503))
 async def upload_file(
     files: FilesDep,
-    owner: OwnerDep,
+    caller: CallerDep,
     settings: SettingsDep,
     file: Annotated[UploadFile, File(description="JSONL: one request per line")],
     purpose: Annotated[str, Form(max_length=64, description="`batch`")],
@@ -33,19 +33,20 @@ async def upload_file(
         raise InvalidParameter(f"purpose: only {PURPOSE_BATCH!r} files are accepted here", param="purpose")
     content = await file.read(settings.max_file_bytes + 1)
     check_batch_input(content, settings.max_file_bytes, settings.max_batch_requests)
-    return await files.create(owner, file.filename or "upload.jsonl", purpose, content)
+    return await files.create(caller.owner, file.filename or "upload.jsonl", purpose, content,
+                              list_owner=caller.list_owner)
 
 
 @router.get("/v1/files", responses=error_responses(400, 422, 503))
 async def list_files(
     files: FilesDep,
-    owner: OwnerDep,
+    caller: CallerDep,
     purpose: Annotated[str, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = 20,
     after: Annotated[str, Query(max_length=64)] = None,
 ) -> dict:
-    """The caller's files, newest first."""
-    return await files.list(owner, purpose, limit, after)
+    """The caller's files, newest first (with the API open, those uploaded from its address)."""
+    return await files.list(caller.owner, purpose, limit, after, caller.list_owner)
 
 
 @router.get("/v1/files/{file_id}", responses=error_responses(404, 422, 503))
@@ -68,20 +69,20 @@ async def delete_file(file_id: FileId, files: FilesDep, owner: OwnerDep) -> dict
 
 
 @router.post("/v1/batches", responses=error_responses(400, 404, 422, 503))
-async def create_batch(body: BatchRequest, batches: BatchesDep, owner: OwnerDep) -> dict:
+async def create_batch(body: BatchRequest, batches: BatchesDep, caller: CallerDep) -> dict:
     """Runs each line of `input_file_id` as a batch-priority job: interactive requests are always served first."""
-    return await batches.create(owner, body)
+    return await batches.create(caller, body)
 
 
 @router.get("/v1/batches", responses=error_responses(400, 422, 503))
 async def list_batches(
     batches: BatchesDep,
-    owner: OwnerDep,
+    caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = 20,
     after: Annotated[str, Query(max_length=64)] = None,
 ) -> dict:
-    """The caller's batches, newest first."""
-    return await batches.list(owner, limit, after)
+    """The caller's batches, newest first (with the API open, those created from its address)."""
+    return await batches.list(caller.owner, limit, after, caller.list_owner)
 
 
 @router.get("/v1/batches/{batch_id}", responses=error_responses(404, 422, 503))

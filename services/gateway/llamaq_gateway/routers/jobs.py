@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Response
 
 from llamaq_protocol import Job, JobStatus
 
-from ..deps import IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
+from ..deps import CallerDep, IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
 from ..job_list import MAX_LIMIT, list_jobs
 from ..schemas import JobId, JobRequest, error_responses
 from ..webhooks import check_submission
@@ -27,13 +27,13 @@ async def submit_job(
     body: JobRequest,
     response: Response,
     jobs: JobsDep,
-    owner: OwnerDep,
+    caller: CallerDep,
     request_id: RequestIdDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> dict:
     await check_submission(jobs.settings, body.webhook)
-    job = await jobs.submit(body.generation_params(), owner, request_id, idempotency_key, priority=body.priority,
-                            webhook=body.webhook_record())
+    job = await jobs.submit(body.generation_params(), caller.owner, request_id, idempotency_key, priority=body.priority,
+                            webhook=body.webhook_record(), caller=caller)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job.public()
 
@@ -41,14 +41,14 @@ async def submit_job(
 @router.get("", response_model=None, responses=error_responses(400, 422, 503))
 async def list_own_jobs(
     jobs: JobsDep,
-    owner: OwnerDep,
+    caller: CallerDep,
     status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="jobs per page")] = 20,
     after: Annotated[str, Query(max_length=64, description="the previous page's `last_id`")] = None,
 ) -> dict:
-    """The caller's own jobs (its API key's), newest first: `{"object": "list", "data", "first_id", "last_id",
-    "has_more"}`; pass `last_id` as `after` for the next page."""
-    return await list_jobs(jobs, owner, status, limit, after)
+    """The caller's own jobs (its API key's; with the API open, those submitted from its address), newest first:
+    `{"object": "list", "data", "first_id", "last_id", "has_more"}`; pass `last_id` as `after` for the next page."""
+    return await list_jobs(jobs, caller.owner, status, limit, after, caller.list_owner)
 
 
 @router.get("/{job_id}", response_model=None, responses={200: {"model": Job}, **error_responses(404, 422, 503)})

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from llamaq_protocol import GenerationParams, JobStatus
 
-from ..deps import IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
+from ..deps import CallerDep, IdempotencyKeyDep, JobsDep, RequestIdDep, SettingsDep, StreamSlotsDep
 from ..errors import JobFailed, WaitTimeout
 from ..schemas import LegacyResponse, error_responses
 
@@ -17,15 +17,15 @@ router = APIRouter(tags=["original"])
 async def original_generate(
     params: GenerationParams,
     jobs: JobsDep,
-    owner: OwnerDep,
+    caller: CallerDep,
     request_id: RequestIdDep,
     settings: SettingsDep,
     slots: StreamSlotsDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> LegacyResponse:
     with slots.hold():
-        job = await jobs.submit_and_wait(params, owner, request_id, settings.legacy_wait_s,
-                                         idempotency_key=idempotency_key)
+        job = await jobs.submit_and_wait(params, caller.owner, request_id, settings.legacy_wait_s,
+                                         idempotency_key=idempotency_key, caller=caller)
     if job.status is JobStatus.failed:
         raise JobFailed.of(job)
     if not job.status.is_terminal():

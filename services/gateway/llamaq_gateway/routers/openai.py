@@ -1,8 +1,8 @@
 """The OpenAI-compatible API (`/v1/chat/completions`, `/v1/completions`, `/v1/models`); jobs use the same queue."""
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
-from ..deps import IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
+from ..deps import CallerDep, IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
 from ..errors import OpenAIRoute
 from ..openai import (
     CHAT, TEXT, ChatCompletionRequest, CompletionRequest, check_model, model_object, models_list, respond,
@@ -34,21 +34,24 @@ async def retrieve_model(model_id: str, jobs: JobsDep, owner: OwnerDep) -> dict:
 @router.post("/v1/chat/completions", response_class=Response, responses=_STREAM)
 async def chat_completions(
     body: ChatCompletionRequest,
+    request: Request,
     jobs: JobsDep,
-    owner: OwnerDep,
+    caller: CallerDep,
     request_id: RequestIdDep,
     settings: SettingsDep,
     slots: StreamSlotsDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> Response:
-    return await respond(CHAT, body, jobs, owner, request_id, settings, slots, idempotency_key)
+    return await respond(CHAT, body, jobs, caller.owner, request_id, settings, slots, idempotency_key, request,
+                         caller)
 
 
 @router.post("/v1/completions", response_class=Response, responses=_STREAM)
 async def completions(
     body: CompletionRequest,
+    request: Request,
     jobs: JobsDep,
-    owner: OwnerDep,
+    caller: CallerDep,
     request_id: RequestIdDep,
     settings: SettingsDep,
     slots: StreamSlotsDep,
@@ -56,4 +59,5 @@ async def completions(
 ) -> Response:
     """A string `prompt` becomes one user message under the chat template; token ids, or `echo`, continue as raw
     text."""
-    return await respond(TEXT, body, jobs, owner, request_id, settings, slots, idempotency_key)
+    return await respond(TEXT, body, jobs, caller.owner, request_id, settings, slots, idempotency_key, request,
+                         caller)

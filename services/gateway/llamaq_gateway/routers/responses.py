@@ -2,9 +2,9 @@
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
-from ..deps import IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
+from ..deps import CallerDep, IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
 from ..errors import OpenAIRoute
 from ..responses import service
 from ..responses.requests import ResponsesRequest
@@ -18,10 +18,11 @@ _STREAM = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
 
 
 @router.post("", response_class=Response, responses={**_STREAM, **error_responses(400, 404, 413, 422, 503, 504)})
-async def create_response(body: ResponsesRequest, jobs: JobsDep, owner: OwnerDep, request_id: RequestIdDep,
-                          settings: SettingsDep, slots: StreamSlotsDep,
+async def create_response(body: ResponsesRequest, request: Request, jobs: JobsDep, caller: CallerDep,
+                          request_id: RequestIdDep, settings: SettingsDep, slots: StreamSlotsDep,
                           idempotency_key: IdempotencyKeyDep = None) -> Response:
-    return await service.create(body, jobs, owner, request_id, settings, slots, idempotency_key)
+    return await service.create(body, jobs, caller.owner, request_id, settings, slots, idempotency_key, request,
+                                caller)
 
 
 @router.get("/{response_id}", response_class=Response, responses={**_STREAM, **error_responses(400, 404, 422, 503)})
