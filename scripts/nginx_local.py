@@ -146,6 +146,12 @@ def _port_accepts(port: int) -> bool:
 
 def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
     if process.poll() is not None:
+        # The master died already (kill -9): its workers would run on, still serving the port. Own session: the
+        # group is this master's workers only.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         return
     # TERM is nginx's fast shutdown (QUIT would wait for open event streams).
     process.send_signal(signal.SIGTERM)

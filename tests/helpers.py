@@ -104,3 +104,28 @@ def pop_as_a_worker_would(store, queue_name: str = "llamaq") -> str | None:
 
     popped = store.eval(POP_SCRIPT, 0, 16, keys.job(""), *keys.fair_tiers(queue_name))
     return popped.decode() if popped else None
+
+
+def admit(redis_url: str, params, priority: str = "interactive") -> str:
+    """A job queued as a gateway queues one (JobService.enqueue: the admission script), without running a gateway;
+    its id."""
+    import asyncio
+
+    import redis
+    import redis.asyncio as aioredis
+
+    from llamaq_gateway.jobs import JobService
+    from llamaq_gateway.settings import GatewaySettings
+    from llamaq_protocol import Priority
+
+    async def enqueue() -> str:
+        aio, sync = aioredis.Redis.from_url(redis_url), redis.Redis.from_url(redis_url)
+        try:
+            jobs = JobService(GatewaySettings(redis_url=redis_url), aio, sync, hub=None)
+            job_id, _ = await jobs.enqueue(params, "public", None, None, Priority(priority))
+            return job_id
+        finally:
+            await aio.aclose()
+            sync.close()
+
+    return asyncio.run(enqueue())

@@ -149,8 +149,13 @@ def test_uploads_and_batches_the_api_cannot_take_are_refused_clearly(paced_stack
         refused = httpx.post(f"{paced_stack.url}/v1/batches", json=body, headers=headers)
         assert refused.status_code == status, (body, refused.text)
         assert refused.json()["error"]["param"] == param
-    for path in ("/v1/batches/batch_nope", "/v1/files/file-nope", "/v1/files/file-nope/content"):
-        assert httpx.get(f"{paced_stack.url}{path}", headers=headers).status_code == 404
+    for path in ("/v1/batches/batch_nope", "/v1/files/file-nope", "/v1/files/file-nope/content",
+                 f"/v1/files/{file_id}:content", f"/v1/files/{file_id}:content/content", "/v1/batches/batch_x:output"):
+        assert httpx.get(f"{paced_stack.url}{path}", headers=headers).status_code == 404, path
+    assert httpx.delete(f"{paced_stack.url}/v1/files/{file_id}:content", headers=headers).status_code == 404
+    odd_input = {"input_file_id": f"{file_id}:content", "endpoint": "/v1/completions", "completion_window": "24h"}
+    assert httpx.post(f"{paced_stack.url}/v1/batches", json=odd_input, headers=headers).status_code == 404
+    assert httpx.get(f"{paced_stack.url}/v1/files/{file_id}/content", headers=headers).status_code == 200
 
 
 def test_each_key_sees_only_its_own_files_and_batches(paced_stack) -> None:

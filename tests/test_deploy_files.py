@@ -45,6 +45,8 @@ ENV_NOT_TO_SET = {
     "WORKER_NAME",
 }
 ONE_MIB = 1 << 20
+# docker-compose.yml's default REDIS_PASSWORD, for development only (.env.example says to change it).
+DEV_REDIS_PASSWORD = "llamaq-dev-password"
 
 
 # --- docker-compose.yml ---------------------------------------------------------------------
@@ -162,7 +164,7 @@ def test_compose_edge_and_gateway(config: dict) -> None:
     assert "ports" not in gateway, "only nginx is published"
     assert gateway["build"]["dockerfile"] == "services/gateway/Dockerfile"
     assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert gateway["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert gateway["environment"]["REDIS_URL"] == f"redis://:{DEV_REDIS_PASSWORD}@redis:6379/0"
     assert gateway["environment"]["GATEWAY_PORT"] == "8000"  # the port nginx.conf names
     assert gateway["environment"]["API_KEYS"] == ""  # open by default
 
@@ -173,6 +175,43 @@ def test_compose_redis_persists(config: dict) -> None:
     assert "--appendonly yes" in command
     assert any(v["type"] == "volume" and v["target"] == "/data" for v in redis["volumes"])
     assert {"redis-data", "models"} <= set(config["volumes"])
+
+
+def _requirepass(redis: dict) -> str:
+    command = redis["command"]
+    assert command.count("--requirepass") == 1, command
+    return command[command.index("--requirepass") + 1]
+
+
+def test_compose_redis_requires_a_password(config: dict, tmp_path: Path) -> None:
+    """Redis runs with --requirepass REDIS_PASSWORD; every client's URL carries it; the healthcheck uses it."""
+    services = config["services"]
+    password = _requirepass(services["redis"])
+    assert password == DEV_REDIS_PASSWORD  # the development default .env.example tells to change
+    assert services["redis"]["environment"]["REDISCLI_AUTH"] == password
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    url = f"redis://:{password}@redis:6379/0"
+    for name in ("gateway", "worker"):
+        assert services[name]["environment"]["REDIS_URL"] == url, name
+    dashboard = services["rq-dashboard"]["command"]
+    assert dashboard[dashboard.index("--redis-url") + 1] == url
+    # Set once: REDIS_PASSWORD moves the server and every URL together; an empty one keeps the default (never none).
+    env_file = tmp_path / "password.env"
+    env_file.write_text("REDIS_PASSWORD=0123abcd\n")
+    changed = compose_config(*ALL_PROFILES, env_file=env_file)["services"]
+    assert _requirepass(changed["redis"]) == "0123abcd" == changed["redis"]["environment"]["REDISCLI_AUTH"]
+    for name in ("gateway", "worker"):
+        assert changed[name]["environment"]["REDIS_URL"] == "redis://:0123abcd@redis:6379/0", name
+    env_file.write_text("REDIS_PASSWORD=\n")
+    assert _requirepass(compose_config(env_file=env_file)["services"]["redis"]) == DEV_REDIS_PASSWORD
+    # .env.example: REDIS_URL follows REDIS_PASSWORD, so a copy with only the password changed still works.
+    example = ENV_EXAMPLE.read_text()
+    assert "REDIS_URL=redis://:${REDIS_PASSWORD}@redis:6379/0" in example.splitlines()
+    assert re.search(r"^#.*CHANGE IT", example, re.M)
+    copied = tmp_path / "copied.env"
+    copied.write_text(re.sub(r"(?m)^REDIS_PASSWORD=.*$", "REDIS_PASSWORD=feedface", example))
+    assert compose_config(env_file=copied)["services"]["gateway"]["environment"]["REDIS_URL"] == (
+        "redis://:feedface@redis:6379/0")
 
 
 def test_compose_http_port_overridable(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from rq.job import Job as RQJob
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from helpers import admit, waiting_in_fair_queue
 from llamaq_protocol import GenerationParams, JobPayload, keys, utc_now
 from llamaq_protocol.records import new_record
 from llamaq_worker.batch_worker import BatchWorker
@@ -70,7 +71,8 @@ def r(lone_redis):
 
 
 def submit(r: redis.Redis, queue: Queue) -> str:
-    """A job queued as the gateway queues one: its record, its first event, RQ's enqueue."""
+    """A job queued on RQ's own list (its record, its first event, RQ's enqueue), for a BatchWorker run with RQ's
+    plain queue class: how jobs were queued before the fair queue, which the requeue still honours."""
     job_id = uuid.uuid4().hex
     r.hset(keys.job(job_id), mapping=new_record(utc_now(), None, "public"))
     r.xadd(keys.events(job_id), {"event": "status", "data": '{"status":"queued"}'})
@@ -119,8 +121,8 @@ def test_jobs_go_back_counted_then_fail_as_worker_lost(r: redis.Redis) -> None:
 
 
 def test_worker_process_exits_non_zero_and_closes_the_engine(r: redis.Redis, lone_redis, tmp_path) -> None:
-    queue = Queue(keys.DEFAULT_QUEUE_NAME, connection=r, serializer=JSONSerializer)
-    job_id = submit(r, queue)
+    # Queued as the gateway queues jobs (in the fair queue), for the real worker process to pop.
+    job_id = admit(lone_redis.env["REDIS_URL"], GenerationParams(prompt="hi", max_new_tokens=8))
     script = tmp_path / "dying_worker.py"
     script.write_text(textwrap.dedent("""
         import sys
@@ -146,4 +148,4 @@ def test_worker_process_exits_non_zero_and_closes_the_engine(r: redis.Redis, lon
     assert "the engine died (EngineCore process died)" in done.stderr
     assert f"job {job_id} handed back (requeued)" in done.stderr
     assert r.hget(keys.job(job_id), "status") == b"queued"
-    assert queue.get_job_ids() == [job_id]
+    assert waiting_in_fair_queue(r, job_id)

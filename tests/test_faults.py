@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
 
-from helpers import LONG_JOB, wait_for_job_status
+from helpers import LONG_JOB, read_sse, wait_for_job_status, wait_until
 from rq_checks import wait_for_rq_status
 
 SHORT_COUNT = {"prompt": "Count from 1 to 10, one number per line.", "max_new_tokens": 24, "temperature": 0}
@@ -32,6 +33,34 @@ def test_killed_worker_job_is_requeued_and_succeeds_on_the_restarted_worker(stac
     stack.wait_ready(60)
 
 
+def test_a_generation_whose_worker_was_killed_continues_where_it_stopped(stack, client, store):
+    """Request migration: the next worker takes the prompt plus the tokens already streamed as its prompt and
+    generates what is left, so the stream carries on with no reset and, greedy, the text is an uninterrupted run's."""
+    body = {"prompt": "Count from 1 to 200, one number per line.", "max_new_tokens": 80, "temperature": 0,
+            "ignore_eos": True}
+    job = client.post("/v1/jobs", json=body).json()
+    wait_until(lambda: store.hget(f"llamaq:job:{job['id']}", "token_events") not in (None, b"0", b"1", b"2"),
+               FAULT_WAIT_S, "a few tokens streamed")
+    stack.stop_process("worker", signal.SIGKILL)
+    try:
+        requeued = wait_for_job_status(client, job["id"], "queued", FAULT_WAIT_S)
+        assert requeued["started_at"] is None
+    finally:
+        stack.start_worker()
+    done = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
+    assert done["status"] == "succeeded", done
+    events = [(e["event"], json.loads(e["data"])) for e in read_sse(client.get(f"/v1/jobs/{job['id']}/events"))]
+    tokens = [data for name, data in events if name == "token"]
+    assert [t["index"] for t in tokens] == list(range(len(tokens)))  # numbered on, nothing sent twice
+    assert "".join(t["text"] for t in tokens) == done["output"]["text"]
+    assert {"status": "queued", "requeued": True, "resumed": True} in [data for name, data in events
+                                                                        if name == "status"]
+    assert done["output"]["usage"]["completion_tokens"] == 80
+    uninterrupted = client.post("/v1/generate", json={**body, "wait_s": 120}).json()
+    assert done["output"]["text"] == uninterrupted["output"]["text"]
+    stack.wait_ready(60)
+
+
 def test_job_fails_as_worker_lost_when_retries_run_out(stack, client, store):
     job = client.post("/v1/jobs", json=LONG_JOB).json()
     # JOB_RETRIES=1: the first loss re-queues the job, the second fails it.
@@ -52,3 +81,31 @@ def test_job_fails_as_worker_lost_when_retries_run_out(stack, client, store):
     # Nothing of it is left in the running set, and the stack still answers.
     assert not store.sismember("llamaq:running", job["id"])
     assert client.post("/", json={"prompt": "What is the capital of France?"}).status_code == 200
+
+
+def test_an_openai_stream_carries_on_across_a_killed_worker(stack, client, store, model):
+    """The chat stream open through nginx while its worker is killed: the next worker continues the generation and
+    the same stream goes on to `[DONE]`, no error chunk, its deltas spelling the job's whole text."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Count from 1 to 200, one number per line."}],
+            "max_tokens": 80, "temperature": 0, "ignore_eos": True, "stream": True}
+    deltas, killed = [], False
+    with client.stream("POST", "/v1/chat/completions", json=body, timeout=180) as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            assert "error" not in chunk, chunk
+            for choice in chunk.get("choices", []):
+                deltas.append(choice["delta"].get("content") or "")
+            if not killed and len("".join(deltas)) > 10:
+                killed = True
+                job_id = chunk["id"].removeprefix("chatcmpl-")
+                stack.stop_process("worker", signal.SIGKILL)
+                stack.start_worker()
+    assert killed
+    done = client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
+    assert done["status"] == "succeeded" and done["output"]["usage"]["completion_tokens"] == 80, done
+    assert "".join(deltas) == done["output"]["text"]
+    assert store.hget(f"llamaq:job:{job_id}", "attempts") == b"2"
+    stack.wait_ready(60)

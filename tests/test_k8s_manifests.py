@@ -100,7 +100,8 @@ def test_kustomization_renders_every_part(objects: list[dict]) -> None:
         ("Deployment", "gateway"), ("Service", "gateway"), ("HorizontalPodAutoscaler", "gateway"),
         ("PodDisruptionBudget", "gateway"),
         ("Deployment", "worker"), ("PersistentVolumeClaim", "models"), ("ScaledObject", "worker"),
-        ("StatefulSet", "redis"), ("Service", "redis"), ("Service", "redis-headless"),
+        ("StatefulSet", "redis"), ("Service", "redis"), ("Service", "redis-headless"), ("NetworkPolicy", "redis"),
+        ("TriggerAuthentication", "redis"),
         ("Deployment", "nginx"), ("Service", "nginx"),
     }
     assert expected <= kinds, expected - kinds
@@ -120,16 +121,18 @@ def test_objects_match_kubernetes_schemas(objects: list[dict], version: str) -> 
     examples = [doc for path in EXAMPLES for doc in yaml.safe_load_all(path.read_text()) if doc]
     assert {d["kind"] for d in examples} == {"Secret", "Ingress"}
     checked = 0
+    keda = [doc for doc in objects if doc["apiVersion"].startswith("keda.sh/")]
+    assert {d["kind"] for d in keda} == {"ScaledObject", "TriggerAuthentication"}
     for doc in objects + examples:
-        if doc["apiVersion"].startswith("keda.sh/"):
-            continue  # a CRD: test_scaledobject_matches_keda_crd
+        if doc in keda:
+            continue  # CRDs: test_scaledobject_matches_keda_crd
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} (Kubernetes {version}): {exc.message} at "
                         f"{'.'.join(map(str, exc.absolute_path))}")
         checked += 1
-    assert checked == len(objects) + len(examples) - 1
+    assert checked == len(objects) + len(examples) - len(keda)
 
 
 def test_schema_check_catches_a_misspelt_field(objects: list[dict]) -> None:
@@ -151,6 +154,13 @@ def test_scaledobject_matches_keda_crd(objects: list[dict]) -> None:
     broken = json.loads(json.dumps(doc))
     broken["spec"]["minReplicas"] = 1  # HPA's spelling, not KEDA's
     assert ScaledObject.model_validate(broken).model_dump(by_alias=True, exclude_unset=True, mode="json") != broken
+
+
+def test_triggerauthentication_matches_keda_crd(objects: list[dict]) -> None:
+    from cloudcoil.models.keda.v1alpha1 import TriggerAuthentication
+
+    doc = _one(objects, "TriggerAuthentication", "redis")
+    assert TriggerAuthentication.model_validate(doc).model_dump(by_alias=True, exclude_unset=True, mode="json") == doc
 
 
 # --- what must agree ----------------------------------------------------------------------------
@@ -200,7 +210,8 @@ def test_queue_name_lives_in_one_place(tmp_path: Path) -> None:
 def test_keda_reaches_the_redis_the_services_use(objects: list[dict]) -> None:
     trigger = _redis_trigger(objects)
     assert all(t["address"] == trigger["address"] for t in _redis_triggers(objects))
-    redis_url = urlparse(_config(objects)["REDIS_URL"])
+    redis_url = urlparse(_effective_env(objects, _container(_one(objects, "Deployment", "gateway"), "gateway"))[
+        "REDIS_URL"])
     service = _one(objects, "Service", redis_url.hostname)
     port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "redis")
     assert redis_url.port == port
@@ -403,6 +414,9 @@ def test_shared_settings_match_compose(objects: list[dict], compose_services: di
     compose_worker = compose_services["worker"]["environment"]
     # What docker-compose.yml gives both (its x-shared-env) is the ConfigMap here, with the same defaults.
     shared = {k: v for k, v in compose_gateway.items() if compose_worker.get(k) == v}
+    # REDIS_URL carries Redis' password: here it is built in each pod from the llamaq-redis Secret
+    # (test_redis_requires_a_password), never kept in the ConfigMap.
+    compose_redis_url = shared.pop("REDIS_URL")
     config = _config(objects)
     assert shared.keys() <= config.keys(), f"add to deploy/k8s/llamaq.env: {sorted(shared.keys() - config.keys())}"
     assert {k: config[k] for k in shared} == {k: (v or "") for k, v in shared.items()}
@@ -410,7 +424,9 @@ def test_shared_settings_match_compose(objects: list[dict], compose_services: di
     # Service-specific settings that both files set agree too.
     for name, compose_env in (("gateway", compose_gateway), ("worker", compose_worker)):
         k8s_env = _effective_env(objects, _container(_one(objects, "Deployment", name), name))
-        both = (compose_env.keys() & k8s_env.keys()) - {"API_KEYS"}
+        both = (compose_env.keys() & k8s_env.keys()) - {"API_KEYS", "REDIS_URL"}
+        assert urlparse(k8s_env["REDIS_URL"])._replace(netloc="redis:6379") == urlparse(
+            compose_redis_url)._replace(netloc="redis:6379"), name
         differ = {k: (compose_env[k], k8s_env[k]) for k in both if str(compose_env[k] or "") != str(k8s_env[k])}
         assert not differ, f"{name}: docker-compose.yml vs deploy/k8s: {differ}"
     worker_env = _effective_env(objects, _container(_one(objects, "Deployment", "worker"), "worker"))
@@ -418,3 +434,80 @@ def test_shared_settings_match_compose(objects: list[dict], compose_services: di
                      "METRICS_PORT", "GPU_MEMORY_UTILIZATION", "MAX_MODEL_LEN", "ENABLE_PREFIX_CACHING",
                      "TENSOR_PARALLEL_SIZE", "ENFORCE_EAGER", "KV_CACHE_CPU_GIB"):
         assert required in worker_env, required
+
+
+# --- Redis: a password, and only the gateways and workers reach it ------------------------------------------------
+
+
+REDIS_SECRET = {"name": "llamaq-redis", "key": "REDIS_PASSWORD"}
+
+
+def _secret_ref(container: dict, name: str) -> dict:
+    return _env(container)[name]["secretKeyRef"]
+
+
+def test_redis_requires_a_password(objects: list[dict]) -> None:
+    redis = _container(_one(objects, "StatefulSet", "redis"), "redis")
+    args = redis["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    # Kubernetes expands $(REDIS_PASSWORD) only from a variable of the container itself.
+    assert _secret_ref(redis, "REDIS_PASSWORD") == REDIS_SECRET  # not optional: no Redis without its password
+    assert _env(redis)["REDISCLI_AUTH"] == "$(REDIS_PASSWORD)"  # the probes' redis-cli
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert redis[probe]["exec"]["command"] == ["redis-cli", "ping"]
+
+    urls = set()
+    for name in ("gateway", "worker"):
+        container = _container(_one(objects, "Deployment", name), name)
+        assert _secret_ref(container, "REDIS_PASSWORD") == REDIS_SECRET, name
+        names = [e["name"] for e in container["env"]]
+        # Defined before the URL that refers to it (Kubernetes expands only earlier variables).
+        assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL"), name
+        url = urlparse(_env(container)["REDIS_URL"])
+        assert url.password == "$(REDIS_PASSWORD)" and url.username in ("", None), name
+        urls.add(url.geturl())
+    assert len(urls) == 1  # the gateway and the workers use one Redis
+    assert "REDIS_URL" not in _config(objects) and "REDIS_PASSWORD" not in _config(objects)
+
+    # KEDA's triggers authenticate with the same Secret.
+    auth = _one(objects, "TriggerAuthentication", "redis")
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "password", **REDIS_SECRET}]
+    for trigger in _one(objects, "ScaledObject", "worker")["spec"]["triggers"]:
+        assert trigger["authenticationRef"] == {"name": "redis"}, trigger["name"]
+        assert not {"password", "passwordFromEnv"} & trigger["metadata"].keys(), trigger["name"]
+
+    # The Secret is created by hand (never applied from the repository); the example holds a placeholder.
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    example = yaml.safe_load((K8S / "redis.secret.example.yaml").read_text())
+    assert example["metadata"]["name"] == REDIS_SECRET["name"]
+    assert example["stringData"] == {REDIS_SECRET["key"]: "replace-me"}
+    assert "kubectl -n llamaq create secret generic llamaq-redis" in (K8S / "redis.secret.example.yaml").read_text()
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # matchExpressions: not used here
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def test_only_the_gateways_and_workers_reach_redis(objects: list[dict]) -> None:
+    policy = _one(objects, "NetworkPolicy", "redis")
+    spec = policy["spec"]
+    pod_labels = {w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"] for w in _workloads(objects)}
+    assert [name for name, labels in pod_labels.items() if _selects(spec["podSelector"], labels)] == ["redis"]
+    assert spec["policyTypes"] == ["Ingress"]
+    redis_port = next(p["containerPort"] for p in _container(_one(objects, "StatefulSet", "redis"), "redis")["ports"]
+                      if p["name"] == "redis")
+    allowed, elsewhere = set(), []
+    for rule in spec["ingress"]:
+        assert rule["ports"] == [{"protocol": "TCP", "port": redis_port}]
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, peer
+            if "namespaceSelector" in peer:
+                elsewhere.append(peer)
+            else:  # this namespace's pods
+                allowed |= {name for name, labels in pod_labels.items() if _selects(peer["podSelector"], labels)}
+    assert allowed == {"gateway", "worker"}  # nginx, and anything else, are refused
+    # From another namespace: KEDA's operator only (the namespace deploy/README.md installs it in, and its pods).
+    assert elsewhere == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}},
+                          "podSelector": {"matchLabels": {"app": "keda-operator"}}}]
+

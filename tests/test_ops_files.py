@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -87,6 +88,9 @@ def test_rq_dashboard_reads_the_queue_redis(ops_config: dict) -> None:
     dashboard = services["rq-dashboard"]
     command = dashboard["command"]
     assert command[command.index("--redis-url") + 1] == services["gateway"]["environment"]["REDIS_URL"]
+    redis_command = services["redis"]["command"]
+    password = redis_command[redis_command.index("--requirepass") + 1]
+    assert password and urlparse(command[command.index("--redis-url") + 1]).password == password
     assert "--json" in command  # llamaq queues with RQ's JSON serializer
     assert "--disable-delete" in command
     assert dashboard["build"]["dockerfile"] == RQ_DASHBOARD_DOCKERFILE.name

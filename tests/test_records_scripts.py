@@ -3,6 +3,8 @@ a command whose connection broke; the worker retries until Redis answers), so ea
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import redis
 
@@ -196,3 +198,28 @@ def test_webhook_deliveries_are_queued_once_per_wanted_event(r):
     r.zadd(keys.WEBHOOKS_DUE, {f"{JOB}:canceled": 99})
     assert reclaim(r) == b"canceled"
     assert r.zscore(keys.WEBHOOKS_DUE, f"{JOB}:canceled") == 99
+
+
+def test_a_resumable_requeue_keeps_the_tokens_for_the_next_worker_to_continue(r):
+    r.hset(keys.job(JOB), "resumable", "1")
+    assert claim(r) == b"claimed"
+    assert tokens(r, 0, ["a", "b", "c"]) == 3
+    assert reclaim(r, "handback") == b"requeued"
+    # Its tokens, their count and the record's charge stay; the status event says the stream carries on.
+    assert token_texts(r) == [event_data({"index": i, "text": t}).encode() for i, t in enumerate("abc")]
+    record = r.hgetall(keys.job(JOB))
+    assert record[b"token_events"] == b"3" and record[b"generated"] == b"3"
+    statuses = [json.loads(f[b"data"]) for _, f in r.xrange(keys.events(JOB)) if f[b"event"] == b"status"]
+    assert statuses[-1] == {"status": "queued", "requeued": True, "resumed": True}
+    # The next claim says so (and says it again when repeated), and the next worker's tokens are numbered on.
+    assert claim(r, worker="other:2") == b"resumed"
+    assert claim(r, worker="other:2") == b"resumed"
+    assert tokens(r, 3, ["d"], worker="other:2") == 4
+
+
+def test_a_requeue_that_cannot_resume_drops_the_void_tokens(r):
+    assert claim(r) == b"claimed"
+    assert tokens(r, 0, ["a", "b"]) == 2
+    assert reclaim(r, "handback") == b"requeued"
+    assert token_texts(r) == [] and r.hget(keys.job(JOB), "token_events") is None
+    assert claim(r, worker="other:2") == b"claimed"

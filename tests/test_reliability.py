@@ -215,18 +215,24 @@ def test_jobs_still_running_when_the_drain_time_ends_go_back_to_the_queue(aof_st
     assert time.monotonic() - started < 15
 
     # Handed back, not failed and not left to the lost-worker sweep: queued again at once, attempt not counted,
-    # the void attempt's tokens gone from the stream.
+    # its tokens kept for the next worker to continue from.
     back = status_of(client, job["id"])
     assert back["status"] == "queued" and back["started_at"] is None, back
     assert attempts(store, job["id"]) == 0
-    assert token_events_in_redis(store, job["id"]) == 0
+    assert token_events_in_redis(store, job["id"]) >= 5
+    made = int(store.hget(f"llamaq:job:{job['id']}", "generated"))  # tokens (an event may carry several)
     assert waiting_in_fair_queue(store, job["id"])
     assert f"job {job['id']} handed back (requeued)" in worker_log(aof_stack)
 
     aof_stack.start_worker()
     done = finished(client, job["id"])
     assert done["status"] == "succeeded", done
+    # Continued, not restarted: one stream with no reset, and (greedy) the text of an uninterrupted run.
     assert_stream_is_the_output(client, done)
+    assert f"job {job['id']} resumed after {made} tokens" in worker_log(aof_stack)
+    again = finished(client, submit(client, {**COUNT, "max_new_tokens": 200})["id"])
+    assert done["output"]["text"] == again["output"]["text"]
+    assert done["output"]["usage"]["completion_tokens"] == again["output"]["usage"]["completion_tokens"]
     assert attempts(store, job["id"]) == 1
     assert worker_pid_of(store, job["id"]) != draining_pid
     wait_for_rq_status(store, job["id"], "finished")

@@ -96,7 +96,8 @@ def test_webhook_urls_are_checked_at_submit(hook_stack) -> None:
     guarded = GatewaySettings(redis_url=hook_stack.env["REDIS_URL"], webhook_secret=SECRET)
     with TestClient(create_app(guarded)) as gateway:
         for url in ("http://127.0.0.1:9/hook", "http://localhost/hook", "http://10.1.2.3/hook",
-                    "http://169.254.169.254/latest", "http://[::1]/hook"):
+                    "http://169.254.169.254/latest", "http://[::1]/hook", "http://example.com:99999/hook",
+                    "http://example.com:0/hook", "http://[::1/hook"):
             refused = gateway.post("/v1/jobs", json={**base, "webhook": url})
             assert refused.status_code == 400, (url, refused.text)
             assert refused.json()["error"]["type"] == "invalid_request"

@@ -137,7 +137,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                                     client_name=RQ_CLIENT_NAME)
         app.state.settings = settings
         app.state.keyring = Keyring.load(settings.api_key_list(), settings.api_keys_file)
-        hub = EventHub(settings.redis_url, aio, readers=settings.stream_readers, outage_limit_s=REDIS_BLIP_S)
+        hub = EventHub(settings.redis_url, aio, readers=settings.stream_readers, outage_limit_s=REDIS_BLIP_S,
+                       max_pending=settings.stream_max_pending_events)
         app.state.jobs = JobService(settings, aio, sync, hub)
         app.state.stream_limiter = StreamLimiter(settings.max_streams_per_client)
         hub.start()

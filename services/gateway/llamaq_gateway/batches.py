@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -43,6 +44,8 @@ from .settings import GatewaySettings
 logger = logging.getLogger(__name__)
 
 BATCH_ID_PREFIX = "batch_"
+# What a batch id may be (batch_<24 hex>); anything else is a 404 without a look in Redis (no ':' into other keys).
+BATCH_ID_PATTERN = re.compile(r"^batch_[A-Za-z0-9_-]{1,64}$")
 ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/completions": TEXT}
 COMPLETION_WINDOW_S = {"24h": 24 * 3600}
 OUTPUT, ERROR = "output", "error"
@@ -174,7 +177,7 @@ class BatchService:
         return await self.get(batch_id, owner)
 
     async def _fields(self, batch_id: str, owner: str) -> dict[str, str]:
-        record = await self.aio.hgetall(keys.batch(batch_id)) if batch_id.startswith(BATCH_ID_PREFIX) else {}
+        record = await self.aio.hgetall(keys.batch(batch_id)) if BATCH_ID_PATTERN.fullmatch(batch_id) else {}
         if not record or record.get(b"owner", b"").decode() != owner:
             raise NotFound(f"no batch {batch_id!r}", param="batch_id")
         return _text(record)

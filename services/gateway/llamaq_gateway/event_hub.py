@@ -15,6 +15,12 @@ source of truth: nothing is kept in the hub that Redis does not have.
 
 A new stream wakes its reader through the wake stream (one XADD), so a waiter's first event is not held back
 by a block in progress. A stream is dropped from the XREAD once its last subscriber leaves.
+
+A subscriber too slow for its stream (a client that reads its SSE slower than the job writes it: the sender waits
+on the socket while the reader keeps handing entries over) holds at most `max_pending` entries not yet taken. The
+entry that would go past it is not queued: the subscription stops following the stream, hands over what it holds,
+then raises `SubscriberTooSlow`. Every entry it handed over came in order with nothing skipped, so the client
+resumes right after the last one it got (`Last-Event-ID`) from Redis, which still has the rest.
 """
 
 from __future__ import annotations
@@ -51,12 +57,22 @@ BLOCK_MS = 10_000
 # arrive a step's worth at a time rather than one XREAD (of every followed stream) per entry. A read that blocked
 # this long already is followed at once: a lone request's next event is not held back.
 MIN_READ_INTERVAL_S = 0.002
+# Entries one subscription may hold not yet taken (STREAM_MAX_PENDING_EVENTS) before it is dropped as too slow; at
+# least READ_COUNT, or a subscriber that reads the stream's history through the reader (one XREAD hands over up to
+# READ_COUNT entries at once) could never keep up.
+MAX_PENDING = 4096
 # Between reconnection attempts while Redis is away.
 RECONNECT_S = 0.5
 WAKE_TTL_MS = 3_600_000
 READER_CLIENT_NAME = "llamaq-gateway-reader"
 
 EntryId = tuple[int, int]
+
+
+class SubscriberTooSlow(Exception):
+    """The subscription held `max_pending` entries its waiter had not taken: it follows the stream no more. Raised
+    by `next_batch` once everything handed over before has been taken, so the waiter can end its stream with an end
+    the client resumes from (after the last entry it got)."""
 
 
 def parse_id(value: str | bytes) -> EntryId:
@@ -116,7 +132,8 @@ class Subscription:
     `done_only`: only the `done` entry is handed over (a request that waits for the job's end is not woken by
     each token)."""
 
-    __slots__ = ("_hub", "_topic", "_floor", "_pending", "_ready", "done_only", "closed", "last_id")
+    __slots__ = ("_hub", "_topic", "_floor", "_pending", "_limit", "_ready", "done_only", "closed", "last_id",
+                 "too_slow")
 
     def __init__(self, hub: EventHub, topic: _Topic, after: EntryId, done_only: bool):
         self._hub = hub
@@ -124,11 +141,15 @@ class Subscription:
         # Entries up to this id are not this subscription's (it resumed after them); None once past it.
         self._floor: EntryId | None = after
         self._pending: deque[StreamEntry] = deque()
+        # Most entries `_pending` may hold: the hub's bound (plus a backfill not yet taken).
+        self._limit = hub.max_pending
         self._ready = asyncio.Event()
         self.done_only = done_only
         self.closed = False
         # The id of the last entry handed over (or the resume point).
         self.last_id = format_id(after)
+        # Set once it held `hub.max_pending` entries not taken: it follows the stream no more.
+        self.too_slow = False
 
     def _deliver(self, entries: list[StreamEntry], ids: list[EntryId]) -> None:
         floor = self._floor
@@ -142,8 +163,26 @@ class Subscription:
             entries = [e for e in entries if e.ends]
             if not entries:
                 return
-        self._pending.extend(entries)
+        self._queue(entries)
+
+    def _queue(self, entries: list[StreamEntry]) -> None:
+        """`entries` after those pending, up to its limit in all; past it, the subscription is too slow."""
+        if self.too_slow:
+            return
+        room = self._limit - len(self._pending)
+        if len(entries) > room:
+            self._pending.extend(entries[:max(room, 0)])
+            self._give_up()
+        else:
+            self._pending.extend(entries)
         self._ready.set()
+
+    def _give_up(self) -> None:
+        self.too_slow = True
+        self._hub.dropped_slow += 1
+        logger.warning("a subscriber of %s held %d entries it had not taken: dropped (it resumes from Redis)",
+                       self._topic.key, len(self._pending))
+        self._hub._unsubscribe(self)
 
     async def next_batch(self, timeout_s: float) -> list[StreamEntry]:
         """Every entry come since the last call (waiting up to `timeout_s` for one); [] when none came.
@@ -152,6 +191,9 @@ class Subscription:
         been away `hub.outage_limit_s`, redis' ConnectionError is raised."""
         deadline = time.monotonic() + timeout_s
         while not self._pending:
+            if self.too_slow:
+                raise SubscriberTooSlow(f"fell {self._hub.max_pending} entries behind {self._topic.key}; resume "
+                                        f"after {self.last_id}")
             self._hub.check_outage()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -164,6 +206,7 @@ class Subscription:
                     await self._ready.wait()
         batch = list(self._pending)
         self._pending.clear()
+        self._limit = self._hub.max_pending
         self.last_id = batch[-1].id
         return batch
 
@@ -210,12 +253,15 @@ class EventHub:
         readers: int = 1,
         outage_limit_s: float = 30.0,
         block_ms: int = BLOCK_MS,
+        max_pending: int = MAX_PENDING,
     ):
         self.redis_url = redis_url
         # Short commands (backfill, wake-ups) go through the process's ordinary pool.
         self.commands = commands
         self.outage_limit_s = outage_limit_s
         self.block_ms = block_ms
+        # Entries one subscription may hold not yet taken (see SubscriberTooSlow).
+        self.max_pending = max_pending
         prefix = f"{keys.PREFIX}:gateway-wake:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._readers = [_Reader(i, f"{prefix}:{i}") for i in range(readers)]
         self._topics: dict[str, _Topic] = {}
@@ -224,6 +270,7 @@ class EventHub:
         # Counters for /metrics and the benchmarks.
         self.reads = 0
         self.entries_read = 0
+        self.dropped_slow = 0
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
@@ -315,9 +362,16 @@ class EventHub:
             if backfill:
                 if done_only:
                     backfill = [e for e in backfill if e.ends]
-                subscription._pending.extendleft(reversed(backfill))
-                if subscription._pending:
+                # The backfill is what the stream held already (finite, read once): the bound is on what comes
+                # after it. What the reader queued meanwhile follows it.
+                subscription._limit += len(backfill)
+                queued = list(subscription._pending)
+                subscription._pending.clear()
+                if subscription.too_slow:  # dropped while the backfill was read: what it holds is still gap-free
+                    subscription._pending.extend(backfill + queued)
                     subscription._ready.set()
+                else:
+                    subscription._queue(backfill + queued)
         subscription.last_id = format_id(position)
         return subscription
 

@@ -8,6 +8,7 @@ file): metadata in a hash, the bytes in a string beside it, both expiring FILE_T
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
@@ -21,6 +22,9 @@ from .job_list import cursor_start
 PURPOSE_BATCH = "batch"
 PURPOSE_BATCH_OUTPUT = "batch_output"
 FILE_ID_PREFIX = "file-"
+# What a file id may be (uploads: file-<24 hex>; a batch's: file-<24 hex>-output / -error); anything else is a 404
+# without a look in Redis (an id with a ':' would name another key, `file-<id>:content`, of another type).
+FILE_ID_PATTERN = re.compile(r"^file-[A-Za-z0-9_-]{1,64}$")
 MAX_FILENAME_CHARS = 256
 
 
@@ -96,7 +100,7 @@ class FileStore:
 
     async def record(self, file_id: str, owner: str) -> dict[bytes, bytes]:
         """The file's record, or 404 when it does not exist, expired, or is another key's."""
-        record = await self.aio.hgetall(keys.file(file_id)) if file_id.startswith(FILE_ID_PREFIX) else {}
+        record = await self.aio.hgetall(keys.file(file_id)) if FILE_ID_PATTERN.fullmatch(file_id) else {}
         if not record or record.get(b"owner", b"").decode() != owner:
             raise NotFound(f"no file {file_id!r}", param="file_id")
         return record

@@ -234,6 +234,7 @@ class JobService:
         created_at = utc_now()
         record = {**new_record(created_at, request_id, owner, priority), **(webhook or {}), **(record_extra or {}),
                   "account": caller.account, "prompt_tokens": str(prompt_tokens), "cost": str(cost),
+                  "resumable": "1" if params.resumable() else "0",
                   "fq_hold": queue.intermediate_queue_key}
         base = self.settings.queue_name
         # Each priority has its own bound, so a batch backlog never refuses an interactive submission.

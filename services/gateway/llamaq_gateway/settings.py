@@ -56,6 +56,11 @@ class GatewaySettings(BaseSettings):
     redis_max_connections: int = Field(default=64, ge=8)
     # Redis connections each process's event hub reads every job stream through (one blocking XREAD each).
     stream_readers: int = Field(default=1, ge=1, le=16)
+    # Events one stream's reader may fall behind (read from Redis, not yet sent to its client) before its stream is
+    # ended with an end it resumes from: the job events SSE closes after the last event sent (reconnect with
+    # Last-Event-ID), the OpenAI streams end with an error chunk. Bounds a slow client's memory in the gateway. At
+    # least one read's worth (512 events, the event hub's READ_COUNT), which a reader hands over at once.
+    stream_max_pending_events: int = Field(default=4096, ge=512)
     # Open event streams and waits one client (API key, or address with the API open) may hold per process;
     # over it: 429 + Retry-After.
     max_streams_per_client: int = Field(default=1000, ge=1)
@@ -66,7 +71,8 @@ class GatewaySettings(BaseSettings):
     # Let webhook URLs resolve to loopback, link-local or private addresses (a private network, tests).
     webhook_allow_private: bool = False
     # A failed delivery is tried again after WEBHOOK_BACKOFF_S, doubling each time (at most an hour apart), until
-    # WEBHOOK_RETRY_FOR_S have passed since its first attempt; each attempt waits WEBHOOK_TIMEOUT_S at most.
+    # WEBHOOK_RETRY_FOR_S have passed since its first attempt (whether or not the job record is still there: each
+    # delivery keeps its own copy of the payload); each whole attempt takes WEBHOOK_TIMEOUT_S at most.
     webhook_backoff_s: float = Field(default=5, gt=0)
     webhook_retry_for_s: float = Field(default=86400, gt=0)
     webhook_timeout_s: float = Field(default=10, gt=0, le=60)

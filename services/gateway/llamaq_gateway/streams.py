@@ -5,7 +5,9 @@ The gateway writes `status: queued` at submit, the worker `status: running`, eve
 client that reconnects with `Last-Event-ID` resumes exactly after what it saw: nothing lost, nothing twice.
 Entries come from the process's event hub (`event_hub.py`: a few shared Redis connections blocked in one XREAD
 for every waiter; no polling); a silence of `HEARTBEAT_S` yields a ping so proxies and clients keep the
-connection. A client that goes away only stops its reader: the job itself runs on.
+connection. A client that goes away only stops its reader: the job itself runs on. A client that reads slower than
+the job writes (STREAM_MAX_PENDING_EVENTS entries behind) has its stream closed after the last event it was sent;
+it reconnects with that `Last-Event-ID` and reads the rest from Redis.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from llamaq_protocol import JobStatus, keys
 from llamaq_protocol.records import EVENT_DONE, event_data
 
 from .errors import InvalidRequest, JobNotFound
-from .event_hub import READ_COUNT, START, StreamEntry, entries_of, parse_id
+from .event_hub import READ_COUNT, START, StreamEntry, SubscriberTooSlow, entries_of, parse_id
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -164,7 +166,8 @@ async def job_event_stream(
     jobs: JobService, job_id: str, owner: str, after: str = START, heartbeat_s: float = HEARTBEAT_S
 ) -> AsyncIterator[bytes]:
     """`GET /v1/jobs/{id}/events`: entries as SSE events, the `done` one carrying the public job object; the
-    entries come together are sent together."""
+    entries come together are sent together. A client too slow for the stream gets an end after the last event it
+    was sent (an SSE client reconnects with its id as Last-Event-ID)."""
     try:
         async for batch in read_batches(jobs.hub, job_id, after, heartbeat_s):
             if batch is None:
@@ -178,6 +181,6 @@ async def job_event_stream(
                 else:
                     chunks.append(entry.sse)
             yield b"".join(chunks)
-    except (redis.exceptions.RedisError, JobNotFound) as exc:
+    except (redis.exceptions.RedisError, JobNotFound, SubscriberTooSlow) as exc:
         # The headers are sent: end the stream; the client reconnects with its Last-Event-ID.
         logger.warning("event stream of job %s ended early: %s", job_id, exc)

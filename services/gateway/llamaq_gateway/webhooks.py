@@ -9,6 +9,13 @@ WEBHOOK_RETRY_FOR_S has passed since its first attempt. A deliverer that dies mi
 expire and another process sends the delivery again, so a receiver may see one delivery twice (the same
 `webhook-id`: dedupe on it), never none while it keeps failing for less than WEBHOOK_RETRY_FOR_S.
 
+The first time a deliverer picks a delivery up it copies what it sends (the URL and the job object as it is then)
+into the delivery's own key (keys.webhook_payload), kept a little longer than WEBHOOK_RETRY_FOR_S: every attempt
+sends that copy, so retries go on for WEBHOOK_RETRY_FOR_S although the job record expires RESULT_TTL_S after the
+job ends. WEBHOOK_TIMEOUT_S bounds a whole attempt (resolving, connecting, sending, the answer's last byte), and
+at most MAX_ANSWER_BYTES of the answer are read before the connection is closed: a slow or endless receiver
+cannot hold a delivery slot.
+
 Each attempt resolves the host again and refuses (drops the delivery) if any address it resolves to is loopback,
 link-local, private or otherwise not public, unless WEBHOOK_ALLOW_PRIVATE; it connects to the very address it
 checked (the host name kept for `Host` and TLS), so a DNS answer that changes between check and connect cannot
@@ -25,6 +32,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import socket
 import time
 import uuid
@@ -47,6 +55,8 @@ MAX_BACKOFF_S = 3600.0
 # Deliveries one process sends at once, and leases per round.
 CONCURRENCY = 16
 POLL_S = 0.2
+# How much of a receiver's answer an attempt reads at most (only its status counts), then it closes the connection.
+MAX_ANSWER_BYTES = 64 * 1024
 
 # KEYS: webhooks due. ARGV: now, lease until, most to take. The deliveries due now, each leased until ARGV[2].
 LEASE_SCRIPT = """
@@ -80,18 +90,31 @@ def _public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+def _host_and_port(url: str) -> tuple[str, int]:
+    """The host and port `url` names; InvalidRequest (param `webhook`) for a port out of range or no host."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is not a number or is out of range (99999)
+    except ValueError as exc:
+        raise InvalidRequest(f"webhook: not a usable URL: {exc}", param="webhook") from exc
+    if port == 0:
+        raise InvalidRequest("webhook: not a usable URL: port 0", param="webhook")
+    if not parts.hostname:
+        raise InvalidRequest("webhook: not a usable URL: it names no host", param="webhook")
+    return parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
 async def resolve(url: str, allow_private: bool) -> str:
     """The address to connect to for `url`, checked; InvalidRequest (param `webhook`) when it may not be used."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    hostname, port = _host_and_port(url)
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise InvalidRequest(f"webhook: cannot resolve {parts.hostname!r}: {exc}", param="webhook") from exc
+        infos = await asyncio.get_running_loop().getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError) as exc:  # ValueError: a NUL in the host, say
+        raise InvalidRequest(f"webhook: cannot resolve {hostname!r}: {exc}", param="webhook") from exc
     addresses = [info[4][0] for info in infos]
     if not allow_private and not all(_public(a) for a in addresses):
         raise InvalidRequest(
-            f"webhook: {parts.hostname!r} resolves to a loopback, link-local or private address", param="webhook"
+            f"webhook: {hostname!r} resolves to a loopback, link-local or private address", param="webhook"
         )
     return addresses[0]
 
@@ -157,14 +180,13 @@ class WebhookDeliverer:
     async def _deliver(self, member: str) -> None:
         async with self._slots:
             job_id, _, event = member.rpartition(":")
-            record = await self.aio.hgetall(keys.job(job_id))
-            url = (record or {}).get(b"webhook")
-            if not url:
-                await self._forget(member)  # the job expired, or never had one
+            payload = await self._payload(member, job_id)
+            if payload is None:
+                await self._forget(member)  # the job expired before its first attempt, or never had a webhook
                 return
-            url = url.decode()
+            url = payload["url"]
             msg_id = f"msg_{job_id}_{event}"
-            body = json.dumps(job_from_record(job_id, record).public(), separators=(",", ":")).encode()
+            body = payload["body"].encode()
             try:
                 outcome = await self._send(url, msg_id, event, body)
             except InvalidRequest as exc:
@@ -175,10 +197,52 @@ class WebhookDeliverer:
                 await self._forget(member)
                 logger.info("webhook %s for job %s delivered", event, job_id, extra={"job_id": job_id})
             else:
-                await self._retry_later(member, job_id, outcome)
+                await self._retry_later(member, job_id, outcome, float(payload["first"]))
+
+    def _payload_ttl_s(self) -> int:
+        # Past the last retry WEBHOOK_RETRY_FOR_S allows: its backoff, its attempt and its lease.
+        return math.ceil(self.settings.webhook_retry_for_s + MAX_BACKOFF_S + self.settings.webhook_timeout_s + 60)
+
+    async def _payload(self, member: str, job_id: str) -> dict | None:
+        """The delivery's own copy of what it sends ({url, body, first}), taken from the job record the first time
+        it is picked up; None when there is nothing to send (no record, no webhook, or the copy outlived)."""
+        key = keys.webhook_payload(member)
+        stored = await self.aio.get(key)
+        if stored is None:
+            first = time.time()
+            if await self.aio.hexists(keys.WEBHOOK_ATTEMPTS, member):
+                # Attempted before: its copy expired (WEBHOOK_RETRY_FOR_S is over), unless an older gateway, which
+                # kept no copy but the first attempt's time, made those attempts.
+                earlier = await self.aio.hget(keys.WEBHOOK_ATTEMPTS, f"{member}:first")
+                if earlier is None:
+                    return None
+                first = float(earlier)
+            record = await self.aio.hgetall(keys.job(job_id))
+            url = (record or {}).get(b"webhook")
+            if not url:
+                return None
+            payload = {
+                "url": url.decode(),
+                "body": json.dumps(job_from_record(job_id, record).public(), separators=(",", ":")),
+                "first": first,
+            }
+            if await self.aio.set(key, json.dumps(payload), nx=True, ex=self._payload_ttl_s()):
+                return payload
+            stored = await self.aio.get(key)  # another deliverer's lease ran out while it was taking its copy
+            if stored is None:
+                return None
+        return json.loads(stored)
 
     async def _send(self, url: str, msg_id: str, event: str, body: bytes) -> str | None:
-        """One attempt; None when the receiver answered 2xx, else what went wrong."""
+        """One attempt, WEBHOOK_TIMEOUT_S at most from resolving to the answer's last byte; None when the receiver
+        answered 2xx, else what went wrong."""
+        timeout_s = self.settings.webhook_timeout_s
+        try:
+            return await asyncio.wait_for(self._attempt(url, msg_id, event, body), timeout_s)
+        except asyncio.TimeoutError:
+            return f"no whole answer within WEBHOOK_TIMEOUT_S ({timeout_s:g} s)"
+
+    async def _attempt(self, url: str, msg_id: str, event: str, body: bytes) -> str | None:
         parts = urlsplit(url)
         address = await resolve(url, self.settings.webhook_allow_private)
         host = f"[{address}]" if ":" in address else address
@@ -196,21 +260,23 @@ class WebhookDeliverer:
         }
         extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
         try:
-            response = await self.http.post(target, content=body, headers=headers, extensions=extensions)
+            async with self.http.stream("POST", target, content=body, headers=headers,
+                                        extensions=extensions) as response:
+                read = 0  # raw bytes, not decoded: a compressed answer cannot grow past the cap either
+                async for chunk in response.aiter_raw():
+                    read += len(chunk)
+                    if read >= MAX_ANSWER_BYTES:
+                        break  # leaving the block closes the connection, unread
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"
         if 200 <= response.status_code < 300:
             return None
         return f"HTTP {response.status_code}"
 
-    async def _retry_later(self, member: str, job_id: str, why: str) -> None:
+    async def _retry_later(self, member: str, job_id: str, why: str, first: float) -> None:
         current = time.time()
-        async with self.aio.pipeline(transaction=True) as pipe:
-            pipe.hincrby(keys.WEBHOOK_ATTEMPTS, member, 1)
-            pipe.hsetnx(keys.WEBHOOK_ATTEMPTS, f"{member}:first", current)
-            pipe.hget(keys.WEBHOOK_ATTEMPTS, f"{member}:first")
-            attempts, _, first = await pipe.execute()
-        if current - float(first) >= self.settings.webhook_retry_for_s:
+        attempts = await self.aio.hincrby(keys.WEBHOOK_ATTEMPTS, member, 1)
+        if current - first >= self.settings.webhook_retry_for_s:
             logger.warning("webhook for job %s given up after %d attempts: %s", job_id, attempts, why,
                            extra={"job_id": job_id})
             await self._forget(member)
@@ -223,5 +289,6 @@ class WebhookDeliverer:
     async def _forget(self, member: str) -> None:
         async with self.aio.pipeline(transaction=True) as pipe:
             pipe.zrem(keys.WEBHOOKS_DUE, member)
-            pipe.hdel(keys.WEBHOOK_ATTEMPTS, member, f"{member}:first")
+            pipe.hdel(keys.WEBHOOK_ATTEMPTS, member, f"{member}:first")  # ":first": kept there by older versions
+            pipe.delete(keys.webhook_payload(member))
             await pipe.execute()

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import redis.asyncio as aioredis
 
-from llamaq_gateway.batches import BatchDriver, BatchInput, LineRefused, ended_line, line_job_id
+from llamaq_gateway.batches import BatchDriver, BatchInput, BatchService, LineRefused, ended_line, line_job_id
+from llamaq_gateway.errors import NotFound
 from llamaq_gateway.files import FileStore
 from llamaq_gateway.settings import GatewaySettings
 from llamaq_protocol import keys
@@ -101,3 +102,33 @@ def test_an_ended_batch_job_is_collected_once_however_often_it_is_listed(store, 
     assert store.llen(keys.BATCH_JOBS_ENDED) == 0
     lines = store.hgetall(keys.batch_lines(batch_id, "error"))
     assert list(lines) == [b"0"] and json.loads(lines[b"0"])["custom_id"] == "only"
+
+
+def test_odd_file_and_batch_ids_are_404_without_a_look_at_other_keys(store, redis_url) -> None:
+    """`file-<id>:content` names the file's bytes (a string), `batch_<id>:output` a batch's lines: ids are checked
+    against a strict pattern, so no such id reaches Redis (it was a 500, WRONGTYPE) and each is a plain 404."""
+    batch_id = "batch_" + "b" * 24
+    store.hset(keys.batch(batch_id), mapping={"owner": "owner", "status": "in_progress"})
+    store.set(keys.batch(batch_id) + ":odd", "a string where a hash would be")
+
+    async def run() -> None:
+        aio = aioredis.Redis.from_url(redis_url)
+        try:
+            files = FileStore(aio, 60)
+            file_id = (await files.create("owner", "in.jsonl", "batch", b"{}\n"))["id"]
+            assert (await files.get(file_id, "owner"))["id"] == file_id
+            for odd in (f"{file_id}:content", f"{file_id}\n", f"{file_id}:", "file-", "file-" + "a" * 65,
+                        "file-a b", "file-a/b", "file-é"):
+                for call in (files.get, files.content, files.delete):
+                    with pytest.raises(NotFound):
+                        await call(odd, "owner")
+            assert await files.content(file_id, "owner") == b"{}\n"  # nothing was deleted on the way
+            batches = BatchService(GatewaySettings(), aio, files)
+            for odd in (f"{batch_id}:odd", f"{batch_id}:output", f"{batch_id}\n", "batch_", "batch_a:b"):
+                for call in (batches.get, batches.cancel):
+                    with pytest.raises(NotFound):
+                        await call(odd, "owner")
+        finally:
+            await aio.aclose()
+
+    asyncio.run(run())

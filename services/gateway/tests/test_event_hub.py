@@ -9,7 +9,8 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from llamaq_gateway.event_hub import READER_CLIENT_NAME, EventHub, parse_id
+from llamaq_gateway import streams
+from llamaq_gateway.event_hub import READ_COUNT, READER_CLIENT_NAME, EventHub, SubscriberTooSlow, parse_id
 from llamaq_protocol import keys
 
 KEY = keys.events("hubjob")
@@ -188,3 +189,123 @@ def test_an_id_redis_cannot_read_is_refused(redis_url, store):
             await _close(hub, commands)
 
     asyncio.run(run())
+
+
+async def _wait_for(predicate, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_a_slow_subscriber_is_dropped_with_an_end_it_resumes_from(redis_url, store):
+    """One that takes nothing while the job writes holds at most `max_pending` entries; it hands those over, then
+    ends; a new subscription after the last one it got reads the rest from Redis. A fast one beside it is not
+    disturbed."""
+
+    async def run():
+        hub, commands = await _hub(redis_url, max_pending=50)
+        try:
+            slow = await hub.subscribe(KEY, "0-0")
+            fast = await hub.subscribe(KEY, "0-0")
+            fast_got = []
+            for i in range(200):
+                await commands.xadd(KEY, {"event": "token", "data": str(i)})
+                if i % 10 == 9:
+                    fast_got.extend(await _drain(fast, i + 1 - len(fast_got)))
+            await _wait_for(lambda: slow.too_slow)
+            assert hub.subscriptions == 1 and hub.dropped_slow == 1  # no longer fed
+            first = await slow.next_batch(1)
+            with pytest.raises(SubscriberTooSlow):
+                await slow.next_batch(1)
+            slow.close()
+            resumed = await hub.subscribe(KEY, slow.last_id)
+            await commands.xadd(KEY, {"event": "done", "data": "{}"})
+            rest = await _drain(resumed, 200 - len(first) + 1)
+            fast_got.extend(await _drain(fast, 1))
+            resumed.close()
+            fast.close()
+            return first, rest, fast_got, slow.last_id
+        finally:
+            await _close(hub, commands)
+
+    first, rest, fast_got, last_id = asyncio.run(run())
+    expected = [str(i) for i in range(200)] + ["{}"]
+    assert [e.data for e in first] == expected[:50]  # in order, nothing skipped, at most the bound
+    assert last_id == first[-1].id
+    assert [e.data for e in rest] == expected[50:]
+    assert [e.data for e in fast_got] == expected
+
+
+def test_a_backfill_longer_than_the_bound_is_not_too_slow(redis_url, store):
+    """The bound is on what comes after subscribing: joining a long stream that is followed already (its backfill
+    read in one go) hands every entry over, as does one read by the reader itself."""
+
+    async def run():
+        hub, commands = await _hub(redis_url, max_pending=20)
+        try:
+            follower = await hub.subscribe(KEY, "0-0")
+            for i in range(100):
+                await commands.xadd(KEY, {"event": "token", "data": str(i)})
+                if i % 10 == 9:
+                    await _drain(follower, 10)
+            joiner = await hub.subscribe(KEY, "0-0")
+            got = await _drain(joiner, 100)
+            assert not joiner.too_slow
+            await commands.xadd(KEY, {"event": "token", "data": "100"})
+            got += await _drain(joiner, 1)
+            return got
+        finally:
+            await _close(hub, commands)
+
+    got = asyncio.run(run())
+    assert [e.data for e in got] == [str(i) for i in range(101)]
+
+
+def test_a_slow_sse_client_gets_an_end_after_its_last_event_and_resumes(redis_url, store):
+    """GET /v1/jobs/{id}/events for a client that reads slower than the job writes: the stream closes after the
+    last event it was sent (no error, no gap), and a reconnect with that Last-Event-ID reads on to `done`."""
+    store.hset(keys.job("slowjob"), mapping={"status": "running"})
+    events_key = keys.events("slowjob")
+
+    class Jobs:
+        def __init__(self, hub):
+            self.hub = hub
+
+        async def ended(self, job_id, owner):
+            class Final:
+                def public(self):
+                    return {"id": job_id, "status": "succeeded"}
+
+            return Final()
+
+    def ids_in(chunks: list[bytes]) -> list[str]:
+        return [line[4:] for chunk in chunks for line in chunk.decode().split("\n") if line.startswith("id: ")]
+
+    async def run():
+        # The least that makes sense: one XREAD's worth (READ_COUNT), as a reader hands it over at once.
+        hub, commands = await _hub(redis_url, max_pending=READ_COUNT)
+        jobs = Jobs(hub)
+        try:
+            written = [(await commands.xadd(events_key, {"event": "status", "data": "{}"})).decode()]
+            body = streams.job_event_stream(jobs, "slowjob", "public")
+            chunks = [await anext(body)]
+            # The client stops reading while the job writes more tokens than that.
+            async with commands.pipeline(transaction=False) as pipe:
+                for i in range(READ_COUNT + 200):
+                    pipe.xadd(events_key, {"event": "token", "data": str(i)})
+                written += [entry_id.decode() for entry_id in await pipe.execute()]
+            await _wait_for(lambda: hub.dropped_slow == 1)
+            chunks += [chunk async for chunk in body]  # ends by itself
+            first_ids = ids_in(chunks)
+            written.append((await commands.xadd(events_key, {"event": "done", "data": "{}"})).decode())
+            store.hset(keys.job("slowjob"), "status", "succeeded")
+            again = [chunk async for chunk in streams.job_event_stream(jobs, "slowjob", "public", first_ids[-1])]
+            return written, first_ids, ids_in(again), b"".join(again)
+        finally:
+            await _close(hub, commands)
+
+    written, first_ids, resumed_ids, resumed_body = asyncio.run(run())
+    assert first_ids == written[: len(first_ids)] and len(first_ids) <= 1 + READ_COUNT
+    assert first_ids + resumed_ids == written
+    assert b"event: done" in resumed_body

@@ -2,6 +2,8 @@
 
 import asyncio
 import base64
+import json
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -66,3 +68,190 @@ def test_a_delivery_whose_url_turned_private_is_dropped(redis_url, store) -> Non
 
     asyncio.run(run())
     assert store.zcard(keys.WEBHOOKS_DUE) == 0 and store.hlen(keys.WEBHOOK_ATTEMPTS) == 0
+
+
+@pytest.mark.parametrize("url", ["http://example.com:99999/x", "http://example.com:0/x", "http://example.com:http/x",
+                                 "http://[::1/x", "http://:80/x"])
+def test_unusable_urls_are_invalid_requests(url: str) -> None:
+    """A port out of range and the like are the client's mistake (400 at submit), never an error of the gateway."""
+    with pytest.raises(InvalidRequest):
+        asyncio.run(resolve(url, allow_private=True))
+
+
+class _Receiver:
+    """An HTTP receiver on loopback whose answers the test picks by path: `/ok` 204, `/fail` 500, `/slow` a 200
+    whose headers trickle out a byte every 0.2 s (each read well inside any per-read timeout), `/endless` a 200 with
+    a body that never ends. It records each request's path and body."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, bytes]] = []
+        self.endless_sent = 0
+        self.server = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ")[1].decode()
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            self.requests.append((path, await reader.readexactly(length)))
+            if path == "/ok":
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            elif path == "/fail":
+                writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n")
+            elif path == "/slow":
+                for byte in b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n":
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+            elif path == "/endless":
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n")
+                while True:
+                    writer.write(b"x" * 16384)
+                    await writer.drain()
+                    self.endless_sent += 16384
+                    if self.endless_sent > 64 * 1024 * 1024:
+                        return
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def _settings(redis_url: str, **more) -> GatewaySettings:
+    return GatewaySettings(redis_url=redis_url, webhook_secret=SECRET, webhook_allow_private=True, **more)
+
+
+def _queue(store, job_id: str, url: str, status: str = "succeeded") -> str:
+    store.hset(keys.job(job_id), mapping={**new_record(utc_now(), None, "public"), "status": status,
+                                          "webhook": url, "webhook_events": "completed"})
+    member = f"{job_id}:completed"
+    store.zadd(keys.WEBHOOKS_DUE, {member: 0})
+    return member
+
+
+async def _one_round(deliverer: WebhookDeliverer) -> int:
+    taken = await deliverer.deliver_due()
+    await asyncio.gather(*list(deliverer._tasks))
+    return taken
+
+
+def test_an_attempt_has_an_overall_deadline(redis_url, store) -> None:
+    """A receiver that answers a byte at a time gets WEBHOOK_TIMEOUT_S for the whole attempt, not per read."""
+
+    async def run() -> float:
+        receiver = _Receiver()
+        port = await receiver.start()
+        member = _queue(store, "slowjob", f"http://127.0.0.1:{port}/slow")
+        aio = aioredis.Redis.from_url(redis_url)
+        deliverer = WebhookDeliverer(_settings(redis_url, webhook_timeout_s=1), aio)
+        try:
+            began = time.monotonic()
+            assert await _one_round(deliverer) == 1
+            took = time.monotonic() - began
+            assert len(receiver.requests) == 1
+            # Not delivered: due again after the backoff, one attempt counted.
+            assert store.zscore(keys.WEBHOOKS_DUE, member) > time.time()
+            assert int(store.hget(keys.WEBHOOK_ATTEMPTS, member)) == 1
+            return took
+        finally:
+            await deliverer.http.aclose()
+            await aio.aclose()
+            receiver.server.close()
+
+    took = asyncio.run(run())
+    assert 0.9 <= took < 3, took  # the headers alone would take about 8 s
+
+
+def test_at_most_64_kib_of_the_answer_is_read(redis_url, store) -> None:
+    """A 2xx whose body never ends counts once its status is in; the attempt reads 64 KiB at most and hangs up."""
+
+    async def run() -> None:
+        receiver = _Receiver()
+        port = await receiver.start()
+        member = _queue(store, "endlessjob", f"http://127.0.0.1:{port}/endless")
+        aio = aioredis.Redis.from_url(redis_url)
+        deliverer = WebhookDeliverer(_settings(redis_url, webhook_timeout_s=5), aio)
+        try:
+            began = time.monotonic()
+            assert await _one_round(deliverer) == 1
+            assert time.monotonic() - began < 3
+            assert store.zscore(keys.WEBHOOKS_DUE, member) is None  # delivered
+            await asyncio.sleep(0.3)
+            # The receiver saw the connection closed long before it ran out of body (socket buffers aside).
+            assert receiver.endless_sent < 16 * 1024 * 1024, receiver.endless_sent
+        finally:
+            await deliverer.http.aclose()
+            await aio.aclose()
+            receiver.server.close()
+
+    asyncio.run(run())
+
+
+def test_retries_outlive_the_job_record(redis_url, store) -> None:
+    """The delivery keeps its own copy of the job object: after the record expires, retries send the same body."""
+
+    async def run() -> None:
+        receiver = _Receiver()
+        port = await receiver.start()
+        member = _queue(store, "gonejob", f"http://127.0.0.1:{port}/fail")
+        aio = aioredis.Redis.from_url(redis_url)
+        settings = _settings(redis_url, webhook_backoff_s=0.05, webhook_retry_for_s=600)
+        deliverer = WebhookDeliverer(settings, aio)
+        try:
+            assert await _one_round(deliverer) == 1
+            copy = store.get(keys.webhook_payload(member))
+            assert copy is not None
+            assert 600 < store.ttl(keys.webhook_payload(member)) <= 600 + 3600 + 10 + 61
+            store.delete(keys.job("gonejob"))  # the record expired (RESULT_TTL_S after the job ended)
+            for _ in range(2):
+                store.zadd(keys.WEBHOOKS_DUE, {member: 0}, xx=True)
+                assert await _one_round(deliverer) == 1
+            bodies = [body for path, body in receiver.requests]
+            assert len(bodies) == 3 and len(set(bodies)) == 1
+            assert json.loads(bodies[0])["id"] == "gonejob" and json.loads(bodies[0])["status"] == "succeeded"
+            assert int(store.hget(keys.WEBHOOK_ATTEMPTS, member)) == 3
+            # The receiver mends: the copy is delivered, and then nothing of the delivery is left.
+            store.set(keys.webhook_payload(member), copy.replace(b"/fail", b"/ok"), keepttl=True)
+            store.zadd(keys.WEBHOOKS_DUE, {member: 0}, xx=True)
+            assert await _one_round(deliverer) == 1
+            assert receiver.requests[-1] == ("/ok", bodies[0])
+        finally:
+            await deliverer.http.aclose()
+            await aio.aclose()
+            receiver.server.close()
+
+    asyncio.run(run())
+    assert store.zcard(keys.WEBHOOKS_DUE) == 0 and store.hlen(keys.WEBHOOK_ATTEMPTS) == 0
+    assert store.keys(keys.webhook_payload("*")) == []
+
+
+def test_retries_end_after_webhook_retry_for_s(redis_url, store) -> None:
+    """Counted from the first attempt (when the copy was taken), whether or not the record is still there."""
+
+    async def run() -> None:
+        receiver = _Receiver()
+        port = await receiver.start()
+        member = _queue(store, "tiredjob", f"http://127.0.0.1:{port}/fail")
+        aio = aioredis.Redis.from_url(redis_url)
+        deliverer = WebhookDeliverer(_settings(redis_url, webhook_backoff_s=0.05, webhook_retry_for_s=0.5), aio)
+        try:
+            assert await _one_round(deliverer) == 1
+            assert store.zscore(keys.WEBHOOKS_DUE, member) is not None
+            await asyncio.sleep(0.6)
+            store.zadd(keys.WEBHOOKS_DUE, {member: 0}, xx=True)
+            assert await _one_round(deliverer) == 1
+            assert len(receiver.requests) == 2
+        finally:
+            await deliverer.http.aclose()
+            await aio.aclose()
+            receiver.server.close()
+
+    asyncio.run(run())
+    assert store.zcard(keys.WEBHOOKS_DUE) == 0 and store.hlen(keys.WEBHOOK_ATTEMPTS) == 0
+    assert store.keys(keys.webhook_payload("*")) == [] and store.exists(keys.job("tiredjob"))

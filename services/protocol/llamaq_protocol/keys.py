@@ -138,3 +138,10 @@ def usage(client: str) -> str:
 
 # The accounts (key names, or "open") with usage, for /metrics.
 USAGE_ACCOUNTS = f"{PREFIX}:usage-accounts"
+
+
+def webhook_payload(delivery: str) -> str:
+    """A webhook delivery's own copy of what it sends ("<job id>:<event>" -> a JSON string {url, body, first}), taken
+    by the gateway's deliverer when it first picks the delivery up and kept for WEBHOOK_RETRY_FOR_S (and a margin),
+    so its retries outlive the job record."""
+    return f"{PREFIX}:webhooks:payload:{delivery}"

@@ -303,6 +303,14 @@ class GenerationParams(BaseModel):
         """Whether a grammar makes the model call a tool ("required", or a named function)."""
         return self.tools is not None and self.effective_tool_choice() not in ("none", "auto")
 
+    def resumable(self) -> bool:
+        """Whether a generation cut short (its worker lost) can continue on another worker from the tokens it had
+        made (prompt + those tokens as the new prompt, what is left of max_new_tokens), rather than start over: one
+        choice, no grammar (its state would start over), no tool calls to parse, no prompt log probabilities (the
+        prompt would include the tokens made)."""
+        return (self.n == 1 and self.structured_outputs is None and self.effective_tool_choice() == "none"
+                and self.prompt_logprobs is None)
+
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The tools as the chat template takes them (OpenAI's shape, unset fields left out)."""
         if not self.tools:

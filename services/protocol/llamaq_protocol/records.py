@@ -148,13 +148,15 @@ FAIR_LUA = (FAIR_LUA.replace("@SERVICE@", keys.FAIR_SERVICE).replace("@RUNNING@"
             .replace("@WEIGHT@", keys.FAIR_WEIGHT).replace("@USAGE@", keys.usage("")))
 
 # KEYS: job, events, running set, webhooks due. ARGV: started_at, worker name, job id.
-# Returns "claimed" or the status that prevented it. The running set is what the lost-worker sweep scans.
+# Returns "claimed", "resumed" (the job has token events of an earlier attempt: continue from them), or the status
+# that prevented it. The running set is what the lost-worker sweep scans.
 # Every script here may run twice for one call: redis-py re-sends a command whose connection broke, and the
 # worker retries until Redis answers. So each is idempotent for its caller: a second claim by the same worker
 # is "claimed" again (one attempt counted), a second finish with the same finished_at is "finished".
 CLAIM_SCRIPT = NOTIFY_LUA + FAIR_LUA + """
 local s = redis.call('HGET', KEYS[1], 'status')
-if s == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[2] then return 'claimed' end
+local claimed = tonumber(redis.call('HGET', KEYS[1], 'token_events') or '0') > 0 and 'resumed' or 'claimed'
+if s == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[2] then return claimed end
 if s ~= 'queued' then return s or 'missing' end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -166,7 +168,7 @@ end
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"running"}')
 notify(KEYS[4], KEYS[1], ARGV[3], 'started')
-return 'claimed'
+return claimed
 """
 
 # KEYS: those of `end_keys` (job, events, cancel set, running set (unused), stats, webhooks due, batch jobs ended).
@@ -222,7 +224,9 @@ return 'finished'
 
 # KEYS: those of `end_keys`, then the RQ queue and the RQ job hash. ARGV: worker name believed lost, max attempts,
 # finished_at, error json, ttl, job id, and optionally "handback". A job still held by that
-# worker goes back to the front of the RQ queue while it has attempts left ("requeued"), else fails as
+# worker goes back to the front of its client's list in the fair queue while it has attempts left ("requeued"),
+# its tokens kept for the next worker to continue from when its record says `resumable` (else dropped: it starts
+# over, and its `requeued` status event says which), else fails as
 # worker_lost ("failed"); one whose cancel was requested ends "canceled". The push and RQ's "queued" status are
 # written in the same atomic step as the record, so no crash in between can leave a queued job on no queue, and a
 # second run of the same call only sees "queued". With "handback" the worker itself gives the job back (it is
@@ -247,12 +251,18 @@ else
   end
   if ARGV[7] == 'handback' or attempts < tonumber(ARGV[2]) then
     redis.call('HSET', KEYS[1], 'status', 'queued')
-    redis.call('HDEL', KEYS[1], 'started_at', 'worker', 'output', 'token_events', 'generated')
-    -- The lost attempt's tokens are void: drop them so a replay shows only the attempt that counts.
-    for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
-      if entry[2][2] == 'token' then redis.call('XDEL', KEYS[2], entry[1]) end
+    if redis.call('HGET', KEYS[1], 'resumable') == '1' then
+      -- The next worker continues from the tokens written so far (the stream carries on).
+      redis.call('HDEL', KEYS[1], 'started_at', 'worker')
+      redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"queued","requeued":true,"resumed":true}')
+    else
+      redis.call('HDEL', KEYS[1], 'started_at', 'worker', 'output', 'token_events', 'generated')
+      -- The lost attempt's tokens are void: drop them so a replay shows only the attempt that counts.
+      for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+        if entry[2][2] == 'token' then redis.call('XDEL', KEYS[2], entry[1]) end
+      end
+      redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"queued","requeued":true}')
     end
-    redis.call('XADD', KEYS[2], '*', 'event', 'status', 'data', '{"status":"queued","requeued":true}')
     if not fair_push(KEYS[1], ARGV[6], true) then redis.call('LPUSH', KEYS[8], ARGV[6]) end
     if redis.call('EXISTS', KEYS[9]) == 1 then redis.call('HSET', KEYS[9], 'status', 'queued') end
     return 'requeued'

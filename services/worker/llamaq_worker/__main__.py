@@ -18,7 +18,7 @@ from .engines import Engine, build_engine
 from .hardware import resolve_dtype
 from .metrics import WorkerMetrics
 from .model_source import resolve_model_dir
-from .presence import Heartbeat, model_mapping, publish_model
+from .presence import Heartbeat, batch_stall_s, model_mapping, publish_model
 from .priority_queues import PriorityQueue
 from .settings import WorkerSettings
 from .tool_calls import load_tool_parser
@@ -95,6 +95,8 @@ def serve(settings: WorkerSettings, engine: Engine, dtype: str) -> int:
         serializer=JSONSerializer, tool_parser=tool_parser,
         name=settings.worker_name, log_job_description=False,
     )
+    # A wedged decoding loop gets no more beats: its jobs are swept to other workers.
+    heartbeat.watch(lambda: batch_stall_s(worker), settings.step_stall_s)
     try:
         worker.work(logging_level=settings.log_level.upper())
     except redis.RedisError as exc:  # RQ's teardown after giving up on Redis

@@ -31,7 +31,12 @@ import time
 
 import redis.exceptions
 from rq import Queue
+from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.job import Job as RQJob
+from rq.job import JobStatus as RQJobStatus
+from rq.registry import FailedJobRegistry
+from rq.results import Result
+from rq.utils import now as rq_now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from llamaq_protocol import JobError, keys, utc_now
@@ -47,6 +52,20 @@ from .slots import Ending, Slot
 
 logger = logging.getLogger(__name__)
 
+
+def _func_name(job: RQJob) -> str:
+    """The job's function's dotted path, or what made it unreadable (its data did not deserialize)."""
+    try:
+        return str(job.func_name)
+    except Exception as exc:  # anything Redis held under the job's key
+        return f"<unreadable: {type(exc).__name__}>"
+
+
+def _runs_generate(job: RQJob) -> bool:
+    """Whether the job runs llamaq's job function, the only one this worker runs."""
+    return _func_name(job) == keys.GENERATE_FUNC
+
+
 # Most time RQ's pubsub teardown may take when the worker stops (see BatchWorker.unsubscribe).
 UNSUBSCRIBE_WAIT_S = 5.0
 
@@ -59,6 +78,9 @@ class BatchWorker(SimpleWorker):
     # already calls both).
     _state_written: str | None = None
     _plain_heartbeat_at = float("-inf")
+    # Monotonic time the batch loop last started a step: the heartbeat stops once it is STEP_STALL_S old while the
+    # loop holds jobs (presence.batch_stall_s).
+    progress_at = float("inf")
 
     def __init__(self, queues, *, engine: Engine, settings: WorkerSettings, metrics: WorkerMetrics,
                  tool_parser: type | None = None, **kwargs):
@@ -87,12 +109,14 @@ class BatchWorker(SimpleWorker):
     # ---- the batch loop --------------------------------------------------------------------------------------
 
     def execute_job(self, job: RQJob, queue: Queue):
-        if job.func_name != keys.GENERATE_FUNC:
-            return super().execute_job(job, queue)
+        if not _runs_generate(job):
+            return self._refuse(job, queue)
         self._in_batch = True
+        self.progress_at = time.monotonic()
         try:
             self._admit(job, queue)
             while self.slots:
+                self.progress_at = time.monotonic()
                 if self._stop_requested and time.monotonic() >= self._drain_deadline:
                     self._give_back_all(engine_dead=None)
                     break
@@ -139,11 +163,34 @@ class BatchWorker(SimpleWorker):
                 # back at the front and claim it after the next step.
                 self.until_redis("returning a job", self.claimer.push_back, job, queue)
                 return
-            if job.func_name != keys.GENERATE_FUNC:
-                # Not ours to batch: run it now, in line, as a plain SimpleWorker would.
-                super().execute_job(job, queue)
+            if not _runs_generate(job):
+                self._refuse(job, queue)
                 continue
             self._admit(job, queue)
+
+    def _refuse(self, job: RQJob, queue: Queue) -> None:
+        """A popped job whose function is not llamaq's (GENERATE_FUNC) fails without running: whoever can write to
+        Redis must not be able to run code here. Off its intermediate list, into RQ's failed registry of `queue`
+        with the reason as its exc_string (`rq info`, the job's latest result)."""
+        func = _func_name(job)
+        reason = (f"refused without running: this worker runs only {keys.GENERATE_FUNC}, and this job's function is "
+                  f"{func!r}")
+        logger.error("job %s refused without running it: its function %r is not llamaq's %s (queued by someone "
+                     "who can write to Redis?)", job.id, func, keys.GENERATE_FUNC, extra={"job_id": job.id})
+
+        def fail() -> None:
+            with self.connection.pipeline() as pipe:
+                for each in self._ordered_queues:
+                    pipe.lrem(each.intermediate_queue_key, 0, job.id)
+                job.ended_at = rq_now()
+                job.set_status(RQJobStatus.FAILED, pipeline=pipe)
+                FailedJobRegistry(queue=queue).add(job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
+                Result.create_failure(job, job.failure_ttl or DEFAULT_FAILURE_TTL, reason, worker_name=self.name,
+                                      pipeline=pipe)
+                self.increment_failed_job_count(pipe)
+                pipe.execute()
+
+        self.until_redis("failing a refused job", fail)
 
     def _admit(self, job: RQJob, queue: Queue) -> None:
         slot = self.claimer.claim(job, queue)

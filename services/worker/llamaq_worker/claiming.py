@@ -17,7 +17,7 @@ from rq.job import Job as RQJob
 from rq.utils import now
 from rq.worker import WorkerStatus
 
-from llamaq_protocol import GenerationParams, JobError, JobPayload, JobStatus, utc_now
+from llamaq_protocol import FinishReason, GenerationParams, JobError, JobPayload, JobStatus, utc_now
 from llamaq_protocol import keys
 from llamaq_protocol.records import CLAIM_SCRIPT, RETURN_SCRIPT, claim_keys
 
@@ -132,7 +132,7 @@ class Claimer:
             keys=claim_keys(job.id),
             args=[utc_now().isoformat(), worker.name, job.id],
         )
-        if claimed != b"claimed":
+        if claimed not in (b"claimed", b"resumed"):
             logger.info("skipping job %s: record is %s", job.id, claimed.decode())
 
             def close() -> None:
@@ -150,6 +150,7 @@ class Claimer:
         slot = Slot(
             rq_job=job, queue=queue, execution=worker.execution, request_id=None, prompt_tokens=0,
             max_new_tokens=0, deadline=time.monotonic() + timeout, waited_s=seconds_since(job.enqueued_at),
+            resumed=claimed == b"resumed",
         )
         if slot.waited_s is not None:
             worker.metrics.queue_wait.observe(slot.waited_s)
@@ -202,6 +203,15 @@ class Claimer:
                     choice.logprobs = []
                 if params.tools and params.effective_tool_choice() != "none":
                     choice.tool_calls = ToolCallStream(params, worker.tool_parser, engine.tokenizer)
+            if slot.resumed and params.resumable():
+                made = self.resume(job.id, slot)
+                left = params.max_new_tokens - slot.choices[0].completion_tokens
+                if left <= 0:  # every token was made; only the finish was lost
+                    slot.choices[0].finish_reason = FinishReason.length.value
+                    return Ending(JobStatus.succeeded, output=slot.output())
+                prompt_ids = prompt_ids + made
+                sampling = replace(sampling, max_new_tokens=left,
+                                   min_tokens=max(0, sampling.min_tokens - slot.choices[0].completion_tokens))
             # The first choice starts now (its refusal is the job's); the others as the engine has room. With a seed,
             # choice i samples with seed + i, so the choices differ and the job is reproducible.
             engine.add(job.id, prompt_ids, sampling)
@@ -223,6 +233,33 @@ class Claimer:
             logger.exception("job %s could not start", job.id)
             return Ending(JobStatus.failed, error=JobError(type="internal_error", message=str(exc)))
         return None
+
+    def resume(self, job_id: str, slot: Slot) -> list[int]:
+        """A generation an earlier attempt began (its worker lost, its tokens kept: records.RECLAIM_SCRIPT) taken up
+        where its token events end: its text, tokens and logprobs so far in the slot's one choice, the next event
+        numbered after them; returns the ids of the tokens made, which follow the prompt as the engine's."""
+        def read() -> tuple[list, bytes | None]:
+            with self.worker.connection.pipeline(transaction=False) as pipe:
+                pipe.xrange(keys.events(job_id))
+                pipe.hget(keys.job(job_id), "token_events")
+                return pipe.execute()
+
+        events, written = self.worker.until_redis("resuming a job", read)
+        # The next event is numbered after those written (TOKENS_SCRIPT counts them in the record).
+        slot.token_events = int(written or 0)
+        choice, made = slot.choices[0], []
+        for _, fields in events:
+            if fields.get(b"event") != b"token":
+                continue
+            token = json.loads(fields[b"data"])
+            choice.text += token.get("text") or ""
+            made += token.get("token_ids") or []
+            choice.completion_tokens = max(choice.completion_tokens, int(token.get("completion_tokens") or 0))
+            if choice.logprobs is not None and token.get("logprobs"):
+                choice.logprobs.extend(token["logprobs"])
+        choice.offset = choice.completion_tokens = max(choice.completion_tokens, len(made))
+        logger.info("job %s resumed after %d tokens", job_id, choice.completion_tokens, extra={"job_id": job_id})
+        return made
 
     def start_choice(self, job_id: str, slot: Slot, index: int, prompt_ids: list[int], sampling: SamplingParams) -> None:
         """One of the job's later choices handed to the engine. Should the engine refuse it, the choice fails and

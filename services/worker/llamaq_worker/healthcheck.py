@@ -1,4 +1,6 @@
-"""Container healthcheck: exit 0 when a worker on this host has its model loaded and a fresh heartbeat."""
+"""Container healthcheck: exit 0 when a worker on this host has its model loaded and a fresh heartbeat. A worker
+whose decoding loop is wedged (no step finished for STEP_STALL_S while it holds jobs) stops beating and withdraws
+its entry (presence.Heartbeat), so it fails this check too."""
 
 import socket
 import sys

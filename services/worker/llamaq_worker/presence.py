@@ -22,6 +22,14 @@ def model_mapping(card_fields: dict, tokenizer_json: str) -> dict[str, str]:
     return {"card": card.model_dump_json(), "tokenizer_json": tokenizer_json}
 
 
+def batch_stall_s(worker) -> float:
+    """Seconds the worker's batch loop has held jobs without starting a new step (`progress_at`, stamped by the
+    loop each step); 0 while it holds none."""
+    if not worker.slots:
+        return 0.0
+    return max(0.0, time.monotonic() - worker.progress_at)
+
+
 def publish_model(client: redis.Redis, mapping: dict[str, str]) -> ModelCard:
     card = ModelCard.model_validate_json(mapping["card"])
     client.hset(keys.model(card.name), mapping=mapping)
@@ -35,6 +43,12 @@ class Heartbeat(threading.Thread):
     Given the model hash (`model_mapping`), each beat also checks that it is still in Redis and writes it again
     if not: a Redis restarted without persistence has lost it, and without it the gateway would never count a
     worker as ready again.
+
+    Beating from a thread of its own must not hide a wedged decoding loop (a hung `engine.step()`): once `watch`ed,
+    it beats only while the loop makes progress. A loop that has held jobs without finishing a step for
+    `stall_s` (STEP_STALL_S) gets no more beats, and its entry is withdrawn at once, so the gateway's lost-worker
+    sweep re-queues its jobs within a sweep and the container healthcheck (which reads the same entries) fails.
+    Should the loop move again, the beats resume (its old jobs are no longer its own: the job scripts refuse it).
     """
 
     def __init__(
@@ -53,6 +67,31 @@ class Heartbeat(threading.Thread):
         # This worker's Prometheus exposition, stored with each beat for the gateway's /metrics.
         self._metrics = metrics
         self._stopped = threading.Event()
+        # Seconds the decoding loop has held jobs without progress (see `watch`); None: not watched.
+        self._stalled_for: Callable[[], float] | None = None
+        self._stall_s = float("inf")
+        self.stalled = False
+
+    def watch(self, stalled_for: Callable[[], float], stall_s: float) -> None:
+        """Beat only while `stalled_for()` (seconds the batch loop has held jobs without progress; 0 when it holds
+        none) stays within `stall_s`."""
+        self._stall_s = stall_s
+        self._stalled_for = stalled_for
+
+    def _check_stall(self) -> bool:
+        """True while the decoding loop is stalled (reported once; the entry withdrawn on every check)."""
+        stalled_s = self._stalled_for() if self._stalled_for is not None else 0.0
+        if stalled_s <= self._stall_s:
+            if self.stalled:
+                logger.warning("the decoding loop is moving again; heartbeat resumed")
+                self.stalled = False
+            return False
+        if not self.stalled:
+            self.stalled = True
+            logger.error("the decoding loop has held jobs for %.0f s without finishing a step (STEP_STALL_S %.0f): "
+                         "heartbeat stopped, so the lost-worker sweep re-queues its jobs", stalled_s, self._stall_s)
+        self._withdraw()
+        return True
 
     def beat(self) -> None:
         ttl_s = max(60, int(self._interval_s * 10))
@@ -73,7 +112,8 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._stopped.is_set():
             try:
-                self.beat()
+                if not self._check_stall():
+                    self.beat()
             except redis.RedisError as exc:
                 logger.warning("heartbeat failed (will retry): %s", exc)
             except Exception:  # a heartbeat thread that dies makes a healthy worker look dead: never let it
@@ -82,6 +122,10 @@ class Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         self._stopped.set()
+        self._withdraw()
+
+    def _withdraw(self) -> None:
+        """This worker out of the workers set, as if it had died."""
         try:
             with self._client.pipeline(transaction=False) as pipe:
                 pipe.zrem(keys.WORKERS, self._info.name)

@@ -120,6 +120,7 @@ class Publisher:
             if slot is None or job_id in finished:
                 continue  # (a choice still leaving the engine after its job ended)
             choice = slot.choices[index]
+            out.completion_tokens += choice.offset  # (a resumed generation: the earlier attempt's tokens first)
             if out.completion_tokens > choice.completion_tokens:
                 if slot.completion_tokens == 0 and slot.waited_s is not None:
                     self.metrics.first_token.observe(slot.waited_s + time.monotonic() - slot.admitted_at)

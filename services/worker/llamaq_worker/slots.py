@@ -44,6 +44,8 @@ class Choice:
     index: int
     text: str = ""
     completion_tokens: int = 0
+    # Tokens an earlier attempt made (a generation resumed on this worker): the engine counts from 0 after them.
+    offset: int = 0
     # The job asked for logprobs: what the engine reported so far (else None).
     logprobs: list[dict[str, Any]] | None = None
     # The job has tools: its text is read for tool calls as it comes (content and call deltas go out apart).
@@ -87,6 +89,8 @@ class Slot:
     admitted_at: float = field(default_factory=time.monotonic)
     # Seconds the job had waited since its enqueue when it was admitted (None if RQ did not record it).
     waited_s: float | None = None
+    # Its record had token events of an earlier attempt (CLAIM_SCRIPT said "resumed"): continue from them.
+    resumed: bool = False
     choices: list[Choice] = field(default_factory=lambda: [Choice(0)])
     # The sequences of later choices not yet handed to the engine (it had no free slot): (choice, prompt, params).
     waiting: list[tuple[int, list[int], SamplingParams]] = field(default_factory=list)
@@ -123,10 +127,12 @@ class Slot:
         if choice.tool_calls is not None:
             text, calls = choice.tool_calls.feed(out.text, final=out.finish_reason is not None or out.error is not None)
         choice.text += text
-        if not (text or calls or out.logprobs or out.prompt_logprobs is not None):
+        if not (text or calls or out.logprobs or out.prompt_logprobs is not None or out.token_ids):
             return None
         event: dict[str, Any] = {"index": self.token_events, "text": text,
                                  "completion_tokens": out.completion_tokens}
+        if out.token_ids:
+            event["token_ids"] = out.token_ids  # what another worker would continue from
         if len(self.choices) > 1:
             event["choice"] = choice.index
         if calls:

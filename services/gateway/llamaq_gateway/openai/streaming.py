@@ -13,6 +13,7 @@ from llamaq_protocol.records import EVENT_DONE, EVENT_STATUS, EVENT_TOKEN
 
 from .. import streams
 from ..errors import JobFailed, JobNotFound, error_body
+from ..event_hub import SubscriberTooSlow
 from ..jobs import JobService
 from .logprobs import chat_logprobs, text_logprobs
 from .render import Rendering, _created, completion_id, finish_reasons, usage
@@ -153,8 +154,9 @@ async def stream_completion(
                     sent_text = True
                     yield chunk
             elif entry.event == EVENT_STATUS and entry.payload().get("requeued"):
-                # Its worker was lost and the job starts over. Text already sent cannot be taken back.
-                if sent_text:
+                # Its worker was lost. With `resumed` another worker continues from the tokens sent (the stream
+                # carries on); else the job starts over, and text already sent cannot be taken back.
+                if sent_text and not entry.payload().get("resumed"):
                     yield _stream_error(
                         503, "worker_lost",
                         f"the worker running job {job.id} was lost mid-answer; the job was queued again and "
@@ -174,6 +176,14 @@ async def stream_completion(
                         yield piece
                 yield DONE
                 return
+    except SubscriberTooSlow as exc:
+        # Its events grew faster than the client read them: an end, not a buffer that grows without bound.
+        logger.warning("completion stream of job %s ended early: %s", job.id, exc)
+        yield _stream_error(503, "stream_too_slow",
+                            f"the client read the stream of job {job.id} too slowly; GET /v1/jobs/{job.id} has its "
+                            f"result, and GET /v1/jobs/{job.id}/events its events")
+        yield DONE
+        return
     except (redis.exceptions.RedisError, JobNotFound) as exc:
         logger.warning("completion stream of job %s ended early: %s", job.id, exc)
         yield _stream_error(503, "unavailable", f"lost the event stream of job {job.id}; GET /v1/jobs/{job.id}")

@@ -3,10 +3,11 @@ job's event stream in Redis, which holds everything from the `queued` entry to `
 
 The events are a pure function of those entries, so every reading of the stream, now or after any restart of a
 gateway, numbers them alike: resuming after `sequence_number` N replays the stream and sends what comes after N,
-exactly the events not yet seen. Should the job's worker be lost mid-answer (it is queued again and starts over),
-the items already begun are closed with status `incomplete` (`response.output_item.done`), a new
-`response.in_progress` follows once the job runs again, and the restarted answer comes as new items; the final
-response holds only the answer that completed.
+exactly the events not yet seen. Should the job's worker be lost mid-answer, another worker continues the answer
+from the tokens already sent (the events simply carry on), or, for a response that cannot continue (a schema or
+tools to follow, more than one choice), it is queued again and starts over: the items already begun are closed with
+status `incomplete` (`response.output_item.done`), a new `response.in_progress` follows once the job runs again,
+and the restarted answer comes as new items; the final response holds only the answer that completed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from llamaq_protocol.records import EVENT_DONE, EVENT_STATUS, EVENT_TOKEN
 
 from .. import streams
 from ..errors import JobNotFound
+from ..event_hub import SubscriberTooSlow
 from ..jobs import JobService
 from . import render
 from .store import StoredResponse, load
@@ -41,6 +43,7 @@ class EventBuilder:
         self.message: dict[str, Any] | None = None  # the open message item (with its output_index and text)
         self.calls: dict[int, dict[str, Any]] = {}  # open function call items, by the worker's call index
         self.next_index = 0  # output_index of the next item
+        self.resuming = False  # the job was re-queued to continue where it stopped (no new in_progress)
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -54,8 +57,12 @@ class EventBuilder:
 
     def status(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
         events = []
-        if payload.get("requeued"):
+        if payload.get("requeued") and payload.get("resumed"):
+            self.resuming = True  # another worker continues the answer: its items stay open, nothing to say
+        elif payload.get("requeued"):
             events += self._close_all("incomplete")  # the answer starts over on another worker
+        elif payload.get("status") == "running" and self.resuming:
+            self.resuming = False
         elif payload.get("status") == "queued" and self.sequence == 0:
             events.append(self._event("response.created", response=self._snapshot("queued")))
             events.append(self._event("response.queued", response=self._snapshot("queued")))
@@ -171,6 +178,14 @@ async def response_events(
                     yield sse(event)
             if entry.event == EVENT_DONE:
                 return
+    except SubscriberTooSlow as exc:
+        # Read too slowly: an end it resumes from (starting_after=the last sequence_number it got), not a buffer
+        # that grows without bound.
+        logger.warning("response stream of %s ended early: %s", stored.id, exc)
+        yield sse({"type": "error", "sequence_number": builder.sequence, "code": "stream_too_slow",
+                   "message": f"the stream of {stored.id} was read too slowly; resume it with GET "
+                              f"/v1/responses/{stored.id}?stream=true&starting_after=<last sequence_number>",
+                   "param": None})
     except (redis.exceptions.RedisError, JobNotFound) as exc:
         logger.warning("response stream of %s ended early: %s", stored.id, exc)
         yield sse({"type": "error", "sequence_number": builder.sequence, "code": "unavailable",

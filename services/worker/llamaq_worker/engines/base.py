@@ -86,10 +86,14 @@ class StepOutput:
     logprobs: list[TokenLogprobDict] | None = None
     # With `prompt_logprobs`: every prompt token's (the first None), once, on the sequence's first output.
     prompt_logprobs: list[TokenLogprobDict | None] | None = None
+    # The ids of the tokens generated since the previous output (what a generation resumed elsewhere continues from).
+    token_ids: list[int] | None = None
 
     def merge(self, later: StepOutput) -> None:
         """Take a later output of the same sequence into this one (both go out in one step)."""
         self.text += later.text
+        if later.token_ids:
+            self.token_ids = (self.token_ids or []) + later.token_ids
         self.completion_tokens = later.completion_tokens
         self.finish_reason = later.finish_reason
         self.error = later.error

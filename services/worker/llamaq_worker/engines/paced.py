@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .base import SamplingParams, StepOutput
 from .tokenizer_only import TokenizerOnlyEngine
@@ -39,6 +39,7 @@ class _PacedSeq:
     added_tick: int  # the tick it was added in: its token k (from 1) comes with tick added_tick + k
     canceled: bool = False
     emitted: int = 0  # tokens handed out so far
+    ids: list[int] = field(default_factory=list)  # the prompt's token ids, cycled as the output's
 
 
 class PacedEngine(TokenizerOnlyEngine[_PacedSeq]):
@@ -70,7 +71,8 @@ class PacedEngine(TokenizerOnlyEngine[_PacedSeq]):
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self._check(prompt_ids, params)
         pieces = [self._piece(int(t)) for t in prompt_ids]
-        self._enqueue(seq_id, lambda: _PacedSeq(seq_id, pieces, params.max_new_tokens, self._tick(self._clock())))
+        self._enqueue(seq_id, lambda: _PacedSeq(seq_id, pieces, params.max_new_tokens, self._tick(self._clock()),
+                                                ids=[int(t) for t in prompt_ids]))
 
     def _tick(self, at: float) -> int:
         """The number of the last tick at or before `at`."""
@@ -108,9 +110,10 @@ class PacedEngine(TokenizerOnlyEngine[_PacedSeq]):
                 continue
             cycle = len(seq.pieces)
             text = "".join(seq.pieces[i % cycle] for i in range(seq.emitted, due))
+            ids = [seq.ids[i % cycle] for i in range(seq.emitted, due)]
             seq.emitted = due
             finished = due == seq.max_new_tokens
-            outputs.append(StepOutput(seq.seq_id, text, due, "length" if finished else None))
+            outputs.append(StepOutput(seq.seq_id, text, due, "length" if finished else None, token_ids=ids))
             if finished:
                 done.append(seq)
         if done:

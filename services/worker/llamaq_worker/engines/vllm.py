@@ -334,7 +334,8 @@ class VLLMEngine(SequenceSlots[_VllmSeq]):
                     self._report(seq, completion.text, error=f"engine_error: vLLM finished the request with "
                                                              f"{completion.finish_reason!r}")
                     return
-            self._report(seq, completion.text, finish, logprobs=self._logprobs(seq, completion, out))
+            self._report(seq, completion.text, finish, logprobs=self._logprobs(seq, completion, out),
+                         token_ids=[int(t) for t in completion.token_ids])
         if not seq.finished:
             self._report(seq, "", error="engine_error: vLLM ended the request without a finish reason")
 
@@ -376,13 +377,13 @@ class VLLMEngine(SequenceSlots[_VllmSeq]):
 
     def _report(
         self, seq: _VllmSeq, text: str, finish: str | None = None, error: str | None = None,
-        logprobs: tuple[list | None, list | None] = (None, None),
+        logprobs: tuple[list | None, list | None] = (None, None), token_ids: list[int] | None = None,
     ) -> None:
         """Merge one output into what the next `step()` returns, and give the slot back once the sequence ended."""
         with self._ready_changed:
             if seq.finished:
                 return  # a cancel was reported while vLLM still had this output in flight
-            new = StepOutput(seq.seq_id, text, seq.completion_tokens, finish, error, *logprobs)
+            new = StepOutput(seq.seq_id, text, seq.completion_tokens, finish, error, *logprobs, token_ids=token_ids)
             out = self._ready.get(seq.seq_id)
             if out is None:
                 self._ready[seq.seq_id] = new

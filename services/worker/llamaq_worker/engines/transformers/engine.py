@@ -102,6 +102,7 @@ class _Seq:
     generator: torch.Generator
     canceled: bool = False
     tokens: list[int] = field(default_factory=list)  # generated ids (eos included when it ends the sequence)
+    reported: int = 0  # how many of `tokens` an output has carried
     text: IncrementalText | None = None  # set by the engine: the sequence's text so far
     stop_ids: frozenset[int] = frozenset()  # sampling one ends it: EOS (unless ignore_eos) and stop_token_ids
     prompt_logprobs: list[TokenLogprobDict | None] | None = None  # computed at prefill, sent with the first output
@@ -131,8 +132,10 @@ class _StepOutputs:
         error: str | None = None,
         logprobs: list[TokenLogprobDict] | None = None,
     ) -> None:
-        new = StepOutput(seq.seq_id, text, len(seq.tokens), finish_reason, error, logprobs, seq.prompt_logprobs)
+        new = StepOutput(seq.seq_id, text, len(seq.tokens), finish_reason, error, logprobs, seq.prompt_logprobs,
+                         seq.tokens[seq.reported:])
         seq.prompt_logprobs = None  # sent once
+        seq.reported = len(seq.tokens)
         out = self._by_id.get(seq.seq_id)
         if out is None:
             self._by_id[seq.seq_id] = new
