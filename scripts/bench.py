@@ -43,6 +43,27 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def services_path(tree: Path) -> str:
+    """PYTHONPATH that makes a copy of the tree's services win over the installed (editable) ones."""
+    return os.pathsep.join(str(tree / "services" / s) for s in ("protocol", "gateway", "worker"))
+
+
+def snapshot_worktree(prefix: str = "llamaq-tree-") -> Path:
+    """This work tree as it is now (tracked and untracked files, not the ignored ones), copied to a temporary folder:
+    others may edit the tree meanwhile, and every stack and measurement of one run must see the same code."""
+    import shutil
+
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.split(b"\0")
+    dest = Path(tempfile.mkdtemp(prefix=prefix))
+    for name in filter(None, (n.decode() for n in listed)):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
 SCRIPTS = ROOT / "scripts"
 DOC = ROOT / "docs" / "benchmarks.md"
 BENCH_FLAG = Path("/tmp/BENCH_RUNNING")

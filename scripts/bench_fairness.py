@@ -43,8 +43,8 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import (DOC, BenchFlag, ForeignLoad, git_revision, machine_line, percentile,  # noqa: E402
-                   small_model, update_doc, wait_for_quiet)
+from bench import (DOC, BenchFlag, ForeignLoad, git_revision, machine_line, percentile, services_path,  # noqa: E402
+                   small_model, snapshot_worktree, update_doc, wait_for_quiet)
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_A, KEY_B = "fairness-bench-key-a", "fairness-bench-key-b"
@@ -52,10 +52,6 @@ QUEUE = "llamaq"
 TERMINAL = {b"succeeded", b"failed", b"canceled"}
 SECTION, HEADING = "fairness", "## Fair share between keys"
 CLAIM_CLIENTS = 4
-
-
-def services_path(tree: Path) -> str:
-    return os.pathsep.join(str(tree / "services" / s) for s in ("protocol", "gateway", "worker"))
 
 
 def ts(value: str) -> float:
@@ -462,22 +458,6 @@ def fair_digest(tree: Path) -> str:
                      for f in FAIR_FILES)
 
 
-def snapshot_worktree() -> Path:
-    """This work tree as it is now (tracked and untracked files, not the ignored ones), copied to a temporary folder:
-    others edit the tree meanwhile, and every stack and measurement of one run must see the same code."""
-    import shutil
-
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.split(b"\0")
-    dest = Path(tempfile.mkdtemp(prefix="llamaq-fair-tree-"))
-    for name in filter(None, (n.decode() for n in listed)):
-        src = ROOT / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    return dest
-
-
 def write_doc(args, rows, claims, quiet, command, digest) -> None:
     depths = [int(d) for d in args.claim_depths.split(",")]
     parts = [f"Command: `{command}` (code at {git_revision()}, copied when the run started: the fair queue's files at "
@@ -542,7 +522,7 @@ def main() -> int:
         return claim_cost_child(Path(args._claim[0]), args._claim[1],
                                 [int(d) for d in args.claim_depths.split(",")], args.claim_pops)
     systems = ["fair", "fifo"] if args.system == "both" else [args.system]
-    trees = {"fair": snapshot_worktree() if "fair" in systems else ROOT, "fifo": args.fifo_tree.resolve()}
+    trees = {"fair": snapshot_worktree("llamaq-fair-tree-") if "fair" in systems else ROOT, "fifo": args.fifo_tree.resolve()}
     print(f"fair: this tree as of now, copied to {trees['fair']}", file=sys.stderr)
     if "fifo" in systems and not (trees["fifo"] / "services" / "worker").is_dir():
         parser.error(f"no FIFO tree at {trees['fifo']}: git archive HEAD | tar -x -C {trees['fifo']}")

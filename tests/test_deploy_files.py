@@ -173,6 +173,8 @@ def test_compose_redis_persists(config: dict) -> None:
     redis = config["services"]["redis"]
     command = " ".join(redis["command"])
     assert "--appendonly yes" in command
+    # A bound on its memory that refuses writes (503 store_full) rather than drop jobs or be OOM-killed.
+    assert "--maxmemory 4gb" in command and "--maxmemory-policy noeviction" in command
     assert any(v["type"] == "volume" and v["target"] == "/data" for v in redis["volumes"])
     assert {"redis-data", "models"} <= set(config["volumes"])
 

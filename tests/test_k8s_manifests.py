@@ -330,7 +330,12 @@ def test_gateway_pod_and_autoscaler(objects: list[dict]) -> None:
 def test_redis_persists(objects: list[dict]) -> None:
     redis = _one(objects, "StatefulSet", "redis")
     container = _container(redis, "redis")
-    assert "--appendonly yes" in " ".join(container["args"])
+    args = " ".join(container["args"])
+    assert "--appendonly yes" in args and "--maxmemory-policy noeviction" in args
+    # A bound under the container's memory limit (room for the append-only file's rewrite).
+    maxmemory = container["args"][container["args"].index("--maxmemory") + 1]
+    assert maxmemory.endswith("mb") and int(maxmemory[:-2]) * 2**20 < 2 * 2**30
+    assert container["resources"]["limits"]["memory"] == "2Gi"
     assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
     assert [t["metadata"]["name"] for t in redis["spec"]["volumeClaimTemplates"]] == ["data"]
     governing = _one(objects, "Service", redis["spec"]["serviceName"])

@@ -15,7 +15,10 @@ render it) and trims the list only after writing, so a crash in between writes t
 `request_counts.completed` and `.failed` are the sizes of those hashes, so they cannot drift from the files.
 
 One gateway process drives every batch at a time (BATCH_DRIVER_LOCK, renewed each round); another takes over
-within LOCK_TTL_MS of its death.
+within LOCK_TTL_MS of its death. The lock fences the one write that is not idempotent, the trim of the ended list
+(TRIM_ENDED_SCRIPT): a driver whose lock lapsed mid-round cannot drop entries its successor has not collected. And
+should a notice be lost all the same, a batch whose answered lines stop growing is reconciled from its line jobs
+(`BatchDriver.reconcile`), so no batch waits forever for a job that has ended.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llamaq_protocol import Priority, keys, utc_now
+from llamaq_protocol import JobStatus, Priority, keys, utc_now
 from llamaq_protocol.records import CANCEL_SCRIPT, end_keys, job_from_record
 
 from .errors import InvalidParameter, LlamaqError, NotFound, error_body
@@ -60,6 +63,22 @@ COLLECT_CHUNK = 500
 CANCEL_CHUNK = 500
 # Input files parsed and kept in memory by the driver (each parsed once, not once per round).
 PARSED_CACHE = 8
+# A batch whose answered lines have not grown for this long, with every line submitted, is reconciled: each line
+# without a result whose job has ended (or expired) gets its line from the job itself, so no lost notice can leave a
+# batch unfinished.
+RECONCILE_S = 30.0
+RECONCILE_CHUNK = 500
+
+# KEYS: the lock, the list of ended batch jobs. ARGV: this process's token, how many entries it collected. Trims
+# them off the list only while this process still holds the lock (a fence): a driver whose lock lapsed mid-round
+# (a pause, a slow Redis) and another that took over both read the same head of the list; were both to trim it, the
+# second would drop entries nobody collected. Refused, the entries stay for the holder (writing a line twice is
+# harmless: lines are written by number).
+TRIM_ENDED_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('LTRIM', KEYS[2], tonumber(ARGV[2]), -1)
+return 1
+"""
 
 # KEYS: the lock. ARGV: this process's token, ttl ms. Keeps the lock this process holds, or takes a free one.
 HOLD_LOCK_SCRIPT = """
@@ -356,7 +375,10 @@ class BatchDriver:
         self.files = files
         self.token = uuid.uuid4().hex
         self._hold = self.aio.register_script(HOLD_LOCK_SCRIPT)
+        self._trim = self.aio.register_script(TRIM_ENDED_SCRIPT)
         self._inputs: dict[str, BatchInput] = {}
+        # Batch id -> (its answered lines, when that count last changed), for `reconcile`.
+        self._progress: dict[str, tuple[int, float]] = {}
 
     async def run_forever(self) -> None:
         while True:
@@ -408,8 +430,10 @@ class BatchDriver:
                 kind, line = ended_line(batch_id, job_id, record, custom_id, endpoint.decode())
                 pipe.hset(keys.batch_lines(batch_id, kind), str(line_of(job_id)), line)
                 pipe.expire(keys.batch_lines(batch_id, kind), self.settings.file_ttl_s)
-            pipe.ltrim(keys.BATCH_JOBS_ENDED, len(items), -1)
             await pipe.execute()
+        if not await self._trim(keys=[keys.BATCH_DRIVER_LOCK, keys.BATCH_JOBS_ENDED], args=[self.token, len(items)]):
+            logger.warning("batch driver lost its lock mid-round; the ended jobs it read stay for the holder")
+            return 0
         return len(items)
 
     async def advance(self, batch_id: str) -> None:
@@ -444,8 +468,52 @@ class BatchDriver:
             return
         if status in ("in_progress", "cancelling"):
             completed, failed = await counts_of(self.aio, batch_id, fields)
+            if completed + failed < submitted and self._stalled(batch_id, completed + failed):
+                await self.reconcile(batch_id, fields, submitted)
+                completed, failed = await counts_of(self.aio, batch_id, fields)
             if completed + failed >= submitted:
+                self._progress.pop(batch_id, None)
                 await self._finalize(batch_id, fields, fields.get("ending") or "completed")
+
+    def _stalled(self, batch_id: str, answered: int) -> bool:
+        """Whether the batch's answered lines have not grown for RECONCILE_S (then it is reconciled, and waits
+        RECONCILE_S again)."""
+        now = time.monotonic()
+        seen, since = self._progress.get(batch_id, (-1, now))
+        if answered != seen:
+            self._progress[batch_id] = (answered, now)
+            return False
+        if now - since < RECONCILE_S:
+            return False
+        self._progress[batch_id] = (answered, now)
+        return True
+
+    async def reconcile(self, batch_id: str, fields: dict[str, str], submitted: int) -> int:
+        """Writes the line of every submitted line without one whose job has ended, or whose record is gone (its
+        result expired), read from the job itself: what collect_ended would have written had the job's notice on
+        BATCH_JOBS_ENDED not been lost. Returns how many lines it wrote."""
+        written = 0
+        for start in range(0, submitted, RECONCILE_CHUNK):
+            unanswered = await self._unanswered(batch_id, range(start, min(submitted, start + RECONCILE_CHUNK)))
+            async with self.aio.pipeline(transaction=False) as pipe:
+                for line in unanswered:
+                    pipe.hget(keys.job(line_job_id(batch_id, line)), "status")
+                statuses = await pipe.execute()
+            missing = [line for line, status in zip(unanswered, statuses)
+                       if status is None or JobStatus(status.decode()).is_terminal()]
+            for line in missing:
+                job_id = line_job_id(batch_id, line)
+                record = await self.aio.hgetall(keys.job(job_id))
+                parsed = None if record else await self._input(batch_id, fields["input_file_id"])
+                custom_id = parsed.custom_id(line) if parsed else None
+                kind, text = ended_line(batch_id, job_id, record, custom_id, fields["endpoint"])
+                await self.aio.hset(keys.batch_lines(batch_id, kind), str(line), text)
+                await self.aio.expire(keys.batch_lines(batch_id, kind), self.settings.file_ttl_s)
+                written += 1
+        if written:
+            logger.warning("batch %s reconciled: %d line(s) whose job had ended without its notice", batch_id,
+                           written)
+        return written
 
     async def _input_or_fail(self, batch_id: str, fields: dict[str, str]) -> BatchInput | None:
         """The batch's parsed input; None (and the batch failed) when its file is gone."""
@@ -515,21 +583,25 @@ class BatchDriver:
         """Cancels every queued or running job of the batch (each then ends `canceled` and is collected)."""
         cancel_sha = await self.aio.script_load(CANCEL_SCRIPT)
         for start in range(0, submitted, CANCEL_CHUNK):
-            lines = range(start, min(submitted, start + CANCEL_CHUNK))
-            async with self.aio.pipeline(transaction=False) as pipe:
-                for line in lines:
-                    pipe.hexists(keys.batch_lines(batch_id, OUTPUT), str(line))
-                    pipe.hexists(keys.batch_lines(batch_id, ERROR), str(line))
-                answered = await pipe.execute()
+            unanswered = await self._unanswered(batch_id, range(start, min(submitted, start + CANCEL_CHUNK)))
             now = utc_now().isoformat()
             async with self.aio.pipeline(transaction=False) as pipe:
-                for line, has_output, has_error in zip(lines, answered[::2], answered[1::2]):
-                    if not (has_output or has_error):
-                        job_id = line_job_id(batch_id, line)
-                        job_keys = end_keys(job_id)
-                        pipe.evalsha(cancel_sha, len(job_keys), *job_keys, now, job_id, self.settings.result_ttl_s)
+                for line in unanswered:
+                    job_id = line_job_id(batch_id, line)
+                    job_keys = end_keys(job_id)
+                    pipe.evalsha(cancel_sha, len(job_keys), *job_keys, now, job_id, self.settings.result_ttl_s)
                 await pipe.execute()
         await self.aio.hset(keys.batch(batch_id), "cancel_sent", 1)
+
+    async def _unanswered(self, batch_id: str, lines: range) -> list[int]:
+        """Those of `lines` with neither an output nor an error line yet, in one round trip."""
+        async with self.aio.pipeline(transaction=False) as pipe:
+            for line in lines:
+                pipe.hexists(keys.batch_lines(batch_id, OUTPUT), str(line))
+                pipe.hexists(keys.batch_lines(batch_id, ERROR), str(line))
+            answered = await pipe.execute()
+        return [line for line, has_output, has_error in zip(lines, answered[::2], answered[1::2])
+                if not (has_output or has_error)]
 
     async def _fail(self, batch_id: str, code: str, message: str) -> None:
         errors = {"object": "list", "data": [{"code": code, "message": message, "param": "input_file_id",

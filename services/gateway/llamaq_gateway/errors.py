@@ -91,6 +91,13 @@ class PayloadTooLarge(LlamaqError):
     error_type = "payload_too_large"
 
 
+class StorageQuotaExceeded(LlamaqError):
+    """An upload past the client's MAX_FILE_STORAGE_BYTES."""
+
+    status_code = 413
+    error_type = "storage_quota_exceeded"
+
+
 class ModelNotFound(LlamaqError):
     status_code = 404
     error_type = "model_not_found"
@@ -229,6 +236,15 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.warning("redis unavailable: %s", exc)
         return error_response(
             503, "unavailable", "the job store (Redis) is unreachable; retry shortly", 2,
+            openai=is_openai_route(request),
+        )
+
+    @app.exception_handler(redis.exceptions.OutOfMemoryError)
+    async def _redis_full(request: Request, exc: Exception) -> JSONResponse:
+        # Redis at its maxmemory (noeviction: it refuses writes rather than drop jobs); results and files expire.
+        logger.error("redis refused a write, at its maxmemory: %s", exc)
+        return error_response(
+            503, "store_full", "the job store (Redis) is full; nothing was written; retry later", 30,
             openai=is_openai_route(request),
         )
 

@@ -13,9 +13,11 @@ import time
 import uuid
 from typing import Any
 
+import redis.exceptions
+
 from llamaq_protocol import keys
 
-from .errors import InvalidParameter, NotFound, PayloadTooLarge
+from .errors import InvalidParameter, NotFound, PayloadTooLarge, StorageQuotaExceeded
 from .job_list import cursor_start
 
 # OpenAI's purposes: clients upload `batch`; batches write `batch_output` (both their output and error file).
@@ -91,12 +93,41 @@ class FileStore:
         self.ttl_s = ttl_s
 
     async def create(self, owner: str, filename: str, purpose: str, content: bytes,
-                     file_id: str | None = None, list_owner: str | None = None) -> dict[str, Any]:
+                     file_id: str | None = None, list_owner: str | None = None, quota: int = 0) -> dict[str, Any]:
+        """`quota`: the most bytes of files the caller (its `list_owner`) may keep, this one included (0: none);
+        checked and written in one optimistic transaction on the caller's index, so concurrent uploads cannot
+        pass it together."""
+        list_owner = list_owner or owner
+        index = keys.owner_files(list_owner)
         async with self.aio.pipeline(transaction=True) as pipe:
-            created = stored_file_commands(pipe, file_id or new_file_id(), owner, filename, purpose, content,
-                                           self.ttl_s, list_owner or owner)
-            await pipe.execute()
-        return created
+            while True:
+                try:
+                    if quota:
+                        await pipe.watch(index)
+                        kept = await self.stored_bytes(list_owner)
+                        if kept + len(content) > quota:
+                            raise StorageQuotaExceeded(
+                                f"file: this client keeps {kept} bytes of files already and may keep at most {quota} "
+                                "(MAX_FILE_STORAGE_BYTES); delete some (DELETE /v1/files/{id}) or wait for them to "
+                                "expire", param="file")
+                        pipe.multi()
+                    created = stored_file_commands(pipe, file_id or new_file_id(), owner, filename, purpose,
+                                                   content, self.ttl_s, list_owner)
+                    await pipe.execute()
+                    return created
+                except redis.exceptions.WatchError:
+                    continue  # another upload of the same client landed meanwhile: count again
+
+    async def stored_bytes(self, list_owner: str) -> int:
+        """Bytes of the live uploaded files in a client's list (batch outputs excluded)."""
+        ids = await self.aio.zrangebyscore(keys.owner_files(list_owner), time.time() - self.ttl_s, "+inf")
+        if not ids:
+            return 0
+        async with self.aio.pipeline(transaction=False) as pipe:
+            for file_id in ids:
+                pipe.hmget(keys.file(file_id.decode()), "bytes", "purpose")
+            found = await pipe.execute()
+        return sum(int(size) for size, purpose in found if size and purpose != PURPOSE_BATCH_OUTPUT.encode())
 
     async def record(self, file_id: str, owner: str) -> dict[bytes, bytes]:
         """The file's record, or 404 when it does not exist, expired, or is another key's."""

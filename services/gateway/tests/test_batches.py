@@ -93,8 +93,9 @@ def test_an_ended_batch_job_is_collected_once_however_often_it_is_listed(store, 
     async def collect() -> int:
         aio = aioredis.Redis.from_url(redis_url)
         try:
-            jobs = SimpleNamespace(aio=aio, settings=GatewaySettings())
-            return await BatchDriver(jobs, FileStore(aio, 60)).collect_ended()
+            driver = _driver(aio)
+            store.set(keys.BATCH_DRIVER_LOCK, driver.token)  # (the driver that holds the lock trims)
+            return await driver.collect_ended()
         finally:
             await aio.aclose()
 
@@ -132,3 +133,67 @@ def test_odd_file_and_batch_ids_are_404_without_a_look_at_other_keys(store, redi
             await aio.aclose()
 
     asyncio.run(run())
+
+
+def _ended_batch_jobs(store, batch_id: str, lines: int) -> None:
+    """A batch in progress whose `lines` line jobs have all ended (canceled), each notice on BATCH_JOBS_ENDED."""
+    store.hset(keys.batch(batch_id), mapping={"status": "in_progress", "endpoint": CHAT, "input_file_id": "file-x",
+                                              "owner": "owner", "submitted": lines, "total": lines,
+                                              "expires_at": 2**40, "created_at": 1})
+    store.sadd(keys.BATCHES_ACTIVE, batch_id)
+    for n in range(lines):
+        jid = line_job_id(batch_id, n)
+        store.hset(keys.job(jid), mapping={**new_record(utc_now(), None, "owner"), "batch": batch_id,
+                                           "batch_custom_id": f"c{n}"})
+        store.eval(CANCEL_SCRIPT, len(end_keys(jid)), *end_keys(jid), utc_now().isoformat(), jid, 60)
+
+
+def _driver(aio) -> BatchDriver:
+    return BatchDriver(SimpleNamespace(aio=aio, settings=GatewaySettings()), FileStore(aio, 60))
+
+
+def test_a_driver_whose_lock_lapsed_cannot_drop_what_its_successor_has_not_collected(store, redis_url) -> None:
+    batch_id = "batch_" + "c" * 24
+    _ended_batch_jobs(store, batch_id, 3)
+
+    async def race() -> None:
+        aio = aioredis.Redis.from_url(redis_url)
+        try:
+            late, holder = _driver(aio), _driver(aio)
+            store.set(keys.BATCH_DRIVER_LOCK, holder.token)
+            # The driver whose lock lapsed writes the lines it read (harmless, by number) but trims nothing...
+            assert await late.collect_ended() == 0
+            assert store.llen(keys.BATCH_JOBS_ENDED) == 3
+            store.rpush(keys.BATCH_JOBS_ENDED, "batch_new batch_new_0")  # a notice that arrives meanwhile
+            # ...so the holder still finds every entry, the new one included, and trims them.
+            assert await holder.collect_ended() == 4
+            assert store.llen(keys.BATCH_JOBS_ENDED) == 0
+        finally:
+            await aio.aclose()
+
+    asyncio.run(race())
+    assert sorted(store.hgetall(keys.batch_lines(batch_id, "error"))) == [b"0", b"1", b"2"]
+
+
+def test_a_batch_whose_notices_were_lost_is_reconciled_from_its_jobs_and_ends(store, redis_url, monkeypatch) -> None:
+    import llamaq_gateway.batches as batches
+
+    batch_id = "batch_" + "d" * 24
+    _ended_batch_jobs(store, batch_id, 3)
+    store.delete(keys.BATCH_JOBS_ENDED)  # every notice lost
+    monkeypatch.setattr(batches, "RECONCILE_S", 0.0)
+
+    async def drive() -> None:
+        aio = aioredis.Redis.from_url(redis_url)
+        try:
+            driver = _driver(aio)
+            store.set(keys.BATCH_DRIVER_LOCK, driver.token)
+            await driver.round()  # first look: no progress seen yet
+            await driver.round()  # no progress since: reconciled, then finalized
+        finally:
+            await aio.aclose()
+
+    asyncio.run(drive())
+    batch = store.hgetall(keys.batch(batch_id))
+    assert batch[b"status"] == b"completed" and batch[b"failed_count"] == b"3", batch
+    assert not store.sismember(keys.BATCHES_ACTIVE, batch_id)

@@ -36,8 +36,9 @@ logger = logging.getLogger(__name__)
 PARTIAL_OUTPUT_EVERY_S = 0.5
 # Jobs per TOKENS_SCRIPT call: a step's calls go in one pipeline, and Redis serves the gateway's reads between them.
 TOKENS_JOBS_PER_CALL = 64
-# What a Redis restart or a dropped connection raises (redis-py has already retried a few times by then).
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# What a Redis restart or a dropped connection raises (redis-py has already retried a few times by then), and a
+# Redis at its maxmemory refusing writes (noeviction): the batch waits for it as for an outage.
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.OutOfMemoryError)
 # Longest pause between two tries while Redis is away.
 REDIS_RETRY_MAX_S = 1.0
 

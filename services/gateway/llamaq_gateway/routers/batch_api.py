@@ -34,7 +34,7 @@ async def upload_file(
     content = await file.read(settings.max_file_bytes + 1)
     check_batch_input(content, settings.max_file_bytes, settings.max_batch_requests)
     return await files.create(caller.owner, file.filename or "upload.jsonl", purpose, content,
-                              list_owner=caller.list_owner)
+                              list_owner=caller.list_owner, quota=settings.max_file_storage_bytes)
 
 
 @router.get("/v1/files", responses=error_responses(400, 422, 503))
