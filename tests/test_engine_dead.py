@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import pytest
 import redis
@@ -17,33 +16,22 @@ from rq.job import Job as RQJob
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from fake_engines import FakeEngine, queue_on_rq_list
 from helpers import admit, waiting_in_fair_queue
-from llamaq_protocol import GenerationParams, JobPayload, keys, utc_now
-from llamaq_protocol.records import new_record
+from llamaq_protocol import GenerationParams, keys
 from llamaq_worker.batch_worker import BatchWorker
-from llamaq_worker.engines.base import EngineDead, SamplingParams, SequenceSlots, StepOutput
+from llamaq_worker.engines.base import EngineDead, StepOutput
 from llamaq_worker.metrics import WorkerMetrics
 from llamaq_worker.settings import WorkerSettings
 
 
-class DyingEngine(SequenceSlots):
+class DyingEngine(FakeEngine):
     """Emits one token for every sequence in its first step, then dies."""
 
-    model_name = "fake"
-    context_length = 2048
-    defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
-    tokenizer = None
-
     def __init__(self) -> None:
-        super().__init__(max_batch=4)
+        super().__init__()
         self.steps = 0
         self.running: list = []
-
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return [1, 2, 3]
-
-    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        self._enqueue(seq_id, lambda: _Seq(seq_id))
 
     def step(self) -> list[StepOutput]:
         self.steps += 1
@@ -52,15 +40,6 @@ class DyingEngine(SequenceSlots):
         self.running += self._take_pending()
         return [StepOutput(seq.seq_id, "tok", 1, None) for seq in self.running]
 
-    def device_memory(self) -> tuple[int, int]:
-        return 0, 0
-
-
-class _Seq:
-    def __init__(self, seq_id: str) -> None:
-        self.seq_id = seq_id
-        self.canceled = False
-
 
 @pytest.fixture
 def r(lone_redis):
@@ -68,18 +47,6 @@ def r(lone_redis):
     client.flushall()
     yield client
     client.close()
-
-
-def submit(r: redis.Redis, queue: Queue) -> str:
-    """A job queued on RQ's own list (its record, its first event, RQ's enqueue), for a BatchWorker run with RQ's
-    plain queue class: how jobs were queued before the fair queue, which the requeue still honours."""
-    job_id = uuid.uuid4().hex
-    r.hset(keys.job(job_id), mapping=new_record(utc_now(), None, "public"))
-    r.xadd(keys.events(job_id), {"event": "status", "data": '{"status":"queued"}'})
-    payload = JobPayload(job_id=job_id, params=GenerationParams(prompt="hi", max_new_tokens=8))
-    queue.enqueue_call(func=keys.GENERATE_FUNC, args=(payload.model_dump(mode="json"),), job_id=job_id,
-                       timeout=600, result_ttl=60, failure_ttl=60)
-    return job_id
 
 
 def run_worker(r: redis.Redis, queue: Queue) -> BatchWorker:
@@ -94,7 +61,7 @@ def run_worker(r: redis.Redis, queue: Queue) -> BatchWorker:
 
 def test_jobs_go_back_counted_then_fail_as_worker_lost(r: redis.Redis) -> None:
     queue = Queue(keys.DEFAULT_QUEUE_NAME, connection=r, serializer=JSONSerializer)
-    first, second = submit(r, queue), submit(r, queue)
+    first, second = queue_on_rq_list(r, queue), queue_on_rq_list(r, queue)
 
     worker = run_worker(r, queue)
     assert worker.gave_up and not worker.slots
