@@ -1,6 +1,6 @@
 """A worker whose decoding loop is wedged (a hung `engine.step()`, the process itself alive) stops heartbeating
-within STEP_STALL_S and a beat, fails its healthcheck, and the gateway's lost-worker sweep gives its job to another
-worker. Real redis-server, gunicorn, nginx and workers (the echo engine: no model to load)."""
+within STEP_STALL_S and a beat, fails its healthcheck, the gateway's lost-worker sweep gives its job to another
+worker, and after twice STEP_STALL_S the wedged process exits for its supervisor to start a fresh one. Real redis-server, gunicorn, nginx and workers (the echo engine: no model to load)."""
 
 from __future__ import annotations
 
@@ -77,21 +77,24 @@ def test_a_wedged_step_stops_the_heartbeat_and_its_job_moves_on(bare_stack: Stac
                        "the wedged worker to stop heartbeating", interval_s=0.1)
             assert time.monotonic() - running_since >= STALL_S - 0.5
             assert healthcheck(bare_stack) == 1
-            assert bare_stack.procs["hung-worker"].poll() is None  # alive, only wedged
 
             # The sweeper takes the job back (its attempt counted) ...
             requeued = wait_for_job_status(client, job["id"], "queued", 30)
             assert requeued["started_at"] is None
             assert store.hget(keys.job(job["id"]), "attempts") == b"1"
-            # ... and a healthy worker finishes it.
+            # ... the wedged process exits after twice STEP_STALL_S, for its supervisor to start a fresh one ...
+            hung = bare_stack.procs["hung-worker"]
+            wait_until(lambda: hung.poll() is not None, 2 * STALL_S + 3 * HEARTBEAT_S + 10,
+                       "the wedged worker to exit", interval_s=0.1)
+            assert hung.returncode == 1
+            # ... and a healthy worker finishes the job.
             bare_stack.start_worker()
             done = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
             assert done["status"] == "succeeded", done
             assert done["output"]["text"] == "still here?"
-            assert bare_stack.procs["hung-worker"].poll() is None
 
         log = (bare_stack.workdir / "hung-worker.log").read_text(errors="replace")
-        assert "heartbeat stopped" in log
+        assert "heartbeat stopped" in log and "exiting for a fresh worker" in log
     finally:
         store.close()
         bare_stack.stop_process("hung-worker", signal.SIGKILL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +15,9 @@ from llamaq_protocol import ModelCard, WorkerInfo
 from llamaq_protocol import keys
 
 logger = logging.getLogger(__name__)
+
+# A loop stalled this many times STEP_STALL_S exits the process (its jobs were re-queued after the first).
+STALL_EXIT_FACTOR = 2
 
 
 def model_mapping(card_fields: dict, tokenizer_json: str) -> dict[str, str]:
@@ -48,7 +52,8 @@ class Heartbeat(threading.Thread):
     it beats only while the loop makes progress. A loop that has held jobs without finishing a step for
     `stall_s` (STEP_STALL_S) gets no more beats, and its entry is withdrawn at once, so the gateway's lost-worker
     sweep re-queues its jobs within a sweep and the container healthcheck (which reads the same entries) fails.
-    Should the loop move again, the beats resume (its old jobs are no longer its own: the job scripts refuse it).
+    Should the loop move again, the beats resume (its old jobs are no longer its own: the job scripts refuse it);
+    still stalled after STALL_EXIT_FACTOR times `stall_s`, the process exits for its supervisor to replace it.
     """
 
     def __init__(
@@ -91,6 +96,11 @@ class Heartbeat(threading.Thread):
             logger.error("the decoding loop has held jobs for %.0f s without finishing a step (STEP_STALL_S %.0f): "
                          "heartbeat stopped, so the lost-worker sweep re-queues its jobs", stalled_s, self._stall_s)
         self._withdraw()
+        if stalled_s > STALL_EXIT_FACTOR * self._stall_s:
+            # Its jobs went to other workers meanwhile; a process wedged for good (a hung kernel) must not sit on its
+            # GPU: exit, for the supervisor (compose's restart policy, Kubernetes) to start a fresh worker.
+            logger.error("the decoding loop is still stalled after %.0f s; exiting for a fresh worker", stalled_s)
+            os._exit(1)
         return True
 
     def beat(self) -> None:
