@@ -23,6 +23,7 @@ from llamaq_worker.batch_worker import BatchWorker
 from llamaq_worker.engines.base import EngineDead, StepOutput
 from llamaq_worker.metrics import WorkerMetrics
 from llamaq_worker.settings import WorkerSettings
+from private_redis import emptied
 
 
 class DyingEngine(FakeEngine):
@@ -43,10 +44,8 @@ class DyingEngine(FakeEngine):
 
 @pytest.fixture
 def r(lone_redis):
-    client = redis.Redis.from_url(lone_redis.env["REDIS_URL"])
-    client.flushall()
-    yield client
-    client.close()
+    with emptied(lone_redis.env["REDIS_URL"]) as client:
+        yield client
 
 
 def run_worker(r: redis.Redis, queue: Queue) -> BatchWorker:

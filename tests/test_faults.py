@@ -18,16 +18,22 @@ def kill_worker_mid_job(stack, client, job_id: str) -> None:
     stack.stop_process("worker", signal.SIGKILL)
 
 
+def requeued_then_done(stack, client, job_id: str) -> dict:
+    """The killed worker's job back in the queue (its start forgotten), then, a worker started again, succeeded."""
+    try:
+        requeued = wait_for_job_status(client, job_id, "queued", FAULT_WAIT_S)
+        assert requeued["started_at"] is None
+    finally:
+        stack.start_worker()  # whatever happens, the session stack keeps a worker for the tests after this one
+    done = client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
+    assert done["status"] == "succeeded", done
+    return done
+
+
 def test_killed_worker_job_is_requeued_and_succeeds_on_the_restarted_worker(stack, client, store):
     job = client.post("/v1/jobs", json=SHORT_COUNT).json()
     kill_worker_mid_job(stack, client, job["id"])
-    try:
-        requeued = wait_for_job_status(client, job["id"], "queued", FAULT_WAIT_S)
-        assert requeued["started_at"] is None
-    finally:
-        stack.start_worker()
-    done = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
-    assert done["status"] == "succeeded", done
+    done = requeued_then_done(stack, client, job["id"])
     assert done["output"]["text"].startswith("1")
     wait_for_rq_status(store, job["id"], "finished")
     stack.wait_ready(60)
@@ -42,13 +48,7 @@ def test_a_generation_whose_worker_was_killed_continues_where_it_stopped(stack, 
     wait_until(lambda: store.hget(f"llamaq:job:{job['id']}", "token_events") not in (None, b"0", b"1", b"2"),
                FAULT_WAIT_S, "a few tokens streamed")
     stack.stop_process("worker", signal.SIGKILL)
-    try:
-        requeued = wait_for_job_status(client, job["id"], "queued", FAULT_WAIT_S)
-        assert requeued["started_at"] is None
-    finally:
-        stack.start_worker()
-    done = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
-    assert done["status"] == "succeeded", done
+    done = requeued_then_done(stack, client, job["id"])
     events = [(e["event"], json.loads(e["data"])) for e in read_sse(client.get(f"/v1/jobs/{job['id']}/events"))]
     tokens = [data for name, data in events if name == "token"]
     assert [t["index"] for t in tokens] == list(range(len(tokens)))  # numbered on, nothing sent twice

@@ -22,6 +22,7 @@ from llamaq_worker.batch_worker import BatchWorker
 from llamaq_worker.engines.base import StepOutput
 from llamaq_worker.metrics import WorkerMetrics
 from llamaq_worker.settings import WorkerSettings
+from private_redis import emptied
 
 
 class OneTokenEngine(FakeEngine):
@@ -35,10 +36,8 @@ class OneTokenEngine(FakeEngine):
 
 @pytest.fixture
 def r(lone_redis):
-    client = redis.Redis.from_url(lone_redis.env["REDIS_URL"])
-    client.flushall()
-    yield client
-    client.close()
+    with emptied(lone_redis.env["REDIS_URL"]) as client:
+        yield client
 
 
 def foreign(queue: Queue, marker: Path) -> str:

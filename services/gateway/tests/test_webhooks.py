@@ -1,6 +1,7 @@
 """Webhook signing, address checks and the deliverer's handling of a URL that turned private, against real Redis."""
 
 import asyncio
+import contextlib
 import base64
 import json
 import time
@@ -141,16 +142,29 @@ async def _one_round(deliverer: WebhookDeliverer) -> int:
     return taken
 
 
+@contextlib.asynccontextmanager
+async def _delivering(redis_url, store, job_id: str, path: str, **settings):
+    """A receiver on a free port, the job's `completed` delivery to its `path` queued, and a deliverer with these
+    settings: (receiver, the delivery's member, deliverer), all closed afterwards."""
+    receiver = _Receiver()
+    port = await receiver.start()
+    member = _queue(store, job_id, f"http://127.0.0.1:{port}{path}")
+    aio = aioredis.Redis.from_url(redis_url)
+    deliverer = WebhookDeliverer(_settings(redis_url, **settings), aio)
+    try:
+        yield receiver, member, deliverer
+    finally:
+        await deliverer.http.aclose()
+        await aio.aclose()
+        receiver.server.close()
+
+
 def test_an_attempt_has_an_overall_deadline(redis_url, store) -> None:
     """A receiver that answers a byte at a time gets WEBHOOK_TIMEOUT_S for the whole attempt, not per read."""
 
     async def run() -> float:
-        receiver = _Receiver()
-        port = await receiver.start()
-        member = _queue(store, "slowjob", f"http://127.0.0.1:{port}/slow")
-        aio = aioredis.Redis.from_url(redis_url)
-        deliverer = WebhookDeliverer(_settings(redis_url, webhook_timeout_s=1), aio)
-        try:
+        async with _delivering(redis_url, store, "slowjob", "/slow", webhook_timeout_s=1) as (
+                receiver, member, deliverer):
             began = time.monotonic()
             assert await _one_round(deliverer) == 1
             took = time.monotonic() - began
@@ -159,10 +173,6 @@ def test_an_attempt_has_an_overall_deadline(redis_url, store) -> None:
             assert store.zscore(keys.WEBHOOKS_DUE, member) > time.time()
             assert int(store.hget(keys.WEBHOOK_ATTEMPTS, member)) == 1
             return took
-        finally:
-            await deliverer.http.aclose()
-            await aio.aclose()
-            receiver.server.close()
 
     took = asyncio.run(run())
     assert 0.9 <= took < 3, took  # the headers alone would take about 8 s
@@ -172,12 +182,8 @@ def test_at_most_64_kib_of_the_answer_is_read(redis_url, store) -> None:
     """A 2xx whose body never ends counts once its status is in; the attempt reads 64 KiB at most and hangs up."""
 
     async def run() -> None:
-        receiver = _Receiver()
-        port = await receiver.start()
-        member = _queue(store, "endlessjob", f"http://127.0.0.1:{port}/endless")
-        aio = aioredis.Redis.from_url(redis_url)
-        deliverer = WebhookDeliverer(_settings(redis_url, webhook_timeout_s=5), aio)
-        try:
+        async with _delivering(redis_url, store, "endlessjob", "/endless", webhook_timeout_s=5) as (
+                receiver, member, deliverer):
             began = time.monotonic()
             assert await _one_round(deliverer) == 1
             assert time.monotonic() - began < 3
@@ -185,10 +191,6 @@ def test_at_most_64_kib_of_the_answer_is_read(redis_url, store) -> None:
             await asyncio.sleep(0.3)
             # The receiver saw the connection closed long before it ran out of body (socket buffers aside).
             assert receiver.endless_sent < 16 * 1024 * 1024, receiver.endless_sent
-        finally:
-            await deliverer.http.aclose()
-            await aio.aclose()
-            receiver.server.close()
 
     asyncio.run(run())
 
@@ -197,13 +199,8 @@ def test_retries_outlive_the_job_record(redis_url, store) -> None:
     """The delivery keeps its own copy of the job object: after the record expires, retries send the same body."""
 
     async def run() -> None:
-        receiver = _Receiver()
-        port = await receiver.start()
-        member = _queue(store, "gonejob", f"http://127.0.0.1:{port}/fail")
-        aio = aioredis.Redis.from_url(redis_url)
-        settings = _settings(redis_url, webhook_backoff_s=0.05, webhook_retry_for_s=600)
-        deliverer = WebhookDeliverer(settings, aio)
-        try:
+        async with _delivering(redis_url, store, "gonejob", "/fail", webhook_backoff_s=0.05,
+                               webhook_retry_for_s=600) as (receiver, member, deliverer):
             assert await _one_round(deliverer) == 1
             copy = store.get(keys.webhook_payload(member))
             assert copy is not None
@@ -221,10 +218,6 @@ def test_retries_outlive_the_job_record(redis_url, store) -> None:
             store.zadd(keys.WEBHOOKS_DUE, {member: 0}, xx=True)
             assert await _one_round(deliverer) == 1
             assert receiver.requests[-1] == ("/ok", bodies[0])
-        finally:
-            await deliverer.http.aclose()
-            await aio.aclose()
-            receiver.server.close()
 
     asyncio.run(run())
     assert store.zcard(keys.WEBHOOKS_DUE) == 0 and store.hlen(keys.WEBHOOK_ATTEMPTS) == 0
@@ -235,22 +228,14 @@ def test_retries_end_after_webhook_retry_for_s(redis_url, store) -> None:
     """Counted from the first attempt (when the copy was taken), whether or not the record is still there."""
 
     async def run() -> None:
-        receiver = _Receiver()
-        port = await receiver.start()
-        member = _queue(store, "tiredjob", f"http://127.0.0.1:{port}/fail")
-        aio = aioredis.Redis.from_url(redis_url)
-        deliverer = WebhookDeliverer(_settings(redis_url, webhook_backoff_s=0.05, webhook_retry_for_s=0.5), aio)
-        try:
+        async with _delivering(redis_url, store, "tiredjob", "/fail", webhook_backoff_s=0.05,
+                               webhook_retry_for_s=0.5) as (receiver, member, deliverer):
             assert await _one_round(deliverer) == 1
             assert store.zscore(keys.WEBHOOKS_DUE, member) is not None
             await asyncio.sleep(0.6)
             store.zadd(keys.WEBHOOKS_DUE, {member: 0}, xx=True)
             assert await _one_round(deliverer) == 1
             assert len(receiver.requests) == 2
-        finally:
-            await deliverer.http.aclose()
-            await aio.aclose()
-            receiver.server.close()
 
     asyncio.run(run())
     assert store.zcard(keys.WEBHOOKS_DUE) == 0 and store.hlen(keys.WEBHOOK_ATTEMPTS) == 0
