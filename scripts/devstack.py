@@ -82,6 +82,8 @@ class Stack:
             GATEWAY_PORT=str(self.gateway_port),
             GATEWAY_HOST="127.0.0.1",
         )
+        # The Batch API's files beside Redis's data, which holds their records (`make dev`: kept across runs).
+        self.env.setdefault("FILES_DIR", str(self.redis_dir / "files"))
         # The worker's own Prometheus port: METRICS_PORT if given, else a free one (several stacks may run).
         self.env.setdefault("METRICS_PORT", str(free_port()))
         self.worker_metrics_port = int(self.env["METRICS_PORT"])

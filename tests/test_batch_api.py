@@ -5,7 +5,7 @@ restart in the middle of a batch."""
 from __future__ import annotations
 
 import json
-import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -244,3 +244,44 @@ def test_files_and_batches_are_listed_a_page_at_a_time_newest_first(paced_stack)
     page = client.batches.list(limit=1)
     assert [b.id for b in page.data] == [batches[1]] and page.has_more
     assert [b.id for b in client.batches.list(limit=1, after=batches[1]).data] == [batches[0]]
+
+
+def test_a_hundred_batches_in_progress_at_once_each_end_with_every_line_once(paced_stack) -> None:
+    """100 batches created together, all in progress at once: each input file is indexed once (its lines read by
+    offset as they are queued, never the whole file per round), every batch completes with each line answered
+    once, in input order, and the files' bytes lie in FILES_DIR, not in Redis."""
+    client = sdk(paced_stack, KEY_B)
+    count, per_batch = 100, 3
+    inputs = []
+    for b in range(count):
+        lines = [chat_line(f"b{b}-l{i}", f"batch {b} line {i}", max_tokens=4, ignore_eos=True)
+                 for i in range(per_batch)]
+        if b % 10 == 0:  # a bad line now and then goes to the error file, the batch goes on
+            lines.append(json.dumps({"custom_id": f"b{b}-l0", "method": "POST", "url": "/v1/chat/completions",
+                                     "body": {}}))
+        inputs.append(client.files.create(file=(f"many-{b}.jsonl", jsonl(lines)), purpose="batch"))
+    # 1,200 tokens at 20 tokens/s, 4 at a time: about 15 s of work, so all 100 are in progress together.
+    batches = [client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                     completion_window="24h") for uploaded in inputs]
+    in_progress = [client.batches.retrieve(b.id).status for b in batches]
+    assert sum(s in ("validating", "in_progress") for s in in_progress) >= count // 2, in_progress
+
+    for b, batch in enumerate(batches):
+        done = wait_for_batch(client, batch.id, ("completed",), timeout_s=240)
+        bad = 1 if b % 10 == 0 else 0
+        assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (
+            per_batch + bad, per_batch, bad), done
+        outputs = by_custom_id(client.files.content(done.output_file_id).text)
+        assert list(outputs) == [f"b{b}-l{i}" for i in range(per_batch)]
+        if bad:
+            error = json.loads(client.files.content(done.error_file_id).text)
+            assert "earlier line" in error["error"]["message"]  # custom_id b<n>-l0 is the first line's
+
+    files_dir = Path(paced_stack.env["FILES_DIR"])
+    on_disk = {p.name for p in files_dir.iterdir()}
+    assert {b.input_file_id for b in batches} | {b.input_file_id + ".lines" for b in batches} <= on_disk
+    store = redis.Redis.from_url(paced_stack.env["REDIS_URL"])
+    try:
+        assert not list(store.scan_iter(keys.file_content("*"), count=1000))
+    finally:
+        store.close()

@@ -176,7 +176,17 @@ def test_compose_redis_persists(config: dict) -> None:
     # A bound on its memory that refuses writes (503 store_full) rather than drop jobs or be OOM-killed.
     assert "--maxmemory 4gb" in command and "--maxmemory-policy noeviction" in command
     assert any(v["type"] == "volume" and v["target"] == "/data" for v in redis["volumes"])
-    assert {"redis-data", "models"} <= set(config["volumes"])
+    assert {"redis-data", "models", "files"} <= set(config["volumes"])
+
+
+def test_compose_gateway_keeps_files_on_a_volume(config: dict) -> None:
+    gateway = config["services"]["gateway"]
+    target = gateway["environment"]["FILES_DIR"]
+    assert any(v["type"] == "volume" and v["source"] == "files" and v["target"] == target
+               for v in gateway["volumes"])
+    # The image makes the mount point the gateway user's, which a fresh named volume copies.
+    assert f"mkdir -p {target} && chown 10001:10001 {target}" in (
+        ROOT / "services" / "gateway" / "Dockerfile").read_text()
 
 
 def _requirepass(redis: dict) -> str:

@@ -326,6 +326,13 @@ def test_gateway_pod_and_autoscaler(objects: list[dict]) -> None:
     assert gateway["resources"]["requests"]["cpu"]  # utilisation is measured against the request
     assert hpa["spec"]["minReplicas"] >= 2
 
+    # The Batch API's files: every replica mounts one ReadWriteMany claim where FILES_DIR points.
+    claim = next(v["persistentVolumeClaim"]["claimName"] for v in deployment["spec"]["template"]["spec"]["volumes"]
+                 if v["name"] == "files")
+    assert "ReadWriteMany" in _one(objects, "PersistentVolumeClaim", claim)["spec"]["accessModes"]
+    assert {"name": "files", "mountPath": env["FILES_DIR"]} in gateway["volumeMounts"]
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 10001
+
 
 def test_redis_persists(objects: list[dict]) -> None:
     redis = _one(objects, "StatefulSet", "redis")

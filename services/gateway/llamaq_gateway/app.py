@@ -28,6 +28,7 @@ from .routers import (
 )
 from .settings import GatewaySettings, get_settings
 from .batches import BatchDriver, BatchService
+from .file_blobs import FileBlobs
 from .files import FileStore
 from .sweeper import LostWorkerSweeper
 from .webhooks import WebhookDeliverer
@@ -144,7 +145,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         hub.start()
         await _warm_rq(app.state.jobs)
         sweeper = asyncio.create_task(LostWorkerSweeper(app.state.jobs).run_forever())
-        app.state.files = FileStore(aio, settings.file_ttl_s)
+        app.state.files = FileStore(aio, settings.file_ttl_s, FileBlobs(settings.files_dir))
         app.state.batches = BatchService(settings, aio, app.state.files)
         batch_driver = asyncio.create_task(BatchDriver(app.state.jobs, app.state.files).run_forever())
         # Only a deployment with a secret takes webhooks, so only then is there anything to deliver.

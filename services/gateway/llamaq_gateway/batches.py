@@ -61,8 +61,8 @@ LOCK_TTL_MS = 10_000
 SUBMIT_CHUNK = 200
 COLLECT_CHUNK = 500
 CANCEL_CHUNK = 500
-# Input files parsed and kept in memory by the driver (each parsed once, not once per round).
-PARSED_CACHE = 8
+# How often the driver removes the bytes of files whose record is gone (file_blobs.py).
+FILE_SWEEP_S = 600.0
 # A batch whose answered lines have not grown for this long, with every line submitted, is reconciled: each line
 # without a result whose job has ended (or expired) gets its line from the job itself, so no lost notice can leave a
 # batch unfinished.
@@ -260,39 +260,25 @@ class LineRefused(Exception):
 
 @dataclasses.dataclass
 class BatchInput:
-    """An input file's lines, each parsed (a dict, or the reason it is not a request), with custom ids checked."""
+    """A batch's input file as the driver reads it: its request lines counted once (the file's line index), each
+    line read and parsed only when it is queued (a dict, or the reason it is not a request)."""
 
-    entries: list[dict[str, Any] | str]
+    files: FileStore
+    file_id: str
+    count: int
 
-    @classmethod
-    def parse(cls, content: bytes) -> BatchInput:
-        entries: list[dict[str, Any] | str] = []
-        seen: set[str] = set()
-        for line in content.decode("utf-8").splitlines():
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError as exc:
-                entries.append(f"not JSON: {exc}")
-                continue
-            if not isinstance(entry, dict):
-                entries.append("a line must be a JSON object")
-                continue
-            custom_id = entry.get("custom_id")
-            if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 512:
-                entries.append("custom_id: a string of 1 to 512 characters is required")
-                continue
-            if custom_id in seen:
-                entries.append(f"custom_id: {custom_id!r} is used by an earlier line; each must be unique")
-                continue
-            seen.add(custom_id)
-            entries.append(entry)
-        return cls(entries)
+    async def entries(self, lines: range) -> list[dict[str, Any] | str] | None:
+        """The lines' entries; None when the file is gone."""
+        return await asyncio.to_thread(self.files.blobs.lines, self.file_id, lines.start, len(lines))
 
-    def request(self, line: int, endpoint: str) -> tuple[str, ChatCompletionRequest | CompletionRequest]:
-        """The line's custom id and its request body, or LineRefused."""
-        entry = self.entries[line]
+    async def custom_id(self, line: int) -> str | None:
+        entries = await self.entries(range(line, line + 1)) if 0 <= line < self.count else None
+        entry = entries[0] if entries else None
+        return entry.get("custom_id") if isinstance(entry, dict) else None
+
+    @staticmethod
+    def request(entry: dict[str, Any] | str, endpoint: str) -> tuple[str, ChatCompletionRequest | CompletionRequest]:
+        """A line's custom id and its request body, or LineRefused."""
         if isinstance(entry, str):
             raise LineRefused(entry)
         unknown = set(entry) - {"custom_id", "method", "url", "body"}
@@ -318,10 +304,6 @@ class BatchInput:
             message = f"{param or 'body'}: {first.get('msg')}"
             raise LineRefused(message, 422, error_body(422, "invalid_request", message, openai=True,
                                                        param=param)) from exc
-
-    def custom_id(self, line: int) -> str | None:
-        entry = self.entries[line] if line < len(self.entries) else None
-        return entry.get("custom_id") if isinstance(entry, dict) else None
 
 
 def result_line(batch_id: str, line: int, custom_id: str | None, *, status_code: int | None = None,
@@ -377,6 +359,7 @@ class BatchDriver:
         self._hold = self.aio.register_script(HOLD_LOCK_SCRIPT)
         self._trim = self.aio.register_script(TRIM_ENDED_SCRIPT)
         self._inputs: dict[str, BatchInput] = {}
+        self._next_sweep = 0.0
         # Batch id -> (its answered lines, when that count last changed), for `reconcile`.
         self._progress: dict[str, tuple[int, float]] = {}
 
@@ -394,19 +377,21 @@ class BatchDriver:
     async def round(self) -> None:
         while await self.collect_ended() == COLLECT_CHUNK:
             pass
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + FILE_SWEEP_S
+            removed = await self.files.sweep()
+            if removed:
+                logger.info("removed %d file(s) of FILES_DIR whose record is gone", removed)
         for batch_id in sorted(b.decode() for b in await self.aio.smembers(keys.BATCHES_ACTIVE)):
             await self.advance(batch_id)
 
     async def _input(self, batch_id: str, input_file_id: str) -> BatchInput | None:
         parsed = self._inputs.get(batch_id)
         if parsed is None:
-            content = await self.aio.get(keys.file_content(input_file_id))
-            if content is None:
+            count = await self.files.line_count(input_file_id)
+            if count is None:
                 return None
-            parsed = await asyncio.to_thread(BatchInput.parse, content)
-            if len(self._inputs) >= PARSED_CACHE:
-                self._inputs.pop(next(iter(self._inputs)))
-            self._inputs[batch_id] = parsed
+            parsed = self._inputs[batch_id] = BatchInput(self.files, input_file_id, count)
         return parsed
 
     async def collect_ended(self) -> int:
@@ -426,7 +411,7 @@ class BatchDriver:
                 if status is None or status.decode() not in RUNNING_STATUSES:
                     continue  # the batch ended (or expired) already
                 parsed = None if record else await self._input(batch_id, input_file_id.decode())
-                custom_id = parsed.custom_id(line_of(job_id)) if parsed else None
+                custom_id = await parsed.custom_id(line_of(job_id)) if parsed else None
                 kind, line = ended_line(batch_id, job_id, record, custom_id, endpoint.decode())
                 pipe.hset(keys.batch_lines(batch_id, kind), str(line_of(job_id)), line)
                 pipe.expire(keys.batch_lines(batch_id, kind), self.settings.file_ttl_s)
@@ -452,7 +437,7 @@ class BatchDriver:
             if parsed is None:
                 return
             await self.aio.hset(keys.batch(batch_id), mapping={
-                "status": "in_progress", "in_progress_at": int(time.time()), "total": len(parsed.entries)})
+                "status": "in_progress", "in_progress_at": int(time.time()), "total": parsed.count})
             return
         submitted, total = int(fields["submitted"]), int(fields.get("total") or 0)
         if status == "in_progress" and submitted < total:
@@ -505,7 +490,7 @@ class BatchDriver:
                 job_id = line_job_id(batch_id, line)
                 record = await self.aio.hgetall(keys.job(job_id))
                 parsed = None if record else await self._input(batch_id, fields["input_file_id"])
-                custom_id = parsed.custom_id(line) if parsed else None
+                custom_id = await parsed.custom_id(line) if parsed else None
                 kind, text = ended_line(batch_id, job_id, record, custom_id, fields["endpoint"])
                 await self.aio.hset(keys.batch_lines(batch_id, kind), str(line), text)
                 await self.aio.expire(keys.batch_lines(batch_id, kind), self.settings.file_ttl_s)
@@ -532,20 +517,25 @@ class BatchDriver:
             for line in lines:
                 pipe.exists(keys.job(line_job_id(batch_id, line)))
             queued_already = await pipe.execute()
+        entries = await parsed.entries(lines)
+        if entries is None:
+            await self._fail(batch_id, "file_not_found", f"input file {fields['input_file_id']} no longer exists")
+            return
         done = submitted
-        for line, exists in zip(lines, queued_already):
-            if not exists and not await self._queue_line(batch_id, fields, parsed, line):
+        for line, exists, entry in zip(lines, queued_already, entries):
+            if not exists and not await self._queue_line(batch_id, fields, entry, line):
                 break  # no worker ready, or the queue filled up: this line and the rest next round
             done = line + 1
             await asyncio.sleep(0)  # a chunk's prompts are tokenized here: let the requests of this process in
         await self.aio.hset(keys.batch(batch_id), "submitted", done)
 
-    async def _queue_line(self, batch_id: str, fields: dict[str, str], parsed: BatchInput, line: int) -> bool:
+    async def _queue_line(self, batch_id: str, fields: dict[str, str], entry: dict[str, Any] | str,
+                          line: int) -> bool:
         """Queues one line as a job, or writes its refusal to the error file; False when it must wait."""
         endpoint = fields["endpoint"]
-        custom_id = parsed.custom_id(line)
+        custom_id = entry.get("custom_id") if isinstance(entry, dict) else None
         try:
-            custom_id, req = parsed.request(line, endpoint)
+            custom_id, req = BatchInput.request(entry, endpoint)
             params, card, rendering = await prepare(req, self.jobs, self.settings)
             prompt_tokens = await self.jobs.check_params(params, card)
         except LineRefused as refused:
@@ -626,15 +616,18 @@ class BatchDriver:
             outputs, errors = await pipe.execute()
         owner, hex_id = fields["owner"], batch_id.removeprefix(BATCH_ID_PREFIX)
         ended = {"status": final, f"{final}_at": now, "completed_count": len(outputs), "failed_count": len(errors)}
-        async with self.aio.pipeline(transaction=True) as pipe:
-            for kind, lines in ((OUTPUT, outputs), (ERROR, errors)):
-                if not lines:
-                    continue
+        sizes = {}
+        for kind, lines in ((OUTPUT, outputs), (ERROR, errors)):
+            if lines:  # the bytes first (file_blobs.py): a crash before the transaction writes them again
                 ordered = sorted(lines.items(), key=lambda item: int(item[0]))
                 content = b"".join(line + b"\n" for _, line in ordered)
+                await asyncio.to_thread(self.files.blobs.write, f"file-{hex_id}-{kind}", content)
+                sizes[kind] = len(content)
+        async with self.aio.pipeline(transaction=True) as pipe:
+            for kind, size in sizes.items():
                 file_id = f"file-{hex_id}-{kind}"
                 stored_file_commands(pipe, file_id, owner, f"{batch_id}_{kind}.jsonl", PURPOSE_BATCH_OUTPUT,
-                                     content, self.settings.file_ttl_s, fields.get("list_owner") or owner)
+                                     size, self.settings.file_ttl_s, fields.get("list_owner") or owner)
                 ended[f"{kind}_file_id"] = file_id
             pipe.hset(keys.batch(batch_id), mapping=ended)
             pipe.srem(keys.BATCHES_ACTIVE, batch_id)

@@ -1,13 +1,14 @@
 """The Batch API's files (`/v1/files`): JSONL inputs uploaded by clients and the output and error files of batches.
 
-Files live in Redis, so they survive a restart exactly as jobs do (compose and k8s run Redis with its append-only
-file): metadata in a hash, the bytes in a string beside it, both expiring FILE_TTL_S after creation (OpenAI's
-`expires_at`), listed per owner in a sorted set by creation time. That suits the modest sizes of MAX_FILE_BYTES
-(32 MiB by default, 50,000 requests at most); larger inputs belong in several batches.
+Each file's metadata lives in Redis, so it survives a restart exactly as jobs do (compose and k8s run Redis with its
+append-only file): a hash expiring FILE_TTL_S after creation (OpenAI's `expires_at`), listed per owner in a sorted
+set by creation time. The bytes lie in FILES_DIR, a directory every gateway shares (file_blobs.py says why), written
+before the record and removed after it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -17,6 +18,7 @@ import redis.exceptions
 
 from llamaq_protocol import keys
 
+from .file_blobs import INDEX_SUFFIX, FileBlobs, request_lines
 from .errors import InvalidParameter, NotFound, PayloadTooLarge, StorageQuotaExceeded
 from .job_list import cursor_start
 
@@ -57,10 +59,10 @@ def check_batch_input(content: bytes, max_bytes: int, max_lines: int) -> int:
         raise PayloadTooLarge(f"file: {len(content)} bytes; at most {max_bytes} are accepted (MAX_FILE_BYTES)",
                               param="file")
     try:
-        text = content.decode("utf-8")
+        content.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidParameter(f"file: not UTF-8 text ({exc.reason} at byte {exc.start})", param="file") from exc
-    lines = sum(1 for line in text.splitlines() if line.strip())
+    lines = sum(1 for _ in request_lines(content))
     if lines == 0:
         raise InvalidParameter("file: no requests in it (one JSON request per line is expected)", param="file")
     if lines > max_lines:
@@ -70,17 +72,16 @@ def check_batch_input(content: bytes, max_bytes: int, max_lines: int) -> int:
 
 
 def stored_file_commands(
-    pipe, file_id: str, owner: str, filename: str, purpose: str, content: bytes, ttl_s: int, list_owner: str
+    pipe, file_id: str, owner: str, filename: str, purpose: str, size: int, ttl_s: int, list_owner: str
 ) -> dict[str, Any]:
-    """Queue a file's writes on `pipe` (a transaction of the caller's); returns its file object. `list_owner`: whose
-    list it appears in (Caller.list_owner)."""
+    """Queue the writes of a file's record on `pipe` (a transaction of the caller's; its bytes, `size` of them, are
+    in FileBlobs already); returns its file object. `list_owner`: whose list it appears in (Caller.list_owner)."""
     now = time.time()  # the index's score: to the microsecond, so files of one second keep their order
     created = int(now)
     record = {"owner": owner, "list_owner": list_owner, "filename": filename[:MAX_FILENAME_CHARS],
-              "purpose": purpose, "bytes": len(content), "created_at": created, "expires_at": created + ttl_s}
+              "purpose": purpose, "bytes": size, "created_at": created, "expires_at": created + ttl_s}
     pipe.hset(keys.file(file_id), mapping=record)
     pipe.expire(keys.file(file_id), ttl_s)
-    pipe.set(keys.file_content(file_id), content, ex=ttl_s)
     pipe.zadd(keys.owner_files(list_owner), {file_id: now})
     pipe.zremrangebyscore(keys.owner_files(list_owner), "-inf", now - ttl_s)
     pipe.expire(keys.owner_files(list_owner), ttl_s)
@@ -88,9 +89,10 @@ def stored_file_commands(
 
 
 class FileStore:
-    def __init__(self, aio, ttl_s: int):
+    def __init__(self, aio, ttl_s: int, blobs: FileBlobs):
         self.aio = aio
         self.ttl_s = ttl_s
+        self.blobs = blobs
 
     async def create(self, owner: str, filename: str, purpose: str, content: bytes,
                      file_id: str | None = None, list_owner: str | None = None, quota: int = 0) -> dict[str, Any]:
@@ -98,25 +100,31 @@ class FileStore:
         checked and written in one optimistic transaction on the caller's index, so concurrent uploads cannot
         pass it together."""
         list_owner = list_owner or owner
+        file_id = file_id or new_file_id()
         index = keys.owner_files(list_owner)
-        async with self.aio.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    if quota:
-                        await pipe.watch(index)
-                        kept = await self.stored_bytes(list_owner)
-                        if kept + len(content) > quota:
-                            raise StorageQuotaExceeded(
-                                f"file: this client keeps {kept} bytes of files already and may keep at most {quota} "
-                                "(MAX_FILE_STORAGE_BYTES); delete some (DELETE /v1/files/{id}) or wait for them to "
-                                "expire", param="file")
-                        pipe.multi()
-                    created = stored_file_commands(pipe, file_id or new_file_id(), owner, filename, purpose,
-                                                   content, self.ttl_s, list_owner)
-                    await pipe.execute()
-                    return created
-                except redis.exceptions.WatchError:
-                    continue  # another upload of the same client landed meanwhile: count again
+        await asyncio.to_thread(self.blobs.write, file_id, content)
+        try:
+            async with self.aio.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        if quota:
+                            await pipe.watch(index)
+                            kept = await self.stored_bytes(list_owner)
+                            if kept + len(content) > quota:
+                                raise StorageQuotaExceeded(
+                                    f"file: this client keeps {kept} bytes of files already and may keep at most "
+                                    f"{quota} (MAX_FILE_STORAGE_BYTES); delete some (DELETE /v1/files/{{id}}) or wait "
+                                    "for them to expire", param="file")
+                            pipe.multi()
+                        created = stored_file_commands(pipe, file_id, owner, filename, purpose, len(content),
+                                                       self.ttl_s, list_owner)
+                        await pipe.execute()
+                        return created
+                    except redis.exceptions.WatchError:
+                        continue  # another upload of the same client landed meanwhile: count again
+        except StorageQuotaExceeded:
+            await asyncio.to_thread(self.blobs.delete, file_id)
+            raise
 
     async def stored_bytes(self, list_owner: str) -> int:
         """Bytes of the live uploaded files in a client's list (batch outputs excluded)."""
@@ -141,10 +149,28 @@ class FileStore:
 
     async def content(self, file_id: str, owner: str) -> bytes:
         await self.record(file_id, owner)
-        content = await self.aio.get(keys.file_content(file_id))
-        if content is None:  # expired between the two reads
+        content = await self.stored_content(file_id)
+        if content is None:  # deleted between the two reads
             raise NotFound(f"no file {file_id!r}", param="file_id")
         return content
+
+    async def stored_content(self, file_id: str) -> bytes | None:
+        """A file's bytes, or None. A file uploaded before FILES_DIR existed has them in Redis: moved here on first
+        read."""
+        content = await asyncio.to_thread(self.blobs.read, file_id)
+        if content is None:
+            legacy = await self.aio.get(keys.file_content(file_id))
+            if legacy is not None:
+                await asyncio.to_thread(self.blobs.write, file_id, legacy)
+                await self.aio.delete(keys.file_content(file_id))
+            content = legacy
+        return content
+
+    async def line_count(self, file_id: str) -> int | None:
+        """A batch input's request lines (FileBlobs.line_count); None when its record or bytes are gone."""
+        if not await self.aio.exists(keys.file(file_id)) or await self.stored_content(file_id) is None:
+            return None
+        return await asyncio.to_thread(self.blobs.line_count, file_id)
 
     async def delete(self, file_id: str, owner: str) -> dict[str, Any]:
         record = await self.record(file_id, owner)
@@ -152,7 +178,22 @@ class FileStore:
             pipe.delete(keys.file(file_id), keys.file_content(file_id))
             pipe.zrem(keys.owner_files((record.get(b"list_owner") or owner.encode()).decode()), file_id)
             await pipe.execute()
+        await asyncio.to_thread(self.blobs.delete, file_id)
         return {"id": file_id, "object": "file", "deleted": True}
+
+    async def sweep(self) -> int:
+        """Removes the bytes of files whose record is gone (FileBlobs.sweep); how many entries it removed."""
+        names = await asyncio.to_thread(self.blobs.names)
+        ids = sorted({name.removesuffix(INDEX_SUFFIX) for name, _ in names if FILE_ID_PATTERN.fullmatch(
+            name.removesuffix(INDEX_SUFFIX))})
+        recorded: set[str] = set()
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start:start + 1000]
+            async with self.aio.pipeline(transaction=False) as pipe:
+                for file_id in chunk:
+                    pipe.exists(keys.file(file_id))
+                recorded.update(i for i, found in zip(chunk, await pipe.execute()) if found)
+        return await asyncio.to_thread(self.blobs.sweep, recorded, names)
 
     async def list(self, owner: str, purpose: str | None, limit: int, after: str | None,
                    list_owner: str | None = None) -> dict[str, Any]:

@@ -82,8 +82,11 @@ class GatewaySettings(BaseSettings):
     # how long files (inputs, outputs) and batches are kept after creation.
     max_file_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     # Bytes of uploaded files one key (with the API open, one address) may keep at once (0: no bound); the Batch
-    # API's output files do not count. Files live in Redis: keep the sum of these below its maxmemory.
+    # API's output files do not count.
     max_file_storage_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    # Where the files' bytes lie (their records are in Redis): a directory every gateway process shares, a volume in
+    # compose and Kubernetes (file_blobs.py says why not Redis).
+    files_dir: str = "/data/files"
     max_batch_requests: int = Field(default=50_000, ge=1)
     file_ttl_s: int = Field(default=30 * 24 * 3600, ge=60)
 

@@ -65,11 +65,12 @@ def owner_jobs(owner: str) -> str:
 
 
 def file(file_id: str) -> str:
-    """A Batch API file's metadata (a hash); its bytes are under `file_content`."""
+    """A Batch API file's record (a hash); its bytes lie in the gateway's FILES_DIR (file_blobs.py)."""
     return f"{PREFIX}:file:{file_id}"
 
 
 def file_content(file_id: str) -> str:
+    """Where a file uploaded before FILES_DIR keeps its bytes, until its first read moves them (FileStore)."""
     return f"{PREFIX}:file:{file_id}:content"
 
 
