@@ -4,11 +4,12 @@ a command whose connection broke; the worker retries until Redis answers), so ea
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import redis
 
-from llamaq_protocol import keys
+from llamaq_protocol import JobError, keys
 from llamaq_protocol.records import (
     CANCEL_SCRIPT,
     CLAIM_SCRIPT,
@@ -18,6 +19,7 @@ from llamaq_protocol.records import (
     claim_keys,
     end_keys,
     event_data,
+    job_from_record,
     reclaim_keys,
     tokens_call,
 )
@@ -223,3 +225,26 @@ def test_a_requeue_that_cannot_resume_drops_the_void_tokens(r):
     assert reclaim(r, "handback") == b"requeued"
     assert token_texts(r) == [] and r.hget(keys.job(JOB), "token_events") is None
     assert claim(r, worker="other:2") == b"claimed"
+
+
+NOW = "2026-12-05T12:00:00+00:00"
+
+
+def test_a_job_past_its_deadline_never_starts_and_its_cancel_says_why(r):
+    r.hset(keys.job(JOB), mapping={"deadline": f"{time.time() - 1:.3f}", "created_at": NOW})
+    assert claim(r) == b"expired"
+    assert r.hget(keys.job(JOB), "status") == b"queued" and not r.hexists(keys.job(JOB), "attempts")
+    reason = JobError(type="deadline_exceeded", message="passed").model_dump_json()
+    for _ in range(2):  # the sweep's call re-sent: the second sees the job canceled already
+        r.eval(CANCEL_SCRIPT, len(end_keys(JOB)), *end_keys(JOB), NOW, JOB, 60, reason)
+    job = job_from_record(JOB, r.hgetall(keys.job(JOB)))
+    assert job.status.value == "canceled" and job.error.type == "deadline_exceeded"
+    assert r.hget(keys.STATS, "canceled") == b"1"
+
+
+def test_a_deadline_still_ahead_lets_the_claim_through_and_a_plain_cancel_gives_no_error(r):
+    r.hset(keys.job(JOB), mapping={"deadline": f"{time.time() + 60:.3f}", "created_at": NOW})
+    assert claim(r) == b"claimed"
+    r.hset(keys.job(JOB), mapping={"status": "queued", "started_at": NOW})
+    r.eval(CANCEL_SCRIPT, len(end_keys(JOB)), *end_keys(JOB), NOW, JOB, 60)
+    assert job_from_record(JOB, r.hgetall(keys.job(JOB))).error is None

@@ -339,6 +339,9 @@ def ended_line(batch_id: str, job_id: str, record: dict[bytes, bytes], custom_id
         body = error_body(500, error.type if error else "internal_error",
                           error.message if error else "the job failed", openai=True)
         return ERROR, result_line(batch_id, line, custom_id, status_code=500, body=body, request_id=job_id)
+    if job.error and job.error.type == "deadline_exceeded":  # its job's deadline: the batch's completion window
+        return ERROR, result_line(batch_id, line, custom_id, error={
+            "code": "batch_expired", "message": "the batch's completion window ended before the line finished"})
     return ERROR, result_line(batch_id, line, custom_id, error={
         "code": "batch_cancelled", "message": "the line was canceled before it finished (batch cancelled or "
                                               "expired, or its job canceled)"})
@@ -555,7 +558,7 @@ class BatchDriver:
         try:
             await self.jobs.enqueue(
                 params, fields["owner"], None, None, Priority.batch, job_id=line_job_id(batch_id, line),
-                caller=batch_caller(fields), prompt_tokens=prompt_tokens,
+                caller=batch_caller(fields), prompt_tokens=prompt_tokens, deadline=float(fields["expires_at"]),
                 record_extra={"batch": batch_id, "batch_custom_id": custom_id, "batch_render": json.dumps(render)},
             )
         except LlamaqError as exc:  # the batch queue filled meanwhile

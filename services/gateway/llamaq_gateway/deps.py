@@ -5,6 +5,8 @@ All `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thr
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -13,7 +15,7 @@ from llamaq_protocol import keys
 
 from .batches import BatchService
 from .callers import Caller, Keyring, open_caller, state_headers
-from .errors import Unauthorized
+from .errors import InvalidParameter, Unauthorized
 from .files import FileStore
 from .jobs import JobService
 from .limits import StreamSlots
@@ -92,3 +94,31 @@ StreamSlotsDep = Annotated[StreamSlots, Depends(_stream_slots)]
 # answer waits on it, or replays it); with another body it is 400. A `str` with a None default at the use sites, so
 # the schema says "a string, or leave it out".
 IdempotencyKeyDep = Annotated[str, Header(max_length=256, description="the same key and body give the same job")]
+
+# `Cancel-After` (Replicate's header) on every submit route: how long the job may take from its submission, as seconds
+# or a duration of number-unit parts ("90", "30s", "5m", "1h30m", "1.5h"; ms, s, m, h, d). Past it a queued job never
+# starts and a running one stops: `canceled`, with `error.type` "deadline_exceeded".
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> float:
+    """A Cancel-After value in seconds, or InvalidParameter."""
+    text = text.strip()
+    seconds = float(text) if re.fullmatch(r"\d+(?:\.\d+)?", text) else None
+    if seconds is None and text and _DURATION_PART.sub("", text) == "":
+        seconds = sum(float(n) * _UNIT_S[unit] for n, unit in _DURATION_PART.findall(text))
+    if not seconds or seconds <= 0:
+        raise InvalidParameter(f"Cancel-After: {text!r} is not a positive duration (seconds, or e.g. 30s, 5m, 1h30m)",
+                               param="Cancel-After")
+    return seconds
+
+
+async def _deadline(
+    cancel_after: Annotated[str, Header(max_length=64, description="cancel the job this long after submission "
+                                                                   "(seconds, or 30s, 5m, 1h30m)")] = None,
+) -> float | None:
+    return None if cancel_after is None else time.time() + duration_s(cancel_after)
+
+
+DeadlineDep = Annotated[float | None, Depends(_deadline)]

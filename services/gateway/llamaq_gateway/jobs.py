@@ -32,7 +32,8 @@ from .constraints import check_constraints
 from .event_hub import EventHub
 from .job_list import INDEX_TTL_S, queue_positions
 from .errors import (
-    IdempotencyConflict, InvalidRequest, JobNotFound, NoReadyWorker, PromptTooLong, QueueFull, RateLimited,
+    IdempotencyConflict, InvalidParameter, InvalidRequest, JobNotFound, NoReadyWorker, PromptTooLong, QueueFull,
+    RateLimited,
 )
 from .prompt_tokens import PromptCounter
 from .settings import GatewaySettings
@@ -163,12 +164,13 @@ class JobService:
         priority: Priority = Priority.interactive,
         webhook: dict[str, str] | None = None,
         caller: Caller | None = None,
+        deadline: float | None = None,
     ) -> Job:
         """`webhook`: the record fields of the job's webhook (JobRequest.webhook_record). With an `idempotency_key`
-        the same key and body give the same job (a different body is 400)."""
+        the same key and body give the same job (a different body is 400). `deadline`: see `enqueue`."""
         prompt_tokens = await self.check_params(params, card)
         job_id, _ = await self.enqueue(params, owner, request_id, idempotency_key, priority, webhook, caller=caller,
-                                       prompt_tokens=prompt_tokens)
+                                       prompt_tokens=prompt_tokens, deadline=deadline)
         return await self.get(job_id, owner)
 
     async def submit_and_wait(
@@ -182,12 +184,13 @@ class JobService:
         webhook: dict[str, str] | None = None,
         idempotency_key: str | None = None,
         caller: Caller | None = None,
+        deadline: float | None = None,
     ) -> Job:
         """Queue a job and wait for it (see `wait`), reading its events from the moment it was queued; a retry under
         the same `idempotency_key` waits on the job its first try queued."""
         prompt_tokens = await self.check_params(params, card)
         job_id, queued_event_id = await self.enqueue(params, owner, request_id, idempotency_key, priority, webhook,
-                                                     caller=caller, prompt_tokens=prompt_tokens)
+                                                     caller=caller, prompt_tokens=prompt_tokens, deadline=deadline)
         return await self.wait(job_id, owner, timeout_s, since=queued_event_id)
 
     async def enqueue(
@@ -203,6 +206,7 @@ class JobService:
         body: str = "",
         caller: Caller | None = None,
         prompt_tokens: int = 0,
+        deadline: float | None = None,
     ) -> tuple[str, bytes | None]:
         """Queue a job whose parameters `check_params` accepted (`prompt_tokens`: its count): the new job's id, and
         the id of its `queued` event. Should `idempotency_key` already name a job of this owner for the same body,
@@ -215,8 +219,13 @@ class JobService:
 
         `job_id`: the caller's own (the Batch API's, one per line); `record_extra`: more fields of its record (the
         webhook's, a batch line's); `body`: more of the request an `idempotency_key` is bound to; `caller`: who is
-        asking (scheduled, limited and counted as such); without one, the owner alone (the Batch API's driver)."""
+        asking (scheduled, limited and counted as such); without one, the owner alone (the Batch API's driver).
+        `deadline` (Unix time): past it the job never starts, or stops, and ends `canceled` (the sweep's
+        `_cancel_past_deadlines`, CLAIM_SCRIPT); not part of the body an Idempotency-Key is bound to (a retry's
+        `Cancel-After` gives another time)."""
         caller = caller or system_caller(owner)
+        if deadline is not None and deadline <= time.time():
+            raise InvalidParameter("deadline: it has passed already", param="deadline")
         digest = _digest(params, priority, webhook, body) if idempotency_key else ""
         if idempotency_key:
             existing = await self._idempotent_job(params, owner, idempotency_key, priority, webhook, body)
@@ -236,6 +245,8 @@ class JobService:
                   "account": caller.account, "prompt_tokens": str(prompt_tokens), "cost": str(cost),
                   "resumable": "1" if params.resumable() else "0",
                   "fq_hold": queue.intermediate_queue_key}
+        if deadline is not None:
+            record["deadline"] = f"{deadline:.3f}"
         base = self.settings.queue_name
         # Each priority has its own bound, so a batch backlog never refuses an interactive submission.
         bound = self.settings.max_batch_queue if priority is Priority.batch else self.settings.max_queue

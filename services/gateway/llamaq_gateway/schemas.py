@@ -4,7 +4,7 @@ the wire models live in llamaq_protocol."""
 from typing import Annotated, Any, Literal
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from llamaq_protocol import ErrorBody, GenerationParams, Priority
 
@@ -77,6 +77,16 @@ class JobRequest(WebhookFields, GenerationParams):
         default=Priority.interactive,
         description="interactive jobs are claimed before every queued batch one; batch jobs fill the remaining room",
     )
+    deadline: AwareDatetime | None = Field(
+        default=None,
+        description="past this time (ISO 8601, or Unix seconds) the job never starts, or stops: `canceled`, with "
+                    "`error.type` deadline_exceeded (the `Cancel-After` header does the same, from submission)",
+    )
+
+    def deadline_with(self, cancel_after: float | None) -> float | None:
+        """The job's deadline as Unix time: the earlier of `deadline` and the Cancel-After header's."""
+        times = [t for t in (self.deadline.timestamp() if self.deadline else None, cancel_after) if t is not None]
+        return min(times) if times else None
 
     def generation_params(self) -> GenerationParams:
         """The parameters alone, as the client set them (the job's own fields left out)."""

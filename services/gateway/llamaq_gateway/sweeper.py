@@ -8,7 +8,11 @@ A Redis that has just (re)started holds heartbeats that are old only because no 
 was down: nothing is judged until it has been up for `WORKER_STALE_S`, so a Redis restart costs no job an
 attempt. (A worker that stays cut off longer does lose its jobs, and drops them when it is back.)
 
-The sweep also rescues a job a worker popped but never claimed (it died between RQ's dequeue, which moves the id
+The sweep also cancels the jobs whose deadline has passed (`Cancel-After`, `deadline`): a queued one ends
+`canceled` at once, a running one is stopped by its worker at its next step (CLAIM_SCRIPT refuses to start one in
+between), each with `error.type` "deadline_exceeded".
+
+It also rescues a job a worker popped but never claimed (it died between RQ's dequeue, which moves the id
 to the queue's intermediate list, and the claim): still `queued` in its record yet in no queue, it would wait
 forever. One seen there, unclaimed, for `WORKER_STALE_S` goes back to the front of the queue.
 """
@@ -19,6 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
+from datetime import datetime, timezone
 
 import anyio
 from rq import Queue
@@ -27,7 +32,7 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from llamaq_protocol import JobError, Priority, keys, utc_now
-from llamaq_protocol.records import RECLAIM_SCRIPT, RETURN_SCRIPT, reclaim_keys
+from llamaq_protocol.records import CANCEL_SCRIPT, RECLAIM_SCRIPT, RETURN_SCRIPT, end_keys, reclaim_keys
 
 from .jobs import JobService
 
@@ -36,6 +41,9 @@ logger = logging.getLogger(__name__)
 # Heartbeat entries older than this are dropped from the workers set: each worker start has a name of its own, so a
 # worker that died without saying goodbye would otherwise stay in it for good (readers only count fresh ones).
 STALE_WORKER_ENTRY_S = 3600
+# Jobs past their deadline canceled per sweep (the rest next sweep).
+DEADLINE_CHUNK = 500
+DEADLINE_EXCEEDED = "deadline_exceeded"
 
 
 class LostWorkerSweeper:
@@ -66,6 +74,7 @@ class LostWorkerSweeper:
         if uptime < self.settings.worker_stale_s:
             return []  # the workers have not had the time to beat since Redis came back
         await aio.zremrangebyscore(keys.WORKERS, "-inf", time.time() - STALE_WORKER_ENTRY_S)
+        await self._cancel_past_deadlines()
         outcomes = [(job_id, "requeued") for job_id in await self._rescue_stranded()]
         for job_id, worker, queue in await self._jobs_of_lost_workers():
             # Before the re-queue, so a worker that takes the job at once keeps its own entry.
@@ -77,6 +86,30 @@ class LostWorkerSweeper:
                     await anyio.to_thread.run_sync(self._end_in_rq, job_id, outcome, queue)
                 logger.warning("job %s: worker %s lost; %s", job_id, worker, outcome, extra={"job_id": job_id})
         return outcomes
+
+    async def _cancel_past_deadlines(self) -> list[str]:
+        """Cancels the jobs whose deadline has passed (a queued one ends at once; a running one is flagged for its
+        worker), each with its reason; returns those that were still queued or running."""
+        aio = self.jobs.aio
+        due = await aio.zrangebyscore(keys.DEADLINES, "-inf", time.time(), start=0, num=DEADLINE_CHUNK,
+                                      withscores=True)
+        if not due:
+            return []
+        cancel = aio.register_script(CANCEL_SCRIPT)
+        now = utc_now().isoformat()
+        stopped = []
+        for raw_id, deadline in due:
+            job_id = raw_id.decode()
+            when = datetime.fromtimestamp(deadline, timezone.utc).isoformat()
+            reason = JobError(type=DEADLINE_EXCEEDED, message=f"the job's deadline ({when}) passed before it ended")
+            outcome = await cancel(keys=end_keys(job_id),
+                                   args=[now, job_id, self.settings.result_ttl_s, reason.model_dump_json()])
+            if outcome in (b"canceled", b"running"):
+                stopped.append(job_id)
+                logger.info("job %s: deadline passed; %s", job_id, "canceled" if outcome == b"canceled" else
+                            "stopping", extra={"job_id": job_id})
+        await aio.zrem(keys.DEADLINES, *(raw_id for raw_id, _ in due))
+        return stopped
 
     def _queue_of(self, priority: bytes | None):
         """The RQ queue a job of this (recorded) priority waits in, so a re-queue puts it back on its own."""

@@ -20,6 +20,8 @@ def queue_names(base: str) -> list[str]:
 
 
 CANCEL_REQUESTS = f"{PREFIX}:cancel"
+# Jobs with a deadline (a sorted set, scored by it): the sweep cancels each once it has passed.
+DEADLINES = f"{PREFIX}:deadlines"
 # Jobs a worker holds right now; swept for jobs whose worker stopped sending heartbeats.
 RUNNING = f"{PREFIX}:running"
 # Held by the one gateway process that runs the lost-worker sweep at a time.

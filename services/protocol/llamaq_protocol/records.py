@@ -148,8 +148,9 @@ FAIR_LUA = (FAIR_LUA.replace("@SERVICE@", keys.FAIR_SERVICE).replace("@RUNNING@"
             .replace("@WEIGHT@", keys.FAIR_WEIGHT).replace("@USAGE@", keys.usage("")))
 
 # KEYS: job, events, running set, webhooks due. ARGV: started_at, worker name, job id.
-# Returns "claimed", "resumed" (the job has token events of an earlier attempt: continue from them), or the status
-# that prevented it. The running set is what the lost-worker sweep scans.
+# Returns "claimed", "resumed" (the job has token events of an earlier attempt: continue from them), "expired" (its
+# deadline has passed: it never starts, and the sweep cancels it), or the status that prevented it. The running set
+# is what the lost-worker sweep scans.
 # Every script here may run twice for one call: redis-py re-sends a command whose connection broke, and the
 # worker retries until Redis answers. So each is idempotent for its caller: a second claim by the same worker
 # is "claimed" again (one attempt counted), a second finish with the same finished_at is "finished".
@@ -158,6 +159,8 @@ local s = redis.call('HGET', KEYS[1], 'status')
 local claimed = tonumber(redis.call('HGET', KEYS[1], 'token_events') or '0') > 0 and 'resumed' or 'claimed'
 if s == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[2] then return claimed end
 if s ~= 'queued' then return s or 'missing' end
+local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline') or '')
+if deadline and now_ms() >= deadline * 1000 then return 'expired' end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 local f = redis.call('HMGET', KEYS[1], 'client', 'prompt_tokens')
@@ -172,13 +175,17 @@ return claimed
 """
 
 # KEYS: those of `end_keys` (job, events, cancel set, running set (unused), stats, webhooks due, batch jobs ended).
-# ARGV: finished_at, job id, ttl seconds.
+# ARGV: finished_at, job id, ttl seconds, and optionally why (a JobError's JSON: the job's `error` once canceled).
 # Returns "canceled" (was queued), "running" (flagged for the worker) or the terminal status.
 CANCEL_SCRIPT = NOTIFY_LUA + FAIR_LUA + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
+if (s == 'queued' or s == 'running') and ARGV[4] and ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'cancel_reason', ARGV[4])
+end
 if s == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1])
+  redis.call('ZREM', '@DEADLINES@', ARGV[2])
   fair_remove(KEYS[1], ARGV[2])
   fair_settle(KEYS[1])
   redis.call('HINCRBY', KEYS[5], 'canceled', 1)
@@ -194,7 +201,7 @@ if s == 'running' then
   return 'running'
 end
 return s
-"""
+""".replace("@DEADLINES@", keys.DEADLINES)
 
 # KEYS: those of `end_keys`. ARGV: status, finished_at, output json or "", error json or "", ttl, job id, worker
 # name. Only the worker that holds the job may finish it: one whose job was given away as
@@ -208,6 +215,7 @@ end
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[7] then return 'lost' end
 redis.call('SREM', KEYS[3], ARGV[6])
 redis.call('SREM', KEYS[4], ARGV[6])
+redis.call('ZREM', '@DEADLINES@', ARGV[6])
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
 fair_release(KEYS[1])
 fair_settle(KEYS[1])
@@ -220,7 +228,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 notify(KEYS[6], KEYS[1], ARGV[6], ARGV[1] == 'succeeded' and 'completed' or ARGV[1], KEYS[7])
 return 'finished'
-"""
+""".replace("@DEADLINES@", keys.DEADLINES)
 
 # KEYS: those of `end_keys`, then the RQ queue and the RQ job hash. ARGV: worker name believed lost, max attempts,
 # finished_at, error json, ttl, job id, and optionally "handback". A job still held by that
@@ -441,6 +449,7 @@ local record = cjson.decode(ARGV[4])
 local fields = {}
 for k, v in pairs(record) do fields[#fields + 1] = k; fields[#fields + 1] = v end
 redis.call('HSET', KEYS[1], unpack(fields))
+if record['deadline'] then redis.call('ZADD', '@DEADLINES@', record['deadline'], job_id) end
 redis.call('HSET', KEYS[1], 'fq_tier', tier, 'client', client, 'weight', weight)
 if not over_by and tokens then redis.call('HSET', KEYS[1], 'rl', KEYS[5], 'reserved', cost) end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
@@ -465,7 +474,8 @@ if record['account'] and record['account'] ~= client then
 end
 fair_push(KEYS[1], job_id, false)
 return rate_state({'queued', event_id, tier})
-""".replace("@MAX_RUNNING@", keys.FAIR_MAX_RUNNING).replace("@USAGE@", keys.usage(""))
+""".replace("@MAX_RUNNING@", keys.FAIR_MAX_RUNNING).replace("@USAGE@", keys.usage("")).replace(
+    "@DEADLINES@", keys.DEADLINES)
 
 
 def end_keys(job_id: str) -> list[str]:
@@ -510,6 +520,15 @@ def new_record(
     return record
 
 
+def _error(status: JobStatus, error: str | None, cancel_reason: str | None) -> JobError | None:
+    """A failed job's error; a canceled one's reason when something other than a client canceled it (a deadline)."""
+    if status is JobStatus.failed and error:
+        return JobError.model_validate_json(error)
+    if status is JobStatus.canceled and cancel_reason:
+        return JobError.model_validate_json(cancel_reason)
+    return None
+
+
 def job_from_record(job_id: str, record: Mapping[str | bytes, str | bytes], position: int | None = None) -> Job:
     fields = {_text(k): _text(v) for k, v in record.items()}
     status = JobStatus(fields["status"])
@@ -524,7 +543,7 @@ def job_from_record(job_id: str, record: Mapping[str | bytes, str | bytes], posi
         started_at=fields.get("started_at") or None,
         finished_at=fields.get("finished_at") or None,
         output=JobOutput.model_validate_json(output) if output else None,
-        error=JobError.model_validate_json(error) if error and status is JobStatus.failed else None,
+        error=_error(status, error, fields.get("cancel_reason")),
     )
 
 

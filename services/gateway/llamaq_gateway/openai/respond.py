@@ -37,19 +37,21 @@ async def respond(
     idempotency_key: str | None = None,
     request: Request | None = None,
     caller: Caller | None = None,
+    deadline: float | None = None,
 ) -> Response:
     """Submit through the queue; then stream the job, or wait for it and answer the completion object. Either
     counts against the client's cap on open streams and waits (checked before anything is queued). A retry under
     the same `idempotency_key` gets the job its first try queued: streamed from its start, or waited on.
 
     With `request` (the HTTP request), a client that disconnects first has its job canceled (disconnect.py).
-    `caller`: who is asking (its key's fair share and limits)."""
+    `caller`: who is asking (its key's fair share and limits); `deadline`: its Cancel-After (JobService.enqueue)."""
     params, card, rendering = await prepare(req, jobs, settings)
     cancel_on_disconnect = request is not None and disconnect.applies(settings, idempotency_key)
     if req.stream:
         release = slots.take()
         try:
-            job = await jobs.submit(params, owner, request_id, idempotency_key, card=card, caller=caller)
+            job = await jobs.submit(params, owner, request_id, idempotency_key, card=card, caller=caller,
+                                    deadline=deadline)
         except BaseException:
             release()
             raise
@@ -61,14 +63,15 @@ async def respond(
         if cancel_on_disconnect:
             # submit_and_wait in two steps, the job's id being needed while it is waited on. Its events are read from
             # the stream's start (START: no later than the state `submit` read), as the one just queued has few.
-            job = await jobs.submit(params, owner, request_id, idempotency_key, card=card, caller=caller)
+            job = await jobs.submit(params, owner, request_id, idempotency_key, card=card, caller=caller,
+                                    deadline=deadline)
             waiting = jobs.wait(job.id, owner, settings.max_generate_wait_s, since=START.encode())
             job = await disconnect.wait_or_cancel(request, waiting, jobs, job.id, owner)
             if job is None:
                 return Response(status_code=499)  # nginx's "client closed request"; no one reads it
         else:
             job = await jobs.submit_and_wait(params, owner, request_id, settings.max_generate_wait_s, card=card,
-                                             idempotency_key=idempotency_key, caller=caller)
+                                             idempotency_key=idempotency_key, caller=caller, deadline=deadline)
     if job.status is JobStatus.failed:
         raise JobFailed.of(job)
     if not job.status.is_terminal():

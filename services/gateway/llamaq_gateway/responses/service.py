@@ -30,7 +30,8 @@ ECHOED = tuple(render.ECHOED)
 
 async def create(req: ResponsesRequest, jobs: JobService, owner: str, request_id: str | None,
                  settings: GatewaySettings, slots: StreamSlots, idempotency_key: str | None = None,
-                 http_request: Request | None = None, caller: Caller | None = None) -> Response:
+                 http_request: Request | None = None, caller: Caller | None = None,
+                 deadline: float | None = None) -> Response:
     """A retry under the same `idempotency_key` (and body) gets the response its first try created: streamed from
     its start, answered as it is now, or waited on. With `http_request`, a client that disconnects
     before a response without `background` is complete has its job canceled (disconnect.py); a background one is
@@ -62,7 +63,7 @@ async def create(req: ResponsesRequest, jobs: JobService, owner: str, request_id
         nonlocal response_id
         response_id, queued = await jobs.enqueue(
             params, owner, request_id, idempotency_key, priority, webhook, job_id=response_id, record_extra=extra,
-            body=req.model_dump_json(), caller=caller, prompt_tokens=prompt_tokens)
+            body=req.model_dump_json(), caller=caller, prompt_tokens=prompt_tokens, deadline=deadline)
         return queued
 
     cancel_on_disconnect = (http_request is not None and not req.background

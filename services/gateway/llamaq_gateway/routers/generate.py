@@ -5,7 +5,7 @@ from fastapi.responses import JSONResponse
 
 from llamaq_protocol import Job
 
-from ..deps import CallerDep, IdempotencyKeyDep, JobsDep, RequestIdDep, StreamSlotsDep
+from ..deps import CallerDep, DeadlineDep, IdempotencyKeyDep, JobsDep, RequestIdDep, StreamSlotsDep
 from ..schemas import GenerateRequest, error_responses
 from ..webhooks import check_submission
 
@@ -23,13 +23,14 @@ router = APIRouter(tags=["jobs"])
 )
 async def generate(
     body: GenerateRequest, jobs: JobsDep, caller: CallerDep, request_id: RequestIdDep, slots: StreamSlotsDep,
-    idempotency_key: IdempotencyKeyDep = None,
+    cancel_after: DeadlineDep, idempotency_key: IdempotencyKeyDep = None,
 ) -> JSONResponse:
     await check_submission(jobs.settings, body.webhook)
     with slots.hold():
         job = await jobs.submit_and_wait(body.generation_params(), caller.owner, request_id, body.wait_s,
                                          priority=body.priority, webhook=body.webhook_record(),
-                                         idempotency_key=idempotency_key, caller=caller)
+                                         idempotency_key=idempotency_key, caller=caller,
+                                         deadline=body.deadline_with(cancel_after))
     if job.status.is_terminal():
         return JSONResponse(job.public())
     return JSONResponse(job.public(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})

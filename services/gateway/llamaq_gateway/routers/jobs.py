@@ -6,7 +6,8 @@ from fastapi import APIRouter, Query, Response
 
 from llamaq_protocol import Job, JobStatus
 
-from ..deps import CallerDep, IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
+from ..deps import (CallerDep, DeadlineDep, IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep,
+                    StreamSlotsDep)
 from ..job_list import MAX_LIMIT, list_jobs
 from ..schemas import JobId, JobRequest, error_responses
 from ..webhooks import check_submission
@@ -29,11 +30,12 @@ async def submit_job(
     jobs: JobsDep,
     caller: CallerDep,
     request_id: RequestIdDep,
+    cancel_after: DeadlineDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> dict:
     await check_submission(jobs.settings, body.webhook)
     job = await jobs.submit(body.generation_params(), caller.owner, request_id, idempotency_key, priority=body.priority,
-                            webhook=body.webhook_record(), caller=caller)
+                            webhook=body.webhook_record(), caller=caller, deadline=body.deadline_with(cancel_after))
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job.public()
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from llamaq_protocol import GenerationParams, JobStatus
 
-from ..deps import CallerDep, IdempotencyKeyDep, JobsDep, RequestIdDep, SettingsDep, StreamSlotsDep
+from ..deps import CallerDep, DeadlineDep, IdempotencyKeyDep, JobsDep, RequestIdDep, SettingsDep, StreamSlotsDep
 from ..errors import JobFailed, WaitTimeout
 from ..schemas import LegacyResponse, error_responses
 
@@ -21,11 +21,12 @@ async def original_generate(
     request_id: RequestIdDep,
     settings: SettingsDep,
     slots: StreamSlotsDep,
+    cancel_after: DeadlineDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> LegacyResponse:
     with slots.hold():
         job = await jobs.submit_and_wait(params, caller.owner, request_id, settings.legacy_wait_s,
-                                         idempotency_key=idempotency_key, caller=caller)
+                                         idempotency_key=idempotency_key, caller=caller, deadline=cancel_after)
     if job.status is JobStatus.failed:
         raise JobFailed.of(job)
     if not job.status.is_terminal():

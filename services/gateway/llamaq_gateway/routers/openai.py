@@ -2,7 +2,8 @@
 
 from fastapi import APIRouter, Request, Response
 
-from ..deps import CallerDep, IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
+from ..deps import (CallerDep, DeadlineDep, IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep,
+                    StreamSlotsDep)
 from ..errors import OpenAIRoute
 from ..openai import (
     CHAT, TEXT, ChatCompletionRequest, CompletionRequest, check_model, model_object, models_list, respond,
@@ -40,10 +41,11 @@ async def chat_completions(
     request_id: RequestIdDep,
     settings: SettingsDep,
     slots: StreamSlotsDep,
+    cancel_after: DeadlineDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> Response:
     return await respond(CHAT, body, jobs, caller.owner, request_id, settings, slots, idempotency_key, request,
-                         caller)
+                         caller, cancel_after)
 
 
 @router.post("/v1/completions", response_class=Response, responses=_STREAM)
@@ -55,9 +57,10 @@ async def completions(
     request_id: RequestIdDep,
     settings: SettingsDep,
     slots: StreamSlotsDep,
+    cancel_after: DeadlineDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> Response:
     """A string `prompt` becomes one user message under the chat template; token ids, or `echo`, continue as raw
     text."""
     return await respond(TEXT, body, jobs, caller.owner, request_id, settings, slots, idempotency_key, request,
-                         caller)
+                         caller, cancel_after)

@@ -4,7 +4,8 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from ..deps import CallerDep, IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep, StreamSlotsDep
+from ..deps import (CallerDep, DeadlineDep, IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep,
+                    StreamSlotsDep)
 from ..errors import OpenAIRoute
 from ..responses import service
 from ..responses.requests import ResponsesRequest
@@ -20,9 +21,9 @@ _STREAM = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
 @router.post("", response_class=Response, responses={**_STREAM, **error_responses(400, 404, 413, 422, 503, 504)})
 async def create_response(body: ResponsesRequest, request: Request, jobs: JobsDep, caller: CallerDep,
                           request_id: RequestIdDep, settings: SettingsDep, slots: StreamSlotsDep,
-                          idempotency_key: IdempotencyKeyDep = None) -> Response:
+                          cancel_after: DeadlineDep, idempotency_key: IdempotencyKeyDep = None) -> Response:
     return await service.create(body, jobs, caller.owner, request_id, settings, slots, idempotency_key, request,
-                                caller)
+                                caller, cancel_after)
 
 
 @router.get("/{response_id}", response_class=Response, responses={**_STREAM, **error_responses(400, 404, 422, 503)})
