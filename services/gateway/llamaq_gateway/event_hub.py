@@ -46,6 +46,8 @@ from redis.backoff import NoBackoff
 from llamaq_protocol import keys
 from llamaq_protocol.records import EVENT_DONE
 
+from .metrics import SLOW_SUBSCRIBERS_DROPPED
+
 logger = logging.getLogger(__name__)
 
 START = "0-0"
@@ -180,6 +182,7 @@ class Subscription:
     def _give_up(self) -> None:
         self.too_slow = True
         self._hub.dropped_slow += 1
+        SLOW_SUBSCRIBERS_DROPPED.inc()
         logger.warning("a subscriber of %s held %d entries it had not taken: dropped (it resumes from Redis)",
                        self._topic.key, len(self._pending))
         self._hub._unsubscribe(self)

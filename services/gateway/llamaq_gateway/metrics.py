@@ -20,13 +20,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llamaq_protocol import JobStatus, keys
 
-__all__ = ["CONTENT_TYPE_LATEST", "HTTP_DURATION", "HTTP_REQUESTS", "ClusterState", "render"]
+__all__ = ["CONTENT_TYPE_LATEST", "HTTP_DURATION", "HTTP_REQUESTS", "SLOW_SUBSCRIBERS_DROPPED", "ClusterState",
+           "render"]
 
 HTTP_REQUESTS = Counter("llamaq_http_requests", "Requests answered by the gateway", ["method", "route", "status"])
 HTTP_DURATION = Histogram(
     "llamaq_http_request_duration_seconds", "Time the gateway took to answer (waits for jobs included)",
     ["method", "route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
+SLOW_SUBSCRIBERS_DROPPED = Counter(
+    "llamaq_stream_subscribers_dropped", "Event-stream readers dropped as too slow (STREAM_MAX_PENDING_EVENTS); each "
+    "ends with an end it resumes from")
 TERMINAL_STATUSES = [status.value for status in JobStatus if status.is_terminal()]
 # Each key's usage (keys.usage), as llamaq_key_<field>_total{key}.
 USAGE_FIELDS = [("requests", "Requests admitted"), ("prompt_tokens", "Prompt tokens processed"),

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from llamaq_gateway import streams
 from llamaq_gateway.event_hub import READ_COUNT, READER_CLIENT_NAME, EventHub, SubscriberTooSlow, parse_id
+from llamaq_gateway.metrics import SLOW_SUBSCRIBERS_DROPPED
 from llamaq_protocol import keys
 
 KEY = keys.events("hubjob")
@@ -203,6 +204,8 @@ def test_a_slow_subscriber_is_dropped_with_an_end_it_resumes_from(redis_url, sto
     ends; a new subscription after the last one it got reads the rest from Redis. A fast one beside it is not
     disturbed."""
 
+    dropped_before = SLOW_SUBSCRIBERS_DROPPED._value.get()
+
     async def run():
         hub, commands = await _hub(redis_url, max_pending=50)
         try:
@@ -215,6 +218,7 @@ def test_a_slow_subscriber_is_dropped_with_an_end_it_resumes_from(redis_url, sto
                     fast_got.extend(await _drain(fast, i + 1 - len(fast_got)))
             await _wait_for(lambda: slow.too_slow)
             assert hub.subscriptions == 1 and hub.dropped_slow == 1  # no longer fed
+            assert SLOW_SUBSCRIBERS_DROPPED._value.get() == dropped_before + 1  # llamaq_stream_subscribers_dropped
             first = await slow.next_batch(1)
             with pytest.raises(SubscriberTooSlow):
                 await slow.next_batch(1)
