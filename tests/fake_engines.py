@@ -10,7 +10,7 @@ from rq import Queue
 
 from llamaq_protocol import GenerationParams, JobPayload, keys, utc_now
 from llamaq_protocol.records import new_record
-from llamaq_worker.engines.base import SamplingParams, SequenceSlots
+from llamaq_worker.engines.base import PRIORITY_INTERACTIVE, SamplingParams, SequenceSlots
 
 
 class FakeSeq:
@@ -34,9 +34,10 @@ class FakeEngine(SequenceSlots):
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return [1, 2, 3]
 
-    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams,
+            priority: int = PRIORITY_INTERACTIVE) -> None:
         self.seen.append(seq_id)
-        self._enqueue(seq_id, lambda: FakeSeq(seq_id))
+        self._enqueue(seq_id, lambda: FakeSeq(seq_id), priority)
 
     def device_memory(self) -> tuple[int, int]:
         return 0, 0

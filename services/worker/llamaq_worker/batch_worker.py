@@ -5,6 +5,13 @@ more with non-blocking dequeues between decoding steps while the engine has free
 cancels and timeouts, runs one `engine.step()`, publishes what it made and keeps RQ's heartbeats. The engine is
 any `engines.base.Engine`; the rest lives beside this module:
 
+Interactive first, in the engine too: batch-tier jobs (batch, and work over its key's limits) are claimed only while
+fewer than MAX_BATCH sequences run and the engine has room (few sequences waiting in it, its KV cache below
+BATCH_CLAIM_MAX_KV), so queued batch work waits in the fair queue, fair-shared and cancelable, not in the engine.
+Interactive jobs may also take the engine's INTERACTIVE_HEADROOM beyond MAX_BATCH, in place of the batch work it
+holds: one is claimed at once even while batch work fills the batch, and the engine runs it first (it preempts a batch
+sequence, or vLLM schedules it at its next step).
+
 - `claiming`: where a job is claimed and admitted (its record, RQ's start, payload, prompt, sampling parameters);
 - `publishing`: where tokens are written (token events, finishes, lost jobs) and Redis outages waited out;
 - `slots`: a running job (`Slot`) and how it ended (`Ending`);
@@ -43,7 +50,7 @@ from llamaq_protocol import JobError, keys, utc_now
 from llamaq_protocol.records import RECLAIM_SCRIPT, reclaim_keys
 
 from .claiming import Claimer
-from .engines.base import Engine, EngineDead
+from .engines.base import PRIORITY_BATCH, PRIORITY_INTERACTIVE, Engine, EngineDead
 from .metrics import WorkerMetrics
 from .publishing import REDIS_DOWN, REDIS_RETRY_MAX_S, Publisher, RedisOutageTooLong, RedisRetry
 from .rq_bookkeeping import RQBookkeeping
@@ -144,17 +151,22 @@ class BatchWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
 
     def _start_waiting_choices(self) -> None:
-        """The later choices of running jobs (`n` > 1) that found no free slot at admission, while there is room:
-        they go before any new job."""
-        for job_id, slot in self.slots.items():
-            while slot.waiting and self.engine.free_slots > 0:
+        """The later choices of running jobs (`n` > 1) that found no free slot at admission, while there is room for
+        their priority: they go before any new job of it, interactive jobs' first."""
+        for job_id, slot in sorted(self.slots.items(), key=lambda item: item[1].priority):
+            while slot.waiting and self.engine.free_slots_for(slot.priority) > 0:
                 self.claimer.start_choice(job_id, slot, *slot.waiting.pop(0))
 
     def _claim_more(self) -> None:
-        if any(slot.waiting for slot in self.slots.values()):
+        # Choices still waiting for a slot go first: no job of their priority (or lower) is claimed before they start.
+        waiting = min((slot.priority for slot in self.slots.values() if slot.waiting), default=None)
+        if waiting is not None and waiting <= PRIORITY_INTERACTIVE:
             return
-        while self.engine.free_slots > 0 and not self._stop_requested:
-            popped = self.claimer.pop()
+        while not self._stop_requested:
+            room = self._room(batch=waiting is None)
+            if room is None:
+                return
+            popped = self.claimer.pop(interactive_only=not room)
             if popped is None:
                 return
             job, queue = popped
@@ -167,6 +179,21 @@ class BatchWorker(SimpleWorker):
                 self._refuse(job, queue)
                 continue
             self._admit(job, queue)
+
+    def _room(self, batch: bool = True) -> bool | None:
+        """What the engine has room for now: any job (True), interactive jobs only (False), or none (None). A
+        batch-tier job needs one of the MAX_BATCH slots and an engine with room (it says so in its stats: few
+        sequences waiting in it, its KV cache below BATCH_CLAIM_MAX_KV); an interactive job may also take the
+        headroom. (`batch`: False while choices of a batch-tier job wait for slots.)"""
+        engine, settings = self.engine, self.settings
+        if batch and engine.free_slots_for(PRIORITY_BATCH) > 0:
+            stats = engine.stats
+            if stats is None or (stats.waiting <= settings.batch_claim_max_waiting
+                                 and stats.kv_cache_usage < settings.batch_claim_max_kv):
+                return True
+        if engine.free_slots_for(PRIORITY_INTERACTIVE) > 0:
+            return False
+        return None
 
     def _refuse(self, job: RQJob, queue: Queue) -> None:
         """A popped job whose function is not llamaq's (GENERATE_FUNC) fails without running: whoever can write to

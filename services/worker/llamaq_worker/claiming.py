@@ -1,6 +1,7 @@
 """Where a job is claimed and admitted: popped from the fair queue (priority_queues), claimed in its record
 (CLAIM_SCRIPT), started in RQ's bookkeeping, its payload validated again, its prompt encoded and checked against the
-context, and handed to the engine with its sampling parameters (a job's own, else the model's defaults)."""
+context, and handed to the engine with its sampling parameters (a job's own, else the model's defaults) and its
+priority (its fair-queue tier's: interactive, batch, or over its key's limits)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,25 @@ from pydantic import ValidationError
 from rq import Queue
 from rq.executions import Execution
 from rq.job import Job as RQJob
-from rq.utils import now
+from rq.utils import as_text, now
 from rq.worker import WorkerStatus
 
 from llamaq_protocol import FinishReason, GenerationParams, JobError, JobPayload, JobStatus, utc_now
 from llamaq_protocol import keys
 from llamaq_protocol.records import CLAIM_SCRIPT, RETURN_SCRIPT, claim_keys
 
-from .engines.base import EngineDead, SamplingParams, StructuredOutputs, text_token_ids
+from .engines.base import (
+    PRIORITIES,
+    PRIORITY_BATCH,
+    PRIORITY_INTERACTIVE,
+    PRIORITY_NAMES,
+    EngineDead,
+    SamplingParams,
+    StructuredOutputs,
+    text_token_ids,
+)
 from .metrics import seconds_since
+from .priority_queues import PriorityQueue
 from .publishing import REDIS_DOWN
 from .slots import Choice, Ending, Slot, seq_id
 from .tool_calls import ToolCallStream, forced_tool_schema
@@ -100,20 +111,37 @@ def prompt_token_ids(engine, params: GenerationParams) -> list[int]:
     return engine.encode_chat(params.chat_messages(), params.template_tools())
 
 
+def job_priority(tier: bytes | str | None, queue: Queue) -> int:
+    """A claimed job's engine priority: its fair-queue tier's (the record's `fq_tier`, a tier's key prefix), or, for
+    a job queued on RQ's own lists (no tier), its RQ queue's."""
+    if tier:
+        name = as_text(tier).rsplit(":", 1)[-1]
+        if name in PRIORITIES:
+            return PRIORITIES[name]
+    return PRIORITY_BATCH if queue.name.endswith(keys.BATCH_QUEUE_SUFFIX) else PRIORITY_INTERACTIVE
+
+
 class Claimer:
     def __init__(self, worker: BatchWorker) -> None:
         self.worker = worker
         self._claim = worker.connection.register_script(CLAIM_SCRIPT)
         self._return = worker.connection.register_script(RETURN_SCRIPT)
 
-    def pop(self) -> tuple[RQJob, Queue] | None:
+    def pop(self, interactive_only: bool = False) -> tuple[RQJob, Queue] | None:
         """The next queued job, without waiting; None when there is none (or Redis is away: the publishing that
-        follows waits for it)."""
+        follows waits for it). `interactive_only`: from the interactive tier alone (the engine has room for nothing
+        else)."""
         worker = self.worker
+        queues, only = worker._ordered_queues, {}
+        if interactive_only:
+            if issubclass(worker.queue_class, PriorityQueue):
+                only = {"tiers": ("interactive",)}
+            else:  # RQ's own lists (no fair queue): the interactive queue's
+                queues = [q for q in queues if not q.name.endswith(keys.BATCH_QUEUE_SUFFIX)]
         try:
             return worker.queue_class.dequeue_any(
-                worker._ordered_queues, None, connection=worker.connection, job_class=worker.job_class,
-                serializer=worker.serializer,
+                queues, None, connection=worker.connection, job_class=worker.job_class,
+                serializer=worker.serializer, **only,
             )
         except REDIS_DOWN:
             return None
@@ -144,22 +172,23 @@ class Claimer:
             worker.until_redis("closing a skipped job", close)
             return None
 
-        worker.until_redis("starting a job", self._start_in_rq, job, queue)
+        tier = worker.until_redis("starting a job", self._start_in_rq, job, queue)
         job.started_at = now()
         timeout = job.timeout if job.timeout and job.timeout > 0 else worker.queue_class.DEFAULT_TIMEOUT
         slot = Slot(
             rq_job=job, queue=queue, execution=worker.execution, request_id=None, prompt_tokens=0,
             max_new_tokens=0, deadline=time.monotonic() + timeout, waited_s=seconds_since(job.enqueued_at),
-            resumed=claimed == b"resumed",
+            resumed=claimed == b"resumed", priority=job_priority(tier, queue),
         )
         if slot.waited_s is not None:
-            worker.metrics.queue_wait.observe(slot.waited_s)
+            worker.metrics.queue_wait.labels(priority=PRIORITY_NAMES[slot.priority]).observe(slot.waited_s)
         return slot
 
-    def _start_in_rq(self, job: RQJob, queue: Queue) -> None:
+    def _start_in_rq(self, job: RQJob, queue: Queue) -> bytes | None:
         """What RQ's `prepare_execution` and `prepare_job_execution` write (rq 2.x), in one transaction instead of
         two, before the job's first step: its execution record and place in the started registry, the worker busy
-        on it, the job started, and the job out of the intermediate queue."""
+        on it, the job started, and the job out of the intermediate queue. Returns the job's fair-queue tier (its
+        record's `fq_tier`, read in the same round trip), None for a job queued on RQ's own lists."""
         worker = self.worker
         heartbeat_ttl = worker.get_heartbeat_ttl(job)
         with worker.connection.pipeline() as pipe:
@@ -172,7 +201,8 @@ class Claimer:
             job.prepare_for_execution(worker.name, pipeline=pipe)
             # Every pop moves the id onto its queue's intermediate list (priority_queues, or RQ with one queue).
             pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-            pipe.execute()
+            pipe.hget(keys.job(job.id), "fq_tier")
+            return pipe.execute()[-1]
 
     def admit(self, job: RQJob, slot: Slot) -> Ending | None:
         """The claimed job's payload validated, its prompt encoded and checked, and its sequence added to the
@@ -214,11 +244,11 @@ class Claimer:
                                    min_tokens=max(0, sampling.min_tokens - slot.choices[0].completion_tokens))
             # The first choice starts now (its refusal is the job's); the others as the engine has room. With a seed,
             # choice i samples with seed + i, so the choices differ and the job is reproducible.
-            engine.add(job.id, prompt_ids, sampling)
+            engine.add(job.id, prompt_ids, sampling, priority=slot.priority)
             slot.choices[0].started = True
             slot.waiting = [(i, prompt_ids, choice_sampling(sampling, i))
                             for i in range(1, params.n)]
-            while slot.waiting and engine.free_slots > 0:
+            while slot.waiting and engine.free_slots_for(slot.priority) > 0:
                 self.start_choice(job.id, slot, *slot.waiting.pop(0))
         except ValidationError as exc:
             return Ending(JobStatus.failed, error=JobError(type="invalid_payload", message=str(exc)))
@@ -266,7 +296,7 @@ class Claimer:
         the job is stopped: it then ends failed with that error."""
         choice = slot.choices[index]
         try:
-            self.worker.engine.add(seq_id(job_id, index), prompt_ids, sampling)
+            self.worker.engine.add(seq_id(job_id, index), prompt_ids, sampling, priority=slot.priority)
             choice.started = True
         except EngineDead:
             raise

@@ -16,7 +16,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from .engines.base import EngineStats
+from .engines.base import PRIORITY_NAMES, EngineStats
 
 # Counters without their `_created` twins: half the series, and the gateway's merge stays simple.
 disable_created_metrics()
@@ -30,13 +30,17 @@ class WorkerMetrics:
     def __init__(self, device_memory: Callable[[], tuple[int, int]], engine_stats: EngineStats | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
+        # By priority (interactive, batch, over): what interactive-first decides is how long each waits.
         self.queue_wait = Histogram("llamaq_job_queue_wait_seconds", "Time from enqueue to a worker admitting the job",
-                                    buckets=SECONDS_BUCKETS, registry=r)
+                                    ["priority"], buckets=SECONDS_BUCKETS, registry=r)
         self.run_time = Histogram("llamaq_job_run_seconds", "Time from admission to the job's end on the worker",
                                   buckets=SECONDS_BUCKETS, registry=r)
         self.first_token = Histogram("llamaq_time_to_first_token_seconds",
                                      "Time from enqueue to the job's first generated token (what a client waits)",
-                                     buckets=SECONDS_BUCKETS, registry=r)
+                                     ["priority"], buckets=SECONDS_BUCKETS, registry=r)
+        for name in PRIORITY_NAMES.values():  # every series there from the start, at 0
+            self.queue_wait.labels(priority=name)
+            self.first_token.labels(priority=name)
         self.generated_tokens = Counter("llamaq_generated_tokens", "Completion tokens generated", registry=r)
         self.prompt_tokens = Counter("llamaq_prompt_tokens", "Prompt tokens of admitted jobs", registry=r)
         self.batch_size = Histogram("llamaq_batch_size", "Sequences in the batch at each decoding step",
@@ -51,7 +55,8 @@ class WorkerMetrics:
             self._engine_series(engine_stats)
 
     def _engine_series(self, stats: EngineStats) -> None:
-        """What the engine's own scheduler knows (vLLM: its running and waiting sequences, KV cache, preemptions)."""
+        """What the engine's own scheduler knows (vLLM: its running and waiting sequences, KV cache, preemptions; the
+        transformers and paced engines: their batch and preemptions)."""
         r = self.registry
         Gauge("llamaq_engine_requests_running", "Sequences the engine is decoding now", registry=r).set_function(
             lambda: stats.running)
@@ -63,9 +68,20 @@ class WorkerMetrics:
         class Preemptions(Collector):
             def collect(self):
                 yield CounterMetricFamily("llamaq_engine_preemptions", "Sequences the engine preempted (KV cache "
-                                          "full) to recompute later", value=stats.preemptions)
+                                          "full, or a higher priority's took their place) to recompute later",
+                                          value=stats.preemptions)
+
+        class PreemptionsByPriority(Collector):
+            def collect(self):
+                family = CounterMetricFamily("llamaq_worker_preemptions", "Sequences the engine preempted, by their "
+                                             "priority (a higher priority's took their place, or the KV cache was "
+                                             "full), to resume later", labels=["priority"])
+                for priority, name in PRIORITY_NAMES.items():
+                    family.add_metric([name], stats.preempted.get(priority, 0))
+                yield family
 
         r.register(Preemptions())
+        r.register(PreemptionsByPriority())
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,11 +8,16 @@ workers and registries; the waiting jobs are in /metrics' llamaq_queue_depth). O
 job onto its queue's intermediate list atomically. Redis has no blocking pop over a choice like this: an idle worker
 blocks on the tiers' short wake lists (every admission pushes one) for at most WAKE_POLL_S at a time, then tries the
 pop again, so a new job wakes it at once and a wake it missed costs at most that long.
+
+A batch worker with room for interactive work only (its engine's headroom) pops from the interactive tier alone
+(`tiers`): the pop looks at the tiers it is given, so its cost still follows the clients waiting in them.
 """
 
 from __future__ import annotations
 
 import time
+
+from collections.abc import Sequence
 
 from rq import Queue
 from rq.exceptions import DequeueTimeout, NoSuchJobError
@@ -29,13 +34,15 @@ POP_WIDTH = 16
 
 class PriorityQueue(Queue):
     @classmethod
-    def dequeue_any(cls, queues, timeout, connection, job_class=None, serializer=None, death_penalty_class=None):
+    def dequeue_any(cls, queues, timeout, connection, job_class=None, serializer=None, death_penalty_class=None,
+                    tiers: Sequence[str] = keys.FAIR_TIERS):
         """The next job of the fair queue, and the RQ queue it runs from (RQ's contract: None when none waits and
         `timeout` is None, DequeueTimeout when `timeout` seconds pass). `queues`: the worker's, interactive first;
-        the first one's name is the deployment's QUEUE_NAME."""
+        the first one's name is the deployment's QUEUE_NAME. `tiers`: the tiers to take from (keys.FAIR_TIERS'
+        names), all by default."""
         queues = list(queues)
         by_name = {queue.name: queue for queue in queues}
-        tiers = keys.fair_tiers(queues[0].name)
+        tiers = [keys.fair_tier(queues[0].name, tier) for tier in keys.FAIR_TIERS if tier in tiers]
         job_cls = job_class or cls.job_class
         deadline = None if timeout is None else time.monotonic() + timeout
         pop = connection.register_script(POP_SCRIPT)  # (EVALSHA: the script's text is not sent on every pop)

@@ -23,7 +23,7 @@ import redis.exceptions
 
 from llamaq_protocol.records import FINISH_SCRIPT, TOKENS_SCRIPT, end_keys, event_data, tokens_call
 
-from .engines.base import StepOutput
+from .engines.base import PRIORITY_NAMES, StepOutput
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
 from .slots import Ending, Slot, ending_of, job_and_choice
@@ -124,7 +124,8 @@ class Publisher:
             out.completion_tokens += choice.offset  # (a resumed generation: the earlier attempt's tokens first)
             if out.completion_tokens > choice.completion_tokens:
                 if slot.completion_tokens == 0 and slot.waited_s is not None:
-                    self.metrics.first_token.observe(slot.waited_s + time.monotonic() - slot.admitted_at)
+                    self.metrics.first_token.labels(priority=PRIORITY_NAMES[slot.priority]).observe(
+                        slot.waited_s + time.monotonic() - slot.admitted_at)
                 generated += out.completion_tokens - choice.completion_tokens
             choice.completion_tokens = out.completion_tokens
             event = None if slot.lost else slot.take_token_event(out, choice)

@@ -1,7 +1,7 @@
 import os
 import socket
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,8 +43,19 @@ class WorkerSettings(BaseSettings):
     device: str = "cuda"
     # auto: bfloat16 on CUDA and on CPUs with native bf16 (AMX or avx512_bf16), float32 otherwise.
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    # Most sequences generated together (vLLM's max_num_seqs).
+    # Most sequences generated together (with vLLM, max_num_seqs is this plus INTERACTIVE_HEADROOM).
     max_batch: int = Field(default=32, ge=1)
+    # Sequences beyond MAX_BATCH that only interactive jobs may take, in place of batch work the engine holds: one is
+    # claimed at once even while batch work fills MAX_BATCH, and the engine decodes it first (preempting a batch
+    # sequence, resumed later). Interactive jobs alone never exceed MAX_BATCH. auto: MAX_BATCH // 4, at least 1;
+    # 0: none.
+    interactive_headroom: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # Batch-tier jobs (batch, and work over its key's limits) are claimed only while the engine has room: at most this
+    # many sequences waiting inside it, and its KV cache less full than this share (engines that report them: vLLM's
+    # scheduler; the transformers engine's preempted sequences). Otherwise they wait in the fair queue, fair-shared and
+    # cancelable, rather than in the engine.
+    batch_claim_max_waiting: int = Field(default=0, ge=0)
+    batch_claim_max_kv: float = Field(default=0.9, gt=0, le=1)
     # vllm: vLLM's AsyncLLM (paged KV cache, CUDA graphs, its own scheduler); transformers: llamaq's own
     # continuous batching over transformers (CPU development, reference). Test only: "echo" runs no model and
     # answers each job with its last user message; "paced" runs no model and emits max_new_tokens tokens per job
@@ -96,3 +107,10 @@ class WorkerSettings(BaseSettings):
     # stop_grace_period (60 s), after which the container is killed.
     drain_timeout_s: float = Field(default=50, ge=0)
     worker_name: str = Field(default_factory=default_worker_name)
+
+    @property
+    def headroom(self) -> int:
+        """INTERACTIVE_HEADROOM as a number of sequences."""
+        if self.interactive_headroom == "auto":
+            return max(1, self.max_batch // 4)
+        return self.interactive_headroom

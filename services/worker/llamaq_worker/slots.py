@@ -12,7 +12,7 @@ from rq.job import Job as RQJob
 
 from llamaq_protocol import ChoiceOutput, FinishReason, JobError, JobOutput, JobStatus, Usage, utc_now
 
-from .engines.base import SamplingParams, StepOutput
+from .engines.base import PRIORITY_INTERACTIVE, SamplingParams, StepOutput
 from .tool_calls import NAMED, ToolCallStream
 
 
@@ -91,6 +91,8 @@ class Slot:
     waited_s: float | None = None
     # Its record had token events of an earlier attempt (CLAIM_SCRIPT said "resumed"): continue from them.
     resumed: bool = False
+    # Its sequences' priority in the engine (engines.base.PRIORITY_*: its fair-queue tier's).
+    priority: int = PRIORITY_INTERACTIVE
     choices: list[Choice] = field(default_factory=lambda: [Choice(0)])
     # The sequences of later choices not yet handed to the engine (it had no free slot): (choice, prompt, params).
     waiting: list[tuple[int, list[int], SamplingParams]] = field(default_factory=list)

@@ -14,7 +14,7 @@ try:
 except ImportError:  # package not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamaq_worker.engines.base import SamplingParams
+from llamaq_worker.engines.base import PRIORITY_BATCH, PRIORITY_INTERACTIVE, SamplingParams
 from llamaq_worker.engines.paced import MAX_SLEEP_S, PacedEngine
 
 MODEL = os.environ.get("LLAMAQ_TEST_MODEL", "/tmp/smol")
@@ -73,6 +73,35 @@ def test_one_tick_gives_every_running_sequence_a_token(engine: PacedEngine, cloc
     (a,) = engine.step()
     assert (a.completion_tokens, a.finish_reason) == (5, "length")
     assert engine.active == 0 and engine.free_slots == 3
+
+
+def test_a_tick_serves_max_batch_sequences_interactive_first(clock: FakeClock) -> None:
+    """With a headroom, the engine holds more sequences than a tick serves: an interactive one added while batch
+    sequences fill the batch gets the next tick's token in place of the batch sequence admitted last, which gets none
+    until a slot frees and then continues where it was (every token, in order)."""
+    if not Path(MODEL).is_dir():
+        pytest.skip(f"test model not found at {MODEL}")
+    engine = PacedEngine(MODEL, max_batch=2, headroom=1, tokens_per_s=10.0, clock=clock, sleep=clock.sleep)
+    prompt = [11, 12, 13]
+    engine.add("a", prompt, params(4), PRIORITY_BATCH)
+    engine.add("b", prompt, params(4), PRIORITY_BATCH)
+    assert (engine.free_slots_for(PRIORITY_BATCH), engine.free_slots_for(PRIORITY_INTERACTIVE)) == (0, 1)
+    with pytest.raises(ValueError, match="no free slot"):
+        engine.add("c", prompt, params(4), PRIORITY_BATCH)
+    clock.now += 0.1  # tick 1: both batch sequences decode
+    assert {o.seq_id: o.completion_tokens for o in engine.step()} == {"a": 1, "b": 1}
+    engine.add("i", prompt, params(2), PRIORITY_INTERACTIVE)
+    clock.now += 0.1  # tick 2: "i" in place of "b"
+    assert {o.seq_id: o.completion_tokens for o in engine.step()} == {"a": 2, "i": 1}
+    assert (engine.stats.running, engine.stats.waiting, engine.stats.preempted) == (2, 1, {PRIORITY_BATCH: 1})
+    clock.now += 0.1  # tick 3: "i" ends
+    outs = {o.seq_id: o for o in engine.step()}
+    assert (outs["i"].completion_tokens, outs["i"].finish_reason) == (2, "length") and "b" not in outs
+    clock.now += 1.0  # "b" back: it gets all its tokens, the prompt cycled from where it stopped
+    outs = {o.seq_id: o for o in engine.step()}
+    assert (outs["b"].completion_tokens, outs["b"].finish_reason) == (4, "length")
+    assert outs["b"].token_ids == [12, 13, 11]
+    assert engine.active == 0 and engine.stats.preemptions == 1
 
 
 def test_output_cycles_the_prompt_and_ignores_eos(engine: PacedEngine, clock: FakeClock) -> None:

@@ -17,7 +17,7 @@ except ImportError:  # package not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llamaq_worker.periodic import PeriodicReporter
-from llamaq_worker.engines.base import SequenceSlots
+from llamaq_worker.engines.base import PRIORITY_BATCH, PRIORITY_INTERACTIVE, PRIORITY_OVER, SequenceSlots
 
 
 @dataclass(eq=False)
@@ -27,8 +27,8 @@ class _Seq:
 
 
 class _Slots(SequenceSlots[_Seq]):
-    def add(self, seq_id: str) -> None:
-        self._enqueue(seq_id, lambda: _Seq(seq_id))
+    def add(self, seq_id: str, priority: int = PRIORITY_INTERACTIVE) -> None:
+        self._enqueue(seq_id, lambda: _Seq(seq_id), priority)
 
 
 def test_slots_fill_refuse_cancel_and_free() -> None:
@@ -60,6 +60,26 @@ def test_release_leaves_a_newer_sequence_of_the_same_id() -> None:
     slots.add("a")
     slots._release(old)  # a second release of the finished one frees nothing
     assert slots.active == 1
+
+
+def test_headroom_is_for_interactive_sequences_in_place_of_lower_ones() -> None:
+    slots = _Slots(max_batch=2, headroom=1)
+    # Interactive sequences alone: max_batch, as ever (more would only wait in the engine).
+    assert (slots.free_slots, slots.free_slots_for(PRIORITY_INTERACTIVE)) == (2, 2)
+    slots.add("a", PRIORITY_BATCH)
+    slots.add("b", PRIORITY_OVER)
+    assert (slots.free_slots_for(PRIORITY_BATCH), slots.free_slots_for(PRIORITY_INTERACTIVE)) == (0, 1)
+    with pytest.raises(ValueError, match=r"^no free slot \(max_batch=2, headroom=1\)$"):
+        slots.add("c", PRIORITY_BATCH)
+    slots.add("i")  # interactive: the headroom
+    assert (slots.active, slots.free_slots, slots.free_slots_for(PRIORITY_INTERACTIVE)) == (3, 0, 0)
+    with pytest.raises(ValueError, match="no free slot"):
+        slots.add("j")
+    (a, b, i) = slots._take_pending()
+    slots._release(a)  # one batch sequence left: room for one more interactive one (two of them, max_batch)
+    assert (slots.free_slots_for(PRIORITY_BATCH), slots.free_slots_for(PRIORITY_INTERACTIVE)) == (0, 1)
+    slots._release(b)
+    assert (slots.free_slots_for(PRIORITY_BATCH), slots.free_slots_for(PRIORITY_INTERACTIVE)) == (1, 1)
 
 
 def test_max_batch_must_be_positive() -> None:

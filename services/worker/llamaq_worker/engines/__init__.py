@@ -50,13 +50,14 @@ def _load_engine(settings: WorkerSettings, model_dir: str) -> Engine:
         from .echo import EchoEngine
 
         logger.warning("ENGINE=echo: no model runs; every job is answered with its own prompt (tests only)")
-        return EchoEngine(model_dir, max_batch=settings.max_batch)
+        return EchoEngine(model_dir, max_batch=settings.max_batch, headroom=settings.headroom)
     if settings.engine == "paced":
         from .paced import PacedEngine
 
         logger.warning("ENGINE=paced: no model runs; every job gets max_new_tokens tokens at %.1f tokens/s "
                        "(tests only)", settings.paced_tokens_per_s)
-        return PacedEngine(model_dir, max_batch=settings.max_batch, tokens_per_s=settings.paced_tokens_per_s)
+        return PacedEngine(model_dir, max_batch=settings.max_batch, headroom=settings.headroom,
+                           tokens_per_s=settings.paced_tokens_per_s)
     if settings.engine == "vllm":
         route_vllm_logs(settings)
         from .vllm import VLLMEngine
@@ -68,7 +69,8 @@ def _load_engine(settings: WorkerSettings, model_dir: str) -> Engine:
     dtype = resolve_dtype(settings.dtype, settings.device)
     logger.info("transformers engine on %s in %s (DTYPE=%s)", settings.device, dtype, settings.dtype)
     with loading_progress(model_dir):
-        return TransformersEngine(model_dir, device=settings.device, dtype=dtype, max_batch=settings.max_batch)
+        return TransformersEngine(model_dir, device=settings.device, dtype=dtype, max_batch=settings.max_batch,
+                                  headroom=settings.headroom)
 
 
 def route_vllm_logs(settings: WorkerSettings) -> None:

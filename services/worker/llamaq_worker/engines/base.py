@@ -3,8 +3,8 @@
 `Engine` is the interface the batch worker and `__main__` drive, whichever engine runs. `SamplingParams` (one
 sequence's settings) and `StepOutput` (what one `step` produced for one sequence) are what crosses it, so the
 batch worker never needs torch for them. `SequenceSlots` is the bookkeeping of which sequences hold one of the
-`max_batch` slots, shared by the engines that keep their own batch. The generation-config helpers read a model
-folder's `generation_config.json` the same way for every engine.
+`max_batch` slots (and the headroom only interactive sequences may take), shared by the engines that keep their own
+batch. The generation-config helpers read a model folder's `generation_config.json` the same way for every engine.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 # Most alternatives per token an engine reports (vLLM's default max_logprobs; llamaq_protocol's MAX_LOGPROBS).
@@ -24,6 +24,16 @@ MAX_LOGPROBS = 20
 LOGPROBS = "logprobs"
 PROMPT_LOGPROBS = "prompt_logprobs"
 STRUCTURED = "structured_outputs"
+
+
+# A sequence's priority in its engine, vLLM's meaning (lower is served first): a job's fair-queue tier
+# (llamaq_protocol's keys.FAIR_TIERS), interactive before batch before work queued over its key's limits. Within one
+# priority, the order the sequences were added in (the fair queue's claim order).
+PRIORITY_INTERACTIVE = 0
+PRIORITY_BATCH = 1
+PRIORITY_OVER = 2
+PRIORITIES = {"interactive": PRIORITY_INTERACTIVE, "batch": PRIORITY_BATCH, "over": PRIORITY_OVER}
+PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
 
 
 # The kinds of structured output (vLLM's StructuredOutputsParams fields): a JSON schema, any JSON object, a regular
@@ -121,7 +131,12 @@ class EngineStats:
     running: int = 0  # sequences being decoded
     waiting: int = 0  # sequences handed to the engine, waiting for room in it
     kv_cache_usage: float = 0.0  # share of KV cache blocks in use, 0..1
-    preemptions: int = 0  # sequences preempted so far (KV cache full), to be recomputed
+    preemptions: int = 0  # sequences preempted so far (KV cache full, or a higher priority's), to be recomputed
+    # The same by the preempted sequence's priority (vLLM: counted as the sequence's next output arrives).
+    preempted: dict[int, int] = field(default_factory=dict)
+
+    def count_preemption(self, priority: int, n: int = 1) -> None:
+        self.preempted[priority] = self.preempted.get(priority, 0) + n
 
 
 def validate_request(prompt_ids: list[int], params: SamplingParams, context_length: int, vocab_size: int) -> None:
@@ -175,7 +190,10 @@ class Engine(Protocol):
 
     The worker calls `add` for each admitted job, `cancel` for canceled or timed-out ones and `step` in a loop
     while any job runs; each `step` returns at most one `StepOutput` per sequence that produced text or ended.
-    `add` and `cancel` never block on generation.
+    `add` and `cancel` never block on generation. A sequence's `priority` (PRIORITY_*) decides which runs first when
+    they do not all fit: an engine holds `max_batch` sequences of any priority, plus up to `headroom` interactive ones
+    in place of lower-priority ones it holds (`free_slots_for`), and decodes interactive ones first, preempting lower
+    ones to resume them later.
     """
 
     tokenizer: Any  # a transformers tokenizer: chat template, special tokens, backend_tokenizer for the gateway
@@ -183,6 +201,7 @@ class Engine(Protocol):
     context_length: int  # prompt + generated tokens, at most
     defaults: dict  # temperature / top_p / top_k / repetition_penalty for parameters a job leaves unset
     max_batch: int
+    headroom: int  # interactive sequences it takes beyond max_batch, in place of lower-priority ones
     capabilities: frozenset[str]  # LOGPROBS, PROMPT_LOGPROBS: what it does beyond the common parameters
     stats: EngineStats | None  # its own scheduler's figures (vLLM's), for the worker's metrics; None: it has none
 
@@ -192,9 +211,12 @@ class Engine(Protocol):
     @property
     def active(self) -> int: ...
 
+    def free_slots_for(self, priority: int) -> int: ...
+
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]: ...
 
-    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None: ...
+    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams,
+            priority: int = PRIORITY_INTERACTIVE) -> None: ...
 
     def cancel(self, seq_id: str) -> None: ...
 
@@ -214,20 +236,29 @@ SeqT = TypeVar("SeqT", bound=ActiveSequence)
 
 
 class SequenceSlots(Generic[SeqT]):
-    """An engine's active sequences (pending or running), at most `max_batch`, behind one lock.
+    """An engine's active sequences (pending or running), behind one lock: at most `max_batch`, and beyond them up to
+    `headroom` interactive sequences while as many of lower priority are active, the places they take in the batch
+    (so never more than `max_batch` interactive ones). (`free_slots`: what a sequence of any priority may take.)
 
     `add`, `cancel`, `active` and `free_slots` may be called from another thread than `step`; the engine's own
     step-thread state needs no lock. Subclasses queue with `_enqueue`, take the queued ones with
     `_take_pending` (or only claim a slot with `_claim`) and give a finished sequence's slot back with `_release`.
     """
 
-    def __init__(self, max_batch: int) -> None:
+    # The engine's own figures (its scheduler's, its preemptions) for the worker's metrics and claiming; None: none.
+    stats: EngineStats | None = None
+
+    def __init__(self, max_batch: int, headroom: int = 0) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if headroom < 0:
+            raise ValueError("headroom must be >= 0")
         self.max_batch = max_batch
+        self.headroom = headroom
         self._lock = threading.Lock()
         self._pending: list[SeqT] = []
         self._by_id: dict[str, SeqT] = {}
+        self._lower: set[str] = set()  # the active sequences of lower priority than PRIORITY_INTERACTIVE
 
     @property
     def active(self) -> int:
@@ -236,8 +267,19 @@ class SequenceSlots(Generic[SeqT]):
 
     @property
     def free_slots(self) -> int:
+        return self.free_slots_for(PRIORITY_BATCH)
+
+    def free_slots_for(self, priority: int) -> int:
+        """How many more sequences of `priority` it takes now."""
         with self._lock:
-            return self.max_batch - len(self._by_id)
+            return max(0, self._limit(priority) - len(self._by_id))
+
+    def _limit(self, priority: int) -> int:
+        """(under the lock) The active sequences it may hold for one more of `priority`: an interactive one may take
+        the place of a lower-priority one beyond max_batch, up to `headroom` of them; more would only wait."""
+        if priority <= PRIORITY_INTERACTIVE:
+            return self.max_batch + min(self.headroom, len(self._lower))
+        return self.max_batch
 
     def cancel(self, seq_id: str) -> None:
         with self._lock:
@@ -248,24 +290,28 @@ class SequenceSlots(Generic[SeqT]):
     def close(self) -> None:
         """Release the engine: nothing to release for an engine that lives in this process only."""
 
-    def _claim(self, seq_id: str, build: Callable[[], SeqT], pending: bool = False) -> SeqT:
+    def _claim(self, seq_id: str, build: Callable[[], SeqT], pending: bool = False,
+               priority: int = PRIORITY_INTERACTIVE) -> SeqT:
         """Give the sequence `build` makes a slot (`build` runs under the lock, only once the id has a free one);
         with `pending`, also queue it for the engine's next `_take_pending`. An engine that hands a sequence on at
         once (vLLM's, whose own scheduler queues it) claims without queueing."""
         with self._lock:
             if seq_id in self._by_id:
                 raise ValueError(f"sequence {seq_id!r} is already active")
-            if len(self._by_id) >= self.max_batch:
-                raise ValueError(f"no free slot (max_batch={self.max_batch})")
+            if len(self._by_id) >= self._limit(priority):
+                room = f", headroom={self.headroom}" if self.headroom else ""
+                raise ValueError(f"no free slot (max_batch={self.max_batch}{room})")
             seq = build()
             self._by_id[seq_id] = seq
+            if priority > PRIORITY_INTERACTIVE:
+                self._lower.add(seq_id)
             if pending:
                 self._pending.append(seq)
             return seq
 
-    def _enqueue(self, seq_id: str, build: Callable[[], SeqT]) -> None:
+    def _enqueue(self, seq_id: str, build: Callable[[], SeqT], priority: int = PRIORITY_INTERACTIVE) -> None:
         """Claim a slot for the sequence `build` makes and queue it for the next `_take_pending`."""
-        self._claim(seq_id, build, pending=True)
+        self._claim(seq_id, build, pending=True, priority=priority)
 
     def _take_pending(self) -> list[SeqT]:
         with self._lock:
@@ -277,6 +323,7 @@ class SequenceSlots(Generic[SeqT]):
             for seq in seqs:
                 if self._by_id.get(seq.seq_id) is seq:
                     del self._by_id[seq.seq_id]
+                    self._lower.discard(seq.seq_id)
 
 
 def read_generation_config(model_path: str) -> dict:

@@ -13,7 +13,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .base import SamplingParams, StepOutput, chat_token_ids
+from .base import PRIORITY_INTERACTIVE, SamplingParams, StepOutput, chat_token_ids
 from .tokenizer_only import TokenizerOnlyEngine
 
 logger = logging.getLogger(__name__)
@@ -31,9 +31,9 @@ class _EchoSeq:
 
 
 class EchoEngine(TokenizerOnlyEngine[_EchoSeq]):
-    def __init__(self, model_path: str, max_batch: int = 8, **_ignored) -> None:
+    def __init__(self, model_path: str, max_batch: int = 8, headroom: int = 0, **_ignored) -> None:
         """Same arguments as `TransformersEngine` (``device`` and ``dtype`` are accepted and ignored)."""
-        super().__init__(model_path, max_batch)
+        super().__init__(model_path, max_batch, headroom)
         self._user_text: OrderedDict[tuple[int, ...], str] = OrderedDict()
         logger.info("echo engine ready (no model): tokenizer of %s, max_batch=%d", self.model_name, max_batch)
 
@@ -46,9 +46,11 @@ class EchoEngine(TokenizerOnlyEngine[_EchoSeq]):
                 self._user_text.popitem(last=False)
         return ids
 
-    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams,
+            priority: int = PRIORITY_INTERACTIVE) -> None:
+        # (answered whole in the next step: no batch to be preempted from)
         self._check(prompt_ids, params)
-        self._enqueue(seq_id, lambda: _EchoSeq(seq_id, self._answer_text(prompt_ids), params))
+        self._enqueue(seq_id, lambda: _EchoSeq(seq_id, self._answer_text(prompt_ids), params), priority)
 
     def _answer_text(self, prompt_ids: list[int]) -> str:
         """The text to echo (call with the lock held: encode_chat fills the same map)."""

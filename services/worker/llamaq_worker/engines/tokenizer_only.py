@@ -33,8 +33,8 @@ class TokenizerOnlyEngine(SequenceSlots[SeqT]):
     capabilities: frozenset[str] = frozenset()
     stats = None  # no scheduler of its own
 
-    def __init__(self, model_path: str, max_batch: int = 8) -> None:
-        super().__init__(max_batch)
+    def __init__(self, model_path: str, max_batch: int = 8, headroom: int = 0) -> None:
+        super().__init__(max_batch, headroom)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model_name = os.path.basename(os.path.normpath(model_path))
         with open(os.path.join(model_path, "config.json"), encoding="utf-8") as fh:

@@ -1,9 +1,17 @@
 """ENGINE=vllm: vLLM's `AsyncLLM` (paged KV cache, CUDA graphs, its own scheduler) behind the worker's engine
 interface, embedded in the long-lived RQ batch worker.
 
-vLLM does the batching: the worker claims jobs while `free_slots` (MAX_BATCH = vLLM's `max_num_seqs`) allows and
-hands each to vLLM at once; vLLM schedules prefill and decode of all of them together. `step()` only collects the
-text deltas vLLM produced since the last call.
+vLLM does the batching: the worker claims jobs while `free_slots` allows and hands each to vLLM at once; vLLM
+schedules prefill and decode of all of them together. `step()` only collects the text deltas vLLM produced since the
+last call.
+
+Priorities are vLLM's own (`scheduling_policy="priority"`): each request carries its job's (interactive 0, batch 1,
+over its key's limits 2; within one, arrival order, which is the fair queue's claim order). vLLM's scheduler takes its
+waiting requests in that order, and when the KV cache runs short it preempts the running request of the lowest
+priority that arrived last. It never preempts a running request only because `max_num_seqs` are running: so
+`max_num_seqs` is MAX_BATCH plus the interactive headroom, the worker holding batch work to MAX_BATCH (and
+interactive work too, but for the headroom's places beside batch work), and an interactive request is scheduled at
+vLLM's next step whatever batch work runs.
 
 One thread owns an asyncio loop for the engine's whole life: AsyncLLM binds its output handler to the loop of its
 first call, and the batch worker itself is synchronous. Each sequence is one task on that loop consuming
@@ -36,6 +44,7 @@ from .base import (
     LOGPROBS,
     PROMPT_LOGPROBS,
     STRUCTURED,
+    PRIORITY_INTERACTIVE,
     EngineDead,
     EngineStats,
     SamplingParams,
@@ -121,6 +130,8 @@ class _VllmSeq:
     finished: bool = False
     params: SamplingParams | None = None
     prompt_ids: list[int] = field(default_factory=list)
+    priority: int = PRIORITY_INTERACTIVE
+    preemptions: int = 0  # vLLM's count for the request, as its last output showed it
 
 
 class _StatsRecorder(StatLoggerBase):
@@ -147,6 +158,7 @@ class VllmOptions:
 
     dtype: str = "auto"
     max_batch: int = 32
+    headroom: int = 0  # sequences beyond max_batch for interactive requests only (vLLM's max_num_seqs: both)
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
@@ -154,6 +166,25 @@ class VllmOptions:
     enforce_eager: bool = False
     kv_cache_cpu_gib: float = 0.0
     extra: dict = field(default_factory=dict)
+
+
+def engine_args(model_path: str, options: VllmOptions) -> AsyncEngineArgs:
+    """vLLM's engine arguments for `options`: priority scheduling, and room for the interactive headroom beside
+    MAX_BATCH (see the module's docstring)."""
+    return AsyncEngineArgs(
+        model=model_path,
+        dtype=options.dtype,
+        max_num_seqs=options.max_batch + options.headroom,
+        scheduling_policy="priority",
+        max_model_len=options.max_model_len,
+        gpu_memory_utilization=options.gpu_memory_utilization,
+        enable_prefix_caching=options.enable_prefix_caching,
+        tensor_parallel_size=options.tensor_parallel_size,
+        enforce_eager=options.enforce_eager,
+        # vLLM's own periodic stat lines off; its scheduler stats still reach _StatsRecorder.
+        disable_log_stats=True,
+        **options.extra,
+    )
 
 
 class VLLMEngine(SequenceSlots[_VllmSeq]):
@@ -164,6 +195,7 @@ class VLLMEngine(SequenceSlots[_VllmSeq]):
         return cls(model_dir, VllmOptions(
             dtype=resolve_dtype(settings.dtype, settings.device),
             max_batch=settings.max_batch,
+            headroom=settings.headroom,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             max_model_len=settings.max_model_len or None,
             enable_prefix_caching=settings.enable_prefix_caching,
@@ -174,7 +206,7 @@ class VLLMEngine(SequenceSlots[_VllmSeq]):
 
     def __init__(self, model_path: str, options: VllmOptions | None = None) -> None:
         options = options or VllmOptions()
-        super().__init__(options.max_batch)
+        super().__init__(options.max_batch, options.headroom)
         self.options = options
         self.model_name = os.path.basename(os.path.normpath(model_path))
         # The same files vLLM tokenizes with; the prompt ids come from this chat template, as the gateway counts.
@@ -196,25 +228,14 @@ class VLLMEngine(SequenceSlots[_VllmSeq]):
         self._on_loop(self._watch())
         self.context_length = int(self._llm.model_config.max_model_len)
         self.vocab_size = int(self._llm.model_config.get_vocab_size())
-        logger.info("vLLM engine ready: model=%s dtype=%s max_num_seqs=%d max_model_len=%d prefix_caching=%s "
-                    "tensor_parallel=%d eager=%s defaults=%s", self.model_name, options.dtype, options.max_batch,
-                    self.context_length, options.enable_prefix_caching, options.tensor_parallel_size,
-                    options.enforce_eager, self.defaults)
+        logger.info("vLLM engine ready: model=%s dtype=%s max_num_seqs=%d (batch %d + interactive headroom %d) "
+                    "scheduling=priority max_model_len=%d prefix_caching=%s tensor_parallel=%d eager=%s defaults=%s",
+                    self.model_name, options.dtype, options.max_batch + options.headroom, options.max_batch,
+                    options.headroom, self.context_length, options.enable_prefix_caching,
+                    options.tensor_parallel_size, options.enforce_eager, self.defaults)
 
     async def _start(self, model_path: str, options: VllmOptions) -> AsyncLLM:
-        args = AsyncEngineArgs(
-            model=model_path,
-            dtype=options.dtype,
-            max_num_seqs=options.max_batch,
-            max_model_len=options.max_model_len,
-            gpu_memory_utilization=options.gpu_memory_utilization,
-            enable_prefix_caching=options.enable_prefix_caching,
-            tensor_parallel_size=options.tensor_parallel_size,
-            enforce_eager=options.enforce_eager,
-            # vLLM's own periodic stat lines off; its scheduler stats still reach _StatsRecorder.
-            disable_log_stats=True,
-            **options.extra,
-        )
+        args = engine_args(model_path, options)
         if options.kv_cache_cpu_gib:
             if current_platform.is_cpu():
                 # On a CPU build the KV cache itself lives in CPU memory; vLLM reads whole GiB from the environment
@@ -230,14 +251,15 @@ class VLLMEngine(SequenceSlots[_VllmSeq]):
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return chat_token_ids(self.tokenizer, messages, tools)
 
-    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams,
+            priority: int = PRIORITY_INTERACTIVE) -> None:
         validate_request(prompt_ids, params, self.context_length, self.vocab_size)
         if self._dead is not None:
             raise EngineDead(f"vLLM engine is dead: {self._dead}")
         sampling = vllm_sampling(params)
         prompt = TokensPrompt(prompt_token_ids=[int(t) for t in prompt_ids])
-        seq = _VllmSeq(seq_id, params=params, prompt_ids=list(prompt["prompt_token_ids"]))
-        self._claim(seq_id, lambda: seq)
+        seq = _VllmSeq(seq_id, params=params, prompt_ids=list(prompt["prompt_token_ids"]), priority=priority)
+        self._claim(seq_id, lambda: seq, priority=priority)
         seq.task = self._on_loop(self._generate(seq, prompt, sampling))
         seq.task.add_done_callback(lambda task: self._ended(seq, task))
 
@@ -324,7 +346,8 @@ class VLLMEngine(SequenceSlots[_VllmSeq]):
             return
 
     async def _generate(self, seq: _VllmSeq, prompt: TokensPrompt, sampling: VllmSamplingParams) -> None:
-        async for out in self._llm.generate(prompt, sampling, request_id=seq.seq_id):
+        async for out in self._llm.generate(prompt, sampling, request_id=seq.seq_id, priority=seq.priority):
+            self._count_preemptions(seq, out)
             completion = out.outputs[0]
             seq.completion_tokens += len(completion.token_ids)
             finish = None
@@ -338,6 +361,14 @@ class VLLMEngine(SequenceSlots[_VllmSeq]):
                          token_ids=[int(t) for t in completion.token_ids])
         if not seq.finished:
             self._report(seq, "", error="engine_error: vLLM ended the request without a finish reason")
+
+    def _count_preemptions(self, seq: _VllmSeq, out) -> None:
+        """vLLM counts a request's preemptions in its stats (RequestOutput.metrics, kept while stats are logged): the
+        new ones go to this engine's count by priority, once the request has an output again."""
+        preemptions = getattr(getattr(out, "metrics", None), "num_preemptions", None)
+        if preemptions is not None and preemptions > seq.preemptions:
+            self.stats.count_preemption(seq.priority, preemptions - seq.preemptions)
+            seq.preemptions = preemptions
 
     def _ended(self, seq: _VllmSeq, task: concurrent.futures.Future) -> None:
         """The sequence's task is over: report how, unless its last output already did."""

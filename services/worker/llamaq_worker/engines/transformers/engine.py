@@ -30,6 +30,15 @@ allows nothing but a stop token overrides ``min_tokens``, as in vLLM.
 
 Each sequence's text comes from ``engines.text.IncrementalText`` (incremental detokenization, stop strings).
 
+Priorities: at most ``max_batch`` sequences decode together; the engine holds up to ``headroom`` more, interactive
+ones in place of lower-priority ones (``SequenceSlots``). Waiting sequences enter the batch by priority, then
+admission order; one of higher
+priority than a running one takes its place when the batch is full, the preempted one being the running sequence of
+the lowest priority admitted last. A preempted sequence leaves the batch (its cache rows dropped) and keeps the rest of
+its state (prompt and generated ids, its generator, grammar matcher, text and stop-string state); it resumes when a
+slot frees by prefilling its prompt and generated tokens, whose last logits are those its next decode step would have
+given. So no token is lost or made twice, and (float32) its greedy output is that of an unpreempted run.
+
 Rows of finished sequences are dropped from the cache at once (``index_select`` on the batch
 axis) and leading columns that are padding for every remaining row are trimmed, so the cache
 never grows beyond the longest live sequence.
@@ -55,8 +64,10 @@ from transformers.cache_utils import DynamicLayer
 
 from ..base import (
     LOGPROBS,
+    PRIORITY_INTERACTIVE,
     PROMPT_LOGPROBS,
     STRUCTURED,
+    EngineStats,
     SamplingParams,
     SequenceSlots,
     StepOutput,
@@ -107,6 +118,20 @@ class _Seq:
     stop_ids: frozenset[int] = frozenset()  # sampling one ends it: EOS (unless ignore_eos) and stop_token_ids
     prompt_logprobs: list[TokenLogprobDict | None] | None = None  # computed at prefill, sent with the first output
     matcher: Any = None  # its xgr.GrammarMatcher, with structured_outputs
+    priority: int = PRIORITY_INTERACTIVE  # lower decodes first (engines.base.PRIORITY_*)
+
+    def rank(self) -> tuple[int, int]:
+        """Its place among sequences waiting for the batch: priority, then admission order."""
+        return self.priority, self.order
+
+    @property
+    def resumed(self) -> bool:
+        """Whether it decoded before (it was preempted): its prefill is its prompt and its tokens so far."""
+        return bool(self.tokens)
+
+    def context_ids(self) -> list[int]:
+        """What a prefill of it feeds: its prompt, and the tokens it generated before it was preempted."""
+        return self.prompt_ids + self.tokens
 
     def banned(self) -> tuple[int, ...]:
         """What it may not sample now: its stop tokens while under min_tokens."""
@@ -148,12 +173,12 @@ class _StepOutputs:
 
 class TransformersEngine(SequenceSlots[_Seq]):
     capabilities = frozenset({LOGPROBS, PROMPT_LOGPROBS} | ({STRUCTURED} if grammar.AVAILABLE else set()))
-    stats = None  # no scheduler of its own beyond the batch: the worker's own metrics say it all
 
-    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32", max_batch: int = 8) -> None:
+    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32", max_batch: int = 8,
+                 headroom: int = 0) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of bfloat16, float16, float32")
-        super().__init__(max_batch)  # checks max_batch before the model loads
+        super().__init__(max_batch, headroom)  # checks max_batch before the model loads
         torch_device = torch.device(device)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         load_kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "attn_implementation": "sdpa"}
@@ -174,6 +199,7 @@ class TransformersEngine(SequenceSlots[_Seq]):
         tokenizer: Any,
         *,
         max_batch: int = 8,
+        headroom: int = 0,
         model_name: str = "model",
         generation_config: dict | None = None,
         eos_token_ids: frozenset[int] | None = None,
@@ -184,7 +210,7 @@ class TransformersEngine(SequenceSlots[_Seq]):
         sequence runs to ``max_new_tokens`` (what load generators call "ignore EOS").
         """
         engine = cls.__new__(cls)
-        SequenceSlots.__init__(engine, max_batch)
+        SequenceSlots.__init__(engine, max_batch, headroom)
         engine._setup(
             model, tokenizer, model.device, model_name=model_name,
             generation_config=generation_config or {}, eos_token_ids=eos_token_ids,
@@ -234,6 +260,10 @@ class TransformersEngine(SequenceSlots[_Seq]):
         self.pad_token_id = int(pad)
 
         self._order = 0  # admission counter, advanced under the slots' lock
+        # The batch's figures after each step: running, waiting (preempted, or no slot yet), preemptions (no KV pool of
+        # fixed size, so no cache usage).
+        self.stats = EngineStats()
+        self._waiting: list[_Seq] = []  # step-thread only: taken from pending, not in the batch (preempted, or no room)
         self._token_texts: dict[int, str] = {}  # token id -> its text alone, for logprobs
 
         # running batch; row i of every tensor below belongs to self._running[i]
@@ -248,9 +278,9 @@ class TransformersEngine(SequenceSlots[_Seq]):
         self._counts: torch.Tensor | None = None
         self._grammars = grammar.Grammars(self.tokenizer, self.vocab_size)
         logger.info(
-            "engine ready: model=%s device=%s dtype=%s max_batch=%d context=%d eos=%s defaults=%s",
-            self.model_name, self.device, str(self.dtype).removeprefix("torch."), self.max_batch, self.context_length,
-            sorted(self.eos_token_ids), self.defaults,
+            "engine ready: model=%s device=%s dtype=%s max_batch=%d headroom=%d context=%d eos=%s defaults=%s",
+            self.model_name, self.device, str(self.dtype).removeprefix("torch."), self.max_batch, self.headroom,
+            self.context_length, sorted(self.eos_token_ids), self.defaults,
         )
 
     # ------------------------------------------------------------------ configuration helpers
@@ -272,7 +302,8 @@ class TransformersEngine(SequenceSlots[_Seq]):
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return chat_token_ids(self.tokenizer, messages, tools)
 
-    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams,
+            priority: int = PRIORITY_INTERACTIVE) -> None:
         validate_request(prompt_ids, params, self.context_length, self.vocab_size)
         prompt = [int(t) for t in prompt_ids]
         generator = torch.Generator(device=self.device)
@@ -302,36 +333,70 @@ class TransformersEngine(SequenceSlots[_Seq]):
                                      stops_active=params.min_tokens == 0),
                 stop_ids=stop_ids,
                 matcher=matcher,
+                priority=priority,
             )
 
-        self._enqueue(seq_id, admitted)
+        self._enqueue(seq_id, admitted, priority)
 
     def step(self) -> list[StepOutput]:
         outputs = _StepOutputs()
         with torch.inference_mode():
-            new = self._take_pending()
-            # 1. cancellations
-            still_new = []
-            for seq in new:
+            # 1. cancellations (new, waiting and running sequences)
+            waiting, self._waiting = self._waiting + self._take_pending(), []
+            for seq in waiting:
                 if seq.canceled:
                     self._finish(seq, "canceled", outputs)
                 else:
-                    still_new.append(seq)
-            new = still_new
+                    self._waiting.append(seq)
             canceled_rows = [i for i, s in enumerate(self._running) if s.canceled]
             if canceled_rows:
                 for i in canceled_rows:
                     self._finish(self._running[i], "canceled", outputs)
                 self._drop_rows(set(canceled_rows))
-            # 2. admission (prefill); a sequence that wants its prompt's logprobs is prefilled alone, since every
-            # position's logits are kept for it
-            plain = [s for s in new if s.params.prompt_logprobs is None]
-            for group in ([plain] if plain else []) + [[s] for s in new if s.params.prompt_logprobs is not None]:
+            # 2. admission (prefill) of the waiting sequences the batch takes now; a sequence that wants its prompt's
+            # logprobs is prefilled alone, since every position's logits are kept for it
+            new = self._schedule()
+            plain = [s for s in new if not self._wants_prompt_logprobs(s)]
+            for group in ([plain] if plain else []) + [[s] for s in new if self._wants_prompt_logprobs(s)]:
                 self._admit(group, outputs)
             # 3. one decode step for every running sequence
             if self._running:
                 self._decode(outputs)
+        self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
         return outputs.result()
+
+    @staticmethod
+    def _wants_prompt_logprobs(seq: _Seq) -> bool:
+        return seq.params.prompt_logprobs is not None and not seq.resumed  # a resumed one sent them already
+
+    def _schedule(self) -> list[_Seq]:
+        """The waiting sequences that join the batch in this step (taken out of `_waiting`): by priority, then
+        admission order, into the free slots; when none is free, one takes the place of a running sequence of lower
+        priority (the lowest, admitted last), which leaves the batch, its state kept, and waits to resume."""
+        self._waiting.sort(key=_Seq.rank)
+        free = self.max_batch - len(self._running)
+        victims: set[int] = set()
+        taken = 0
+        for seq in self._waiting:
+            if free <= 0:
+                lower = [i for i, s in enumerate(self._running) if i not in victims and s.priority > seq.priority]
+                if not lower:
+                    break  # the rest rank no higher than this one: no running sequence gives way to them either
+                victims.add(max(lower, key=lambda i: self._running[i].rank()))
+                free += 1
+            free -= 1
+            taken += 1
+        chosen, self._waiting = self._waiting[:taken], self._waiting[taken:]
+        if victims:
+            preempted = [self._running[i] for i in sorted(victims)]
+            self._drop_rows(victims)
+            for seq in preempted:
+                self.stats.preemptions += 1
+                self.stats.count_preemption(seq.priority)
+                logger.debug("sequence %s (priority %d) preempted after %d tokens", seq.seq_id, seq.priority,
+                             len(seq.tokens))
+            self._waiting.extend(preempted)
+        return chosen
 
     # ------------------------------------------------------------------ model
 
@@ -372,19 +437,22 @@ class TransformersEngine(SequenceSlots[_Seq]):
     # ------------------------------------------------------------------ admission
 
     def _admit(self, new: list[_Seq], outputs: _StepOutputs) -> None:
+        """Prefill `new` (a resumed sequence: its prompt and tokens so far), sample each one's next token and merge
+        the rows into the running batch."""
         dev = self.device
-        lengths = [len(s.prompt_ids) for s in new]
+        contexts = [s.context_ids() for s in new]
+        lengths = [len(c) for c in contexts]
         width = max(lengths)
         ids = torch.full((len(new), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(new), width), dtype=torch.long)
-        for i, s in enumerate(new):
-            ids[i, width - lengths[i]:] = torch.tensor(s.prompt_ids, dtype=torch.long)
+        for i, context in enumerate(contexts):
+            ids[i, width - lengths[i]:] = torch.tensor(context, dtype=torch.long)
             mask[i, width - lengths[i]:] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
         try:
             cache = DynamicCache(config=self.model.config)
-            if new[0].params.prompt_logprobs is not None:  # alone in its group (see `step`)
+            if self._wants_prompt_logprobs(new[0]):  # alone in its group (see `step`)
                 every = self._forward(ids, mask, position_ids, cache, phase="prefill", all_positions=True)
                 new[0].prompt_logprobs = self._prompt_logprobs(every[0], new[0])
                 logits = every[:, -1, :]
@@ -396,16 +464,21 @@ class TransformersEngine(SequenceSlots[_Seq]):
             rows = torch.arange(len(new), device=dev)[:, None].expand_as(ids)
             seen = torch.zeros((len(new), logits.shape[-1]), dtype=torch.bool, device=dev)
             seen[rows[real], ids[real]] = True
-            # no output yet, so no counts for the presence / frequency penalties
-            first, first_dev = sample(logits, [s.params for s in new], [s.generator for s in new], seen,
-                                      [s.banned() for s in new], allowed=self._allowed(new))
-            first_logprobs = self._logprobs(logits, first_dev, new)
-            del logits
-            seen[torch.arange(len(new), device=dev), first_dev] = True
+            # the output so far (a resumed sequence's) for the presence / frequency penalties
             counts = None
             if any(s.penalized for s in new):
                 counts = torch.zeros((len(new), self.vocab_size), dtype=torch.float32, device=dev)
-                counts[torch.arange(len(new), device=dev), first_dev] = 1.0
+                for i, s in enumerate(new):
+                    if s.tokens:
+                        made = torch.tensor(s.tokens, dtype=torch.long, device=dev)
+                        counts[i].index_add_(0, made, torch.ones(len(s.tokens), dtype=torch.float32, device=dev))
+            first, first_dev = sample(logits, [s.params for s in new], [s.generator for s in new], seen,
+                                      [s.banned() for s in new], counts=counts, allowed=self._allowed(new))
+            first_logprobs = self._logprobs(logits, first_dev, new)
+            del logits
+            seen[torch.arange(len(new), device=dev), first_dev] = True
+            if counts is not None:
+                counts[torch.arange(len(new), device=dev), first_dev] += 1.0
         except _OOM_ERRORS as exc:
             self._free_memory()
             logger.warning("out of memory while prefilling %d sequence(s): %s", len(new), exc)
@@ -426,7 +499,8 @@ class TransformersEngine(SequenceSlots[_Seq]):
                 seen = seen.index_select(0, rows)
                 if counts is not None:
                     counts = counts.index_select(0, rows) if any(s.penalized for s in new_keep) else None
-            pos = torch.tensor([len(s.prompt_ids) for s in new_keep], dtype=torch.long, device=dev)
+            # the position of each row's sampled token, fed by the next decode step (its prefill's length)
+            pos = torch.tensor([lengths[i] for i in keep], dtype=torch.long, device=dev)
             self._merge(cache, mask, pos, first_dev, seen, counts, new_keep)
         except _OOM_ERRORS as exc:
             self._free_memory()
