@@ -21,6 +21,9 @@ from rq_checks import wait_for_rq_status
 
 # The contract, engine or not: collected again in this module, against the vLLM stack below.
 from test_limits import gateway, test_job_timeout_fails_the_job_and_frees_its_slot  # noqa: F401
+from test_interactive_first import (  # noqa: F401
+    test_an_interactive_job_overtakes_a_full_batch_whose_text_stays_the_same,
+)
 from test_stack import (  # noqa: F401
     test_cancel_queued_and_running_jobs,
     test_generate_waits_then_falls_back_to_202,
