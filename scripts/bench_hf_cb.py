@@ -101,7 +101,8 @@ def main() -> int:
                 best = {"way": name, "dtype": args.dtype, "sequences": args.sequences, "max_new_tokens": cap,
                         "completion_tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 1),
                         "foreign_cpu_pct": round(load.foreign_pct, 1)}
-        print(f"| {name} | {args.dtype} | {best['completion_tokens']} | {best['tok_s']} | {best['foreign_cpu_pct']:.0f}% |")
+        print(f"| {name} | {args.dtype} | {best['completion_tokens']} | {best['tok_s']} "
+              f"| {best['foreign_cpu_pct']:.0f}% |")
         print(json.dumps(best), flush=True)
     return 0
 

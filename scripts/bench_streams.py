@@ -150,7 +150,8 @@ def _load_process(port: int, plan: list[tuple[str, str, str]], rate: float, toke
         return await asyncio.gather(*tasks), opened_s
 
     results, opened_s = asyncio.run(run())
-    summary = {"streams": 0, "waits": 0, "errors": [], "incomplete": 0, "events": 0, "token_events": 0, "tokens": 0, "waits_terminal": 0,
+    summary = {"streams": 0, "waits": 0, "errors": [], "incomplete": 0, "events": 0, "token_events": 0, "tokens": 0,
+               "waits_terminal": 0,
                "ids_by_job": {}, "delays": Counter(), "statuses": Counter(), "opened_s": opened_s,
                "first_token_s": [], "last_close": 0.0}
     for (kind, path, _), result in zip(plan, results):
@@ -200,7 +201,8 @@ def run_load(port: int, plan: list[tuple[str, str, str]], processes: int, rate: 
     summaries = [pipe.recv() for pipe in pipes]
     for proc in procs:
         proc.join()
-    merged = {"streams": 0, "waits": 0, "errors": [], "incomplete": 0, "events": 0, "token_events": 0, "tokens": 0, "waits_terminal": 0,
+    merged = {"streams": 0, "waits": 0, "errors": [], "incomplete": 0, "events": 0, "token_events": 0, "tokens": 0,
+              "waits_terminal": 0,
               "delays": Counter(), "statuses": Counter(), "cpu_s": 0.0, "wall_s": 0.0, "opened_s": 0.0}
     ids_by_job: dict[str, set] = {}
     for s in summaries:
@@ -327,10 +329,12 @@ def mode_streams(args) -> dict:
             "mode": "streams", "streams": args.streams, "waits": waits, "jobs": args.jobs, "tokens": args.tokens,
             "tokens_per_s_per_seq": args.tokens_per_s, "load_processes": args.processes, "sources": args.sources,
             "open_rate_per_s": args.rate,
-            "ok_streams": merged["streams"], "ok_waits": merged["waits"], "waits_answered_terminal": merged["waits_terminal"], "errors": len(merged["errors"]),
+            "ok_streams": merged["streams"], "ok_waits": merged["waits"],
+            "waits_answered_terminal": merged["waits_terminal"], "errors": len(merged["errors"]),
             "first_errors": merged["errors"][:5], "incomplete": merged["incomplete"],
             "jobs_with_differing_streams": merged["jobs_with_differing_streams"],
-            "statuses": dict(merged["statuses"]), "token_events": merged["token_events"], "tokens_received": merged["tokens"],
+            "statuses": dict(merged["statuses"]), "token_events": merged["token_events"],
+            "tokens_received": merged["tokens"],
             "lookup_p50_ms": round(statistics.median(lookups_ms), 2) if lookups_ms else None,
             "lookup_p99_ms": round(lookups_ms[int(0.99 * (len(lookups_ms) - 1))], 2) if lookups_ms else None,
             "lookups": len(lookups_ms), "lookup_errors": len(lookup_errors),
@@ -418,13 +422,15 @@ def mode_publish(args) -> dict:
             wall = time.perf_counter() - t0
             cpu = time.process_time() - cpu0
             info1 = client.info("cpu")
-            redis_cpu = (info1["used_cpu_user"] + info1["used_cpu_sys"]) - (info0["used_cpu_user"] + info0["used_cpu_sys"])
+            redis_cpu = ((info1["used_cpu_user"] + info1["used_cpu_sys"])
+                         - (info0["used_cpu_user"] + info0["used_cpu_sys"]))
             lost = sum(slot.lost for slot in slots.values())
             rows.append({"sequences_per_step": per_step, "steps_per_s": round(steps / wall, 1),
                          "tokens_per_s": round(tokens / wall, 1),
                          "client_cpu_us_per_token": round(1e6 * cpu / tokens, 1),
                          "redis_cpu_us_per_token": round(1e6 * redis_cpu / tokens, 1),
-                         "client_cpu_pct": round(100 * cpu / wall, 1), "redis_cpu_pct": round(100 * redis_cpu / wall, 1),
+                         "client_cpu_pct": round(100 * cpu / wall, 1),
+                         "redis_cpu_pct": round(100 * redis_cpu / wall, 1),
                          "lost": lost})
         errors = sum(row["lost"] for row in rows)
         return {"mode": "publish", "sequences": args.sequences, "rows": rows, "errors": errors, "incomplete": 0}

@@ -838,8 +838,9 @@ def doc_section(args, command: str, summary: dict, problems: list[str], errors: 
         gets `kill -9` (drawn at random in rounds over: {targets}), and a dead service is started again
         {args.restart_delay_s:g} s later, as compose's `restart: unless-stopped` would (a killed gunicorn or nginx
         worker process is replaced by its master). The stack is devstack's `Stack(..., redis_aof=True)` (Redis with its
-        append-only file), {engine}, `MAX_BATCH={args.max_batch}`, 2 gateway processes, `JOB_RETRIES={args.job_retries}`,
-        `WORKER_STALE_S={args.worker_stale_s:g}`; each job {args.min_tokens}-{args.max_tokens} tokens, greedy, with
+        append-only file), {engine}, `MAX_BATCH={args.max_batch}`, 2 gateway processes,
+        `JOB_RETRIES={args.job_retries}`, `WORKER_STALE_S={args.worker_stale_s:g}`;
+        each job {args.min_tokens}-{args.max_tokens} tokens, greedy, with
         `ignore_eos`."""
     terms = f"""*Lost*: no final answer within {args.drain_s:g} s after the soak ended, or its job vanished (404).
         *Failed*: a final answer that is an error (a 4xx other than 429, or the job ended `failed`). *Run twice*: more
@@ -853,14 +854,16 @@ def doc_section(args, command: str, summary: dict, problems: list[str], errors: 
         the run started). The issue's target is 10 minutes with a kill every 30 s, with both engines: 0 lost, 0 run
         twice, 0 broken. This run: {args.duration_s:g} s, a kill every {args.kill_every_s:g} s, `{args.engine}`:
         {verdict}."""
-    parts = [f"## The chaos soak, `ENGINE={args.engine}`", wrap(intro), wrap(terms), wrap(run), "\n".join(tables(summary)),
+    parts = [f"## The chaos soak, `ENGINE={args.engine}`", wrap(intro), wrap(terms), wrap(run),
+             "\n".join(tables(summary)),
              f"Kills, in seconds from the start of the load: {kill_timeline(chaos)}."]
     if problems:
         parts.append(wrap("Every request that was lost, failed, run twice, broken or wrong, with the kills during it, "
                           "its retries and the stack's warnings and errors about its jobs:") + "\n\n"
                      + "\n".join(problems))
     lines = "".join(f"\n- {count} x `{group}`" for group, count in errors.most_common())
-    parts.append("The stack's log lines at ERROR or worse (numbers shown as N):" + ("\n" + lines if errors else " none."))
+    parts.append("The stack's log lines at ERROR or worse (numbers shown as N):"
+                 + ("\n" + lines if errors else " none."))
     return "\n\n".join(parts) + "\n"
 
 
@@ -986,8 +989,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nstack logs and soak.json (every request, kill and restart): {workdir}")
     if not args.no_doc:
         brief = problem_reports(load.requests, summary, chaos, workdir, log_limit=4, serious_only=True)
-        update_doc(f"{SECTION}-{args.engine}", doc_section(args, command, summary, brief, errors, info, chaos), path=DOC,
-                   writer="scripts/chaos_soak.py")
+        update_doc(f"{SECTION}-{args.engine}", doc_section(args, command, summary, brief, errors, info, chaos),
+                   path=DOC, writer="scripts/chaos_soak.py")
     return 0 if not (summary["lost"] or summary["run twice"] or summary["streams broken"]) else 1
 
 

@@ -3,9 +3,9 @@ streams from a couple of cores (no HTTP library per stream, no JSON parsing of t
 
 `await sse_get(host, port, path)` reads one `GET` to its end (HTTP/1.1, chunked or not) and returns a
 `StreamResult`: the status, the `Retry-After` of a refusal, each event's `id`/`event` (and `data` with
-`keep_data`, and always for `done`), and for every event the delay from its Redis entry id (the Redis server's clock, in ms, when the
-event was written) to the moment it was read here, for the events written while the stream was open: on one
-host, the write-to-read delay end to end.
+`keep_data`, and always for `done`), and for every event the delay from its Redis entry id (the Redis server's clock,
+in ms, when the event was written) to the moment it was read here, for the events written while the stream was open:
+on one host, the write-to-read delay end to end.
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ async def sse_get(
     return result
 
 
-async def http_get(host: str, port: int, path: str, *, source: str | None = None, timeout_s: float = 60) -> StreamResult:
+async def http_get(
+    host: str, port: int, path: str, *, source: str | None = None, timeout_s: float = 60
+) -> StreamResult:
     """A plain GET (a `?wait=` or a job lookup): its status and body (`Connection: close`)."""
     result = StreamResult()
     writer = None

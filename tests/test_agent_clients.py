@@ -34,6 +34,8 @@ NODE_DIR = CLIENTS / "node"
 AGENTS_VENV = ROOT / ".venv-clients-agents"
 INSTRUCTOR_VENV = ROOT / ".venv-clients-instructor"
 CLIENT_TIMEOUT_S = 120
+# Tiers (the root conftest.py): a stack of its own, then a client process per case.
+pytestmark = pytest.mark.slow
 
 WEATHER_PREFIX = "sunny, 21 C in "  # what every client's get_weather tool returns, before the city
 

@@ -75,7 +75,9 @@ def proxied_stack():
     (STRANGER, CLIENT, STRANGER),
     (STRANGER, f"{CLIENT}, {PROXY}", STRANGER),
 ])
-def test_nginx_logs_the_client_a_trusted_proxy_forwards(proxied_stack, source: str, forwarded: str | None, seen: str) -> None:
+def test_nginx_logs_the_client_a_trusted_proxy_forwards(
+    proxied_stack, source: str, forwarded: str | None, seen: str
+) -> None:
     request_id = uuid.uuid4().hex
     headers = {"X-Request-ID": request_id} | ({"X-Forwarded-For": forwarded} if forwarded else {})
     with _client(proxied_stack.url, source) as client:

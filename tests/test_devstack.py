@@ -13,11 +13,14 @@ from pathlib import Path
 import time
 
 import httpx
+import pytest
 
 from helpers import wait_for_job_status, wait_until
 from nginx_local import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tiers (the root conftest.py): `make dev`'s whole stack, twice, with services killed and restarted.
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
 def worker_pids(devstack_pid: int) -> list[int]:

@@ -20,7 +20,7 @@ from llamaq_protocol import keys
 from helpers import wait_for_job_status
 
 # A stream that never gets its first chunks (a worker down) fails instead of holding the run.
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.stack]  # its stacks are `paced` and `paced_kept`
 
 PACED_TOKENS_PER_S = 20
 LONG = 1200  # tokens: a minute of generation, were it not canceled

@@ -86,6 +86,7 @@ def test_jobs_go_back_counted_then_fail_as_worker_lost(r: redis.Redis) -> None:
     assert queue.get_job_ids() == []
 
 
+@pytest.mark.model  # the echo engine loads the small model's tokenizer
 def test_worker_process_exits_non_zero_and_closes_the_engine(r: redis.Redis, lone_redis, tmp_path) -> None:
     # Queued as the gateway queues jobs (in the fair queue), for the real worker process to pop.
     job_id = admit(lone_redis.env["REDIS_URL"], GenerationParams(prompt="hi", max_new_tokens=8))

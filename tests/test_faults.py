@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import signal
 
+import pytest
+
 from helpers import LONG_JOB, read_sse, wait_for_job_status, wait_until
 from rq_checks import wait_for_rq_status
 
 SHORT_COUNT = {"prompt": "Count from 1 to 10, one number per line.", "max_new_tokens": 24, "temperature": 0}
 # Time for each status change awaited here, the lost-worker sweep included (stale after WORKER_STALE_S).
 FAULT_WAIT_S = 45
+# Tiers (the root conftest.py): 20-50 s a test, each waits out a killed worker.
+pytestmark = pytest.mark.slow
 
 
 def kill_worker_mid_job(stack, client, job_id: str) -> None:

@@ -11,6 +11,7 @@ import re
 import time
 from collections import Counter
 
+import pytest
 import requests
 import schemathesis
 from fastapi.routing import APIRoute
@@ -32,6 +33,8 @@ from llamaq_gateway.settings import GatewaySettings
 # Generated requests per operation and generation mode (an operation without parameters yields fewer).
 EXAMPLES = 60
 MIN_REQUESTS = 1000
+# Tiers (the root conftest.py): over a thousand generated requests through the stack.
+pytestmark = pytest.mark.slow
 MAX_NEW_TOKENS = 4
 MAX_WAIT_S = 1
 CHECKS = [

@@ -60,7 +60,8 @@ def _one(objects: list[dict], kind: str, name: str) -> dict:
 
 def _by_prefix(objects: list[dict], kind: str, prefix: str) -> dict:
     """A generated ConfigMap: kustomize appends a content hash to its name."""
-    found = [o for o in objects if o["kind"] == kind and re.fullmatch(rf"{prefix}-[a-z0-9]{{10}}", o["metadata"]["name"])]
+    found = [o for o in objects
+             if o["kind"] == kind and re.fullmatch(rf"{prefix}-[a-z0-9]{{10}}", o["metadata"]["name"])]
     assert len(found) == 1, f"{kind}/{prefix}-<hash>: {len(found)} found"
     return found[0]
 
@@ -216,7 +217,8 @@ def test_keda_reaches_the_redis_the_services_use(objects: list[dict]) -> None:
     port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "redis")
     assert redis_url.port == port
     # KEDA's operator runs in another namespace: the Service's full name.
-    assert trigger["address"] == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:{port}"
+    full_name = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    assert trigger["address"] == f"{full_name}:{port}"
     assert trigger["databaseIndex"] == (redis_url.path.lstrip("/") or "0")
     assert int(trigger["listLength"]) >= 1
 

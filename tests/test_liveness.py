@@ -1,6 +1,7 @@
 """A worker whose decoding loop is wedged (a hung `engine.step()`, the process itself alive) stops heartbeating
 within STEP_STALL_S and a beat, fails its healthcheck, the gateway's lost-worker sweep gives its job to another
-worker, and after twice STEP_STALL_S the wedged process exits for its supervisor to start a fresh one. Real redis-server, gunicorn, nginx and workers (the echo engine: no model to load)."""
+worker, and after twice STEP_STALL_S the wedged process exits for its supervisor to start a fresh one. Real
+redis-server, gunicorn, nginx and workers (the echo engine: no model to load)."""
 
 from __future__ import annotations
 

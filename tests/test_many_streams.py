@@ -107,6 +107,7 @@ def test_hundreds_of_streams_get_every_event_through_a_few_redis_connections(pac
         assert wait.status == 200 and json.loads(wait.body)["status"] == "succeeded", (wait.error, wait.body[:200])
 
 
+@pytest.mark.stack  # a stack of its own, started in the test
 def test_streams_and_waits_over_the_cap_get_429_with_retry_after():
     env = _paced_env(MAX_STREAMS_PER_CLIENT="3", WEB_CONCURRENCY="1")
     with running_stack("llamaq-cap-", env) as stack:

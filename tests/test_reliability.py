@@ -21,6 +21,8 @@ from rq_checks import wait_for_rq_status
 
 PARIS = {"prompt": "What is the capital of France?", "max_new_tokens": 12, "temperature": 0}
 COUNT = {"prompt": "Count from 1 to 500, one number per line.", "temperature": 0}
+# Tiers (the root conftest.py): up to two minutes a test (Redis restarted, workers drained).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

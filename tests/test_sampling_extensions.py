@@ -208,7 +208,8 @@ def test_an_engine_without_logprobs_refuses_them_before_queueing(prompt_logging_
         assert ok.status_code == 200, ok.text
         # Nor can it hold its output to a grammar: refused the same way, naming the request's own field.
         for path, body, param in [
-            ("/v1/chat/completions", {"messages": FRANCE, "response_format": {"type": "json_object"}}, "response_format"),
+            ("/v1/chat/completions", {"messages": FRANCE, "response_format": {"type": "json_object"}},
+             "response_format"),
             ("/v1/jobs", {"prompt": "hi", "structured_outputs": {"choice": ["a", "b"]}}, None),
         ]:
             reply = http.post(path, json=body)

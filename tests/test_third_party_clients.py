@@ -19,6 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS_BIN = ROOT / ".venv-clients" / "bin"
 TOOL_TIMEOUT_S = 420
+# Tiers (the root conftest.py): third-party client suites, minutes each.
+pytestmark = pytest.mark.slow
 
 GUIDELLM_REQUESTS = 8
 GUIDELLM_STREAMS = 4

@@ -1,5 +1,5 @@
-"""Tool calling, structured outputs, `n`, penalties and logit_bias through the real stack (nginx, gunicorn, Redis, a worker
-with the small model), with the transformers engine here and vLLM's in test_vllm_stack.py, which runs these same
+"""Tool calling, structured outputs, `n`, penalties and logit_bias through the real stack (nginx, gunicorn, Redis, a
+worker with the small model), with the transformers engine here and vLLM's in test_vllm_stack.py, which runs these same
 functions against its own stack.
 
 The small model's own template ignores `tools`, so the worker runs with CHAT_TEMPLATE set to a ChatML template

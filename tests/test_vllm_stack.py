@@ -65,6 +65,8 @@ from test_streaming import (  # noqa: F401
 COUNT = {"prompt": "Count from 1 to 500, one number per line.", "temperature": 0}
 VLLM_START_S = 420
 STATUS_WAIT_S = 60
+# Tiers (the root conftest.py): vLLM's engine through the stack, the imported tests too.
+pytestmark = pytest.mark.slow
 
 
 def vllm_environment(**overrides: str) -> dict[str, str]:

@@ -177,7 +177,8 @@ async def job_event_stream(
             for entry in batch:
                 if entry.ends:
                     job = await jobs.ended(job_id, owner)
-                    chunks.append(sse_event(json.dumps(job.public(), ensure_ascii=False), EVENT_DONE, entry.id).encode())
+                    chunks.append(sse_event(json.dumps(job.public(), ensure_ascii=False), EVENT_DONE,
+                                            entry.id).encode())
                 else:
                     chunks.append(entry.sse)
             yield b"".join(chunks)

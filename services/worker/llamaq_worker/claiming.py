@@ -291,7 +291,8 @@ class Claimer:
         logger.info("job %s resumed after %d tokens", job_id, choice.completion_tokens, extra={"job_id": job_id})
         return made
 
-    def start_choice(self, job_id: str, slot: Slot, index: int, prompt_ids: list[int], sampling: SamplingParams) -> None:
+    def start_choice(self, job_id: str, slot: Slot, index: int, prompt_ids: list[int],
+                     sampling: SamplingParams) -> None:
         """One of the job's later choices handed to the engine. Should the engine refuse it, the choice fails and
         the job is stopped: it then ends failed with that error."""
         choice = slot.choices[index]

@@ -3,8 +3,8 @@
 One pipeline a step carries every running job's new token events (TOKENS_SCRIPT, one call for up to
 TOKENS_JOBS_PER_CALL jobs, with the partial output in the record refreshed about every PARTIAL_OUTPUT_EVERY_S) and
 the finish of every job that ended (FINISH_SCRIPT), so a waiting client wakes once. The work per step follows the
-jobs that have news, not every running job. A job the scripts say is no longer this worker's (the sweep re-queued it while this
-worker was cut off) is stopped and nothing more is written for it.
+jobs that have news, not every running job. A job the scripts say is no longer this worker's (the sweep re-queued it
+while this worker was cut off) is stopped and nothing more is written for it.
 
 Redis may go away (a restart, a failover) while a batch runs: `RedisRetry` tries each write again until Redis
 answers, for up to REDIS_OUTAGE_TOLERANCE_S, with decoding paused meanwhile, so no token is dropped and no job

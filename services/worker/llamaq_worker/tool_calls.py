@@ -166,7 +166,8 @@ class ToolCallStream:
             else:
                 streamed = self.sent[index]["arguments"]
                 if arguments.startswith(streamed) and arguments != streamed:
-                    deltas.append(self._take_delta({"index": index, "function": {"arguments": arguments[len(streamed):]}}))
+                    more = arguments[len(streamed):]
+                    deltas.append(self._take_delta({"index": index, "function": {"arguments": more}}))
                 else:
                     self.sent[index]["arguments"] = arguments if arguments.startswith(streamed) else streamed
         self.calls = [{"id": call["id"], "type": "function",

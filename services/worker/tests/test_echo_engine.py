@@ -18,6 +18,8 @@ from llamaq_worker.engines.echo import EchoEngine
 from llamaq_worker.settings import WorkerSettings
 
 MODEL = os.environ.get("LLAMAQ_TEST_MODEL", "/tmp/smol")
+# Tiers (the root conftest.py): the small model's tokenizer.
+pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")

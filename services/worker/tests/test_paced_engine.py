@@ -18,6 +18,8 @@ from llamaq_worker.engines.base import PRIORITY_BATCH, PRIORITY_INTERACTIVE, Sam
 from llamaq_worker.engines.paced import MAX_SLEEP_S, PacedEngine
 
 MODEL = os.environ.get("LLAMAQ_TEST_MODEL", "/tmp/smol")
+# Tiers (the root conftest.py): the small model's tokenizer.
+pytestmark = pytest.mark.model
 
 
 class FakeClock:

@@ -13,6 +13,8 @@ from llamaq_protocol import GenerationParams
 from llamaq_worker.tool_calls import ToolCallStream, forced_tool_schema, load_tool_parser
 
 MODEL = os.environ.get("LLAMAQ_TEST_MODEL", "/tmp/smol")
+# Tiers (the root conftest.py): the small model's tokenizer.
+pytestmark = pytest.mark.model
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}

@@ -25,6 +25,8 @@ from llamaq_worker.engines.transformers.engine import _Seq, _StepOutputs
 from llamaq_worker.engines.transformers.sampling import draw
 
 MODEL = os.environ.get("LLAMAQ_TEST_MODEL", "/tmp/smol")
+# Tiers (the root conftest.py): the small model, run in-process.
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 PROMPTS = {
     "france": "What is the capital of France?",
@@ -283,7 +285,8 @@ def test_degenerate_sampling_equals_greedy(engine: TransformersEngine, solo_gree
             0: [
                 ("k1", chat(engine, "sky"), SamplingParams(max_new_tokens=16, temperature=1.5, top_k=1)),
                 ("p0", chat(engine, "haiku"), SamplingParams(max_new_tokens=16, temperature=1.5, top_p=1e-6)),
-                ("mix", chat(engine, "france"), SamplingParams(max_new_tokens=16, temperature=0.7, top_k=3, top_p=1e-6)),
+                ("mix", chat(engine, "france"),
+                 SamplingParams(max_new_tokens=16, temperature=0.7, top_k=3, top_p=1e-6)),
             ]
         },
     )

@@ -19,6 +19,8 @@ from llamaq_worker.engines.base import PRIORITY_BATCH, PRIORITY_INTERACTIVE, Sam
 from llamaq_worker.engines.transformers import TransformersEngine
 
 MODEL = os.environ.get("LLAMAQ_TEST_MODEL", "/tmp/smol")
+# Tiers (the root conftest.py): the small model, run in-process.
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 BATCH = {
     # greedy, with a stop string (its state must survive the preemption)

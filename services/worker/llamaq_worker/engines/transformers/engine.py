@@ -242,7 +242,8 @@ class TransformersEngine(SequenceSlots[_Seq]):
         layer_types = {type(layer) for layer in DynamicCache(config=config).layers}
         if layer_types - {DynamicLayer}:
             # sliding-window / linear-attention caches keep extra state that row merging does not handle
-            raise ValueError(f"unsupported cache layout for continuous batching: {sorted(t.__name__ for t in layer_types)}")
+            names = sorted(t.__name__ for t in layer_types)
+            raise ValueError(f"unsupported cache layout for continuous batching: {names}")
 
         self.model_name = model_name
         self.context_length = int(config.max_position_embeddings)
