@@ -2,6 +2,7 @@
 events on a real Redis."""
 
 import asyncio
+import json
 import time
 from datetime import datetime, timezone
 
@@ -9,6 +10,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
+from openai.types.chat import ChatCompletionChunk
 
 from llamaq_gateway.app import create_app
 from llamaq_gateway.event_hub import EventHub
@@ -197,6 +199,11 @@ def test_stream_chunks():
     assert '"delta":{},"logprobs":null,"finish_reason":"stop"' in final
     assert '"choices":[],' in usage_chunk and '"total_tokens":23' in usage_chunk
     assert all(piece.endswith("\n\n") for piece in (final, usage_chunk))
+
+    # A silence's keepalive: a chunk with no choices (the usage chunk's shape), no usage in it.
+    keepalive = json.loads(chunks.keepalive().removeprefix("data: "))
+    assert keepalive["choices"] == [] and keepalive["usage"] is None and keepalive["id"] == "chatcmpl-abc"
+    assert ChatCompletionChunk.model_validate(keepalive).choices == []
 
     plain = ChunkBuilder("text", job(), "m", include_usage=False)
     assert plain.opening() is None

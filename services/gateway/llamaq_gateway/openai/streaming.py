@@ -54,6 +54,15 @@ class ChunkBuilder:
             chunk["usage"] = usage_  # null on every chunk but the last, as OpenAI does
         return streams.sse_data(chunk)
 
+    def keepalive(self) -> str:
+        """What a silence of HEARTBEAT_S sends (a job still queued, say): a chunk with no choices, as the usage chunk
+        is, which every OpenAI client skips. Not an SSE comment: `vllm bench serve` strips each network read and
+        then glues a comment to the next event, losing the whole stream's text."""
+        chunk = {**self.base, "choices": []}
+        if self.include_usage:
+            chunk["usage"] = None
+        return streams.sse_data(chunk)
+
     def _choice(
         self, text: str | None, reason: str | None, role: bool = False, logprobs: dict[str, Any] | None = None,
         tool_calls: list[dict[str, Any]] | None = None, index: int = 0,
@@ -144,7 +153,7 @@ async def stream_completion(
     try:
         async for entry in streams.read_events(jobs.hub, job.id, heartbeat_s=heartbeat_s):
             if entry is None:
-                yield streams.PING
+                yield chunks.keepalive()
             elif entry.event == EVENT_TOKEN:
                 chunk = chunks.token_event(entry.payload())
                 if chunk:
