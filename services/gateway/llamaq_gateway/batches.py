@@ -164,6 +164,7 @@ class BatchService:
         self.settings = settings
         self.aio = aio
         self.files = files
+        self._request_cancel = aio.register_script(REQUEST_CANCEL_SCRIPT)
 
     async def create(self, caller: Caller, body: BatchRequest) -> dict[str, Any]:
         """The batch's lines are queued later by the driver, as the caller: scheduled with its key's weight (its rate
@@ -227,7 +228,7 @@ class BatchService:
         """Asks the driver to cancel the batch's unfinished lines; the batch is `cancelling` until they have."""
         fields = await self._fields(batch_id, owner)
         if fields["status"] in ("validating", "in_progress"):
-            await self.aio.eval(REQUEST_CANCEL_SCRIPT, 1, keys.batch(batch_id), int(time.time()))
+            await self._request_cancel(keys=[keys.batch(batch_id)], args=[int(time.time())])
         elif fields["status"] in ("completed", "failed", "expired"):
             raise InvalidParameter(f"batch {batch_id} is {fields['status']}: there is nothing left to cancel",
                                    param="batch_id")

@@ -47,6 +47,7 @@ from llamaq_protocol import keys
 from llamaq_protocol.records import EVENT_DONE
 
 from .metrics import SLOW_SUBSCRIBERS_DROPPED
+from .sse import sse_event
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +101,6 @@ class StreamEntry:
     @cached_property
     def sse(self) -> bytes:
         """The entry as one SSE event, encoded once however many streams send it."""
-        from .streams import sse_event  # streams imports this module
-
         return sse_event(self.data, self.event, self.id).encode()
 
     @property

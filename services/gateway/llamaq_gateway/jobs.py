@@ -30,7 +30,6 @@ from llamaq_protocol.records import ADMIT_SCRIPT, CANCEL_SCRIPT, end_keys, job_f
 from .callers import Caller, KeyLimits, bucket_state, duration, rate_headers, system_caller
 from .constraints import check_constraints
 from .event_hub import EventHub
-from .job_list import INDEX_TTL_S, queue_positions
 from .errors import (
     IdempotencyConflict, InvalidParameter, InvalidRequest, JobNotFound, NoReadyWorker, PromptTooLong, QueueFull,
     RateLimited,
@@ -44,6 +43,11 @@ logger = logging.getLogger(__name__)
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # A record outlives a job that is never finished (a lost worker) long enough to be diagnosed, not forever.
 UNFINISHED_RECORD_TTL_S = 7 * 24 * 3600
+# An entry of an owner's job index (job_list.py) older than this cannot name a live record (UNFINISHED_RECORD_TTL_S,
+# the longest a record lives); the set expires this long after its newest entry.
+INDEX_TTL_S = 7 * 24 * 3600
+# Waiting clients a queue position estimate looks at, least served first.
+MAX_POSITION_CLIENTS = 1000
 # A request already waiting on its job rides out a Redis restart this long (the job itself is safe) before 503.
 REDIS_BLIP_S = 30.0
 # Prompts shorter than this are counted on the event loop (well under a millisecond); longer ones in a thread.
@@ -75,6 +79,7 @@ class JobService:
         self._endings: dict[str, asyncio.Future] = {}
         self._card_read_at = float("-inf")
         self._admit = aio.register_script(ADMIT_SCRIPT)
+        self._cancel = aio.register_script(CANCEL_SCRIPT)
 
     # ---- readiness -------------------------------------------------------------------------------------------
 
@@ -427,14 +432,8 @@ class JobService:
         job = await self.get(job_id, owner)
         if job.status.is_terminal():
             return job
-        outcome = await self.aio.eval(
-            CANCEL_SCRIPT,
-            len(end_keys(job_id)),
-            *end_keys(job_id),
-            utc_now().isoformat(),
-            job_id,
-            self.settings.result_ttl_s,
-        )
+        outcome = await self._cancel(keys=end_keys(job_id),
+                                     args=[utc_now().isoformat(), job_id, self.settings.result_ttl_s])
         if outcome == b"canceled":
             await anyio.to_thread.run_sync(self._cancel_queued_rq_job, job_id)
             logger.info("queued job canceled", extra={"job_id": job_id})
@@ -448,6 +447,68 @@ class JobService:
             RQJob.fetch(job_id, connection=self.sync, serializer=JSONSerializer).cancel()
         except (NoSuchJobError, InvalidJobOperation):
             pass  # already claimed: the worker sees the canceled record and closes the RQ job itself
+
+
+# ---- queue positions ------------------------------------------------------------------------------------------
+
+
+async def queue_positions(jobs: JobService, queued: list[tuple[str, dict]]) -> dict[str, int | None]:
+    """The 0-based places in the claim order of these queued jobs (id, record): the jobs of earlier tiers (every
+    queued interactive job is ahead of a batch one, and those that arrive later too: its position can grow), its own
+    client's jobs ahead of it, and of every other waiting client as many as the fair share will claim first. That is
+    an estimate: a client's service grows by what its jobs really generate, counted as if each job cost this one's
+    tokens (prompt + max tokens), weighted by each client's weight."""
+    if not queued:
+        return {}
+    base = jobs.settings.queue_name
+    tiers = keys.fair_tiers(base)
+    wanted = {}
+    for job_id, record in queued:
+        tier, client = record.get(b"fq_tier", b"").decode(), record.get(b"client", b"").decode()
+        if tier in tiers:
+            wanted[job_id] = (tier, client, float(record.get(b"cost") or 1) or 1.0)
+    if not wanted:
+        return {}
+    used = sorted({tier for tier, _, _ in wanted.values()}, key=tiers.index)
+    async with jobs.aio.pipeline(transaction=False) as pipe:
+        for tier in tiers:
+            pipe.llen(tier + ":depth")
+        for tier in used:
+            pipe.zrange(tier + ":clients", 0, MAX_POSITION_CLIENTS - 1)
+        for job_id, (tier, client, _) in wanted.items():
+            pipe.lpos(keys.fair_jobs(tier, client), job_id)
+        replies = await pipe.execute()
+    depth = {tier: int(count or 0) for tier, count in zip(tiers, replies)}
+    members = {tier: [m.decode() for m in found] for tier, found in zip(used, replies[len(tiers):])}
+    places = replies[len(tiers) + len(used):]
+    clients = sorted({c for found in members.values() for c in found} | {c for _, c, _ in wanted.values()})
+    async with jobs.aio.pipeline(transaction=False) as pipe:
+        pipe.hmget(keys.FAIR_SERVICE, clients)
+        pipe.hmget(keys.FAIR_WEIGHT, clients)
+        for tier in used:
+            for client in members[tier]:
+                pipe.llen(keys.fair_jobs(tier, client))
+        service, weights, *lengths = await pipe.execute()
+    service = {c: float(v or 0) for c, v in zip(clients, service)}
+    weight = {c: float(v or 1) for c, v in zip(clients, weights)}
+    waiting = {}
+    for tier in used:
+        for client in members[tier]:
+            waiting[(tier, client)] = lengths[len(waiting)]
+    positions: dict[str, int | None] = {}
+    for (job_id, (tier, client, cost)), place in zip(wanted.items(), places):
+        if place is None:
+            positions[job_id] = None  # claimed meanwhile
+            continue
+        ahead = sum(depth[t] for t in tiers[:tiers.index(tier)]) + place
+        # Its client's service when this job comes up; another client's jobs that start below it go first.
+        reached = service[client] + place * cost / weight[client]
+        for other in members[tier]:
+            if other != client:
+                first = math.ceil((reached - service[other]) * weight[other] / cost)
+                ahead += min(max(first, 0), waiting[(tier, other)])
+        positions[job_id] = ahead
+    return positions
 
 
 async def tokenize_sized(chars: int, tokenize: Callable[..., T], *args: Any) -> T:

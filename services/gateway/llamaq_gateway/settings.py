@@ -6,6 +6,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llamaq_protocol.keys import DEFAULT_QUEUE_NAME
 
+from .webhook_signing import secret_key
+
 
 class GatewaySettings(BaseSettings):
     """Every knob of the gateway, read from the environment (names documented in .env.example)."""
@@ -96,8 +98,6 @@ class GatewaySettings(BaseSettings):
         if value is not None and not value.get_secret_value():
             return None
         if value is not None:
-            from .webhooks import secret_key
-
             secret_key(value.get_secret_value())
         return value
 

@@ -7,7 +7,8 @@ Entries come from the process's event hub (`event_hub.py`: a few shared Redis co
 for every waiter; no polling); a silence of `HEARTBEAT_S` yields a ping so proxies and clients keep the
 connection. A client that goes away only stops its reader: the job itself runs on. A client that reads slower than
 the job writes (STREAM_MAX_PENDING_EVENTS entries behind) has its stream closed after the last event it was sent;
-it reconnects with that `Last-Event-ID` and reads the rest from Redis.
+it reconnects with that `Last-Event-ID` and reads the rest from Redis. The wire format itself (an event's bytes,
+the ping) is sse.py's.
 """
 
 from __future__ import annotations
@@ -16,17 +17,18 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import redis.exceptions
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from llamaq_protocol import JobStatus, keys
-from llamaq_protocol.records import EVENT_DONE, event_data
+from llamaq_protocol.records import EVENT_DONE
 
 from .errors import InvalidRequest, JobNotFound
 from .event_hub import READ_COUNT, START, StreamEntry, SubscriberTooSlow, entries_of, parse_id
+from .sse import PING_BYTES, sse_event
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -42,8 +44,6 @@ EVENT_ID_PATTERN = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 # Each part is a 64-bit unsigned number: Redis refuses a larger one (in the XREAD every waiter shares).
 MAX_ID_PART = 2**64 - 1
 
-PING = ": ping\n\n"
-PING_BYTES = PING.encode()
 SSE_MEDIA_TYPE = "text/event-stream"
 # X-Accel-Buffering: any nginx in front flushes each event (ours also has proxy_buffering off for these paths).
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -60,24 +60,6 @@ def resume_point(header: str | None, query: str | None) -> str:
             f"Last-Event-ID: {value[:80]!r} is not an event id; send back the `id:` of the last event received"
         )
     return value
-
-
-def sse_event(data: str, event: str | None = None, event_id: str | None = None) -> str:
-    """One SSE event; `data` may span lines (each becomes its own `data:` line)."""
-    lines = []
-    if event_id is not None:
-        lines.append(f"id: {event_id}")
-    if event is not None:
-        lines.append(f"event: {event}")
-    for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
-        lines.append(f"data: {line}")
-    return "\n".join(lines) + "\n\n"
-
-
-def sse_data(payload: dict[str, Any] | str) -> str:
-    """An unnamed `data:` event, as the OpenAI streaming format uses."""
-    text = payload if isinstance(payload, str) else event_data(payload)
-    return sse_event(text)
 
 
 def sse_response(body: AsyncIterator[str | bytes], release: Callable[[], None] | None = None) -> StreamingResponse:

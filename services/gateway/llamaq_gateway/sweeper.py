@@ -54,6 +54,9 @@ class LostWorkerSweeper:
         self._token = uuid.uuid4().hex
         # Job id -> when this process first saw it unclaimed in the intermediate list.
         self._stranded_since: dict[str, float] = {}
+        self._cancel_script = jobs.aio.register_script(CANCEL_SCRIPT)
+        self._return_script = jobs.aio.register_script(RETURN_SCRIPT)
+        self._reclaim_script = jobs.aio.register_script(RECLAIM_SCRIPT)
 
     async def run_forever(self) -> None:
         while True:
@@ -95,15 +98,14 @@ class LostWorkerSweeper:
                                       withscores=True)
         if not due:
             return []
-        cancel = aio.register_script(CANCEL_SCRIPT)
         now = utc_now().isoformat()
         stopped = []
         for raw_id, deadline in due:
             job_id = raw_id.decode()
             when = datetime.fromtimestamp(deadline, timezone.utc).isoformat()
             reason = JobError(type=DEADLINE_EXCEEDED, message=f"the job's deadline ({when}) passed before it ended")
-            outcome = await cancel(keys=end_keys(job_id),
-                                   args=[now, job_id, self.settings.result_ttl_s, reason.model_dump_json()])
+            outcome = await self._cancel_script(
+                keys=end_keys(job_id), args=[now, job_id, self.settings.result_ttl_s, reason.model_dump_json()])
             if outcome in (b"canceled", b"running"):
                 stopped.append(job_id)
                 logger.info("job %s: deadline passed; %s", job_id, "canceled" if outcome == b"canceled" else
@@ -165,7 +167,7 @@ class LostWorkerSweeper:
             first_seen = self._stranded_since.setdefault(job_id, current)
             if current - first_seen < self.settings.worker_stale_s:
                 continue
-            moved = await aio.eval(RETURN_SCRIPT, 2, queue.intermediate_queue_key, keys.job(job_id), job_id)
+            moved = await self._return_script(keys=[queue.intermediate_queue_key, keys.job(job_id)], args=[job_id])
             if not moved:
                 continue
             self._stranded_since.pop(job_id, None)
@@ -180,17 +182,10 @@ class LostWorkerSweeper:
             message=f"the worker running this job stopped responding, {self.settings.job_retries + 1} time(s)",
         )
         reclaiming = reclaim_keys(job_id, queue.key, RQJob.key_for(job_id))
-        outcome = await self.jobs.aio.eval(
-            RECLAIM_SCRIPT,
-            len(reclaiming),
-            *reclaiming,
-            worker,
-            self.settings.job_retries + 1,
-            utc_now().isoformat(),
-            error.model_dump_json(),
-            self.settings.result_ttl_s,
-            job_id,
-        )
+        outcome = await self._reclaim_script(keys=reclaiming, args=[
+            worker, self.settings.job_retries + 1, utc_now().isoformat(), error.model_dump_json(),
+            self.settings.result_ttl_s, job_id,
+        ])
         return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
 
     async def _forget_started(self, job_id: str, queue: Queue) -> None:

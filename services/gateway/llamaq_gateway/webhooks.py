@@ -25,10 +25,6 @@ point it inward. Redirects are not followed.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -45,12 +41,12 @@ from llamaq_protocol.records import job_from_record
 
 from .errors import InvalidRequest
 from .settings import GatewaySettings
+from .webhook_signing import secret_key, signature
 
 logger = logging.getLogger(__name__)
 
 EVENTS = ("completed", "failed", "canceled", "started")
 DEFAULT_EVENTS = ("completed", "failed", "canceled")
-SECRET_PREFIX = "whsec_"
 MAX_BACKOFF_S = 3600.0
 # Deliveries one process sends at once, and leases per round.
 CONCURRENCY = 16
@@ -64,23 +60,6 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, to
 for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], member) end
 return due
 """
-
-
-def secret_key(secret: str) -> bytes:
-    """The HMAC key of a Standard Webhooks secret, `whsec_` + base64 (the prefix optional)."""
-    try:
-        key = base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("WEBHOOK_SECRET must be 'whsec_' followed by base64") from exc
-    if len(key) < 16:
-        raise ValueError("WEBHOOK_SECRET must carry at least 16 bytes of key")
-    return key
-
-
-def signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
-    """`webhook-signature`'s value: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">."""
-    digest = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
 
 
 def _public(address: str) -> bool:

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from llamaq_gateway import streams
+from llamaq_gateway import sse, streams
 from llamaq_gateway.errors import InvalidRequest
 from llamaq_gateway.event_hub import EventHub
 from llamaq_protocol import keys
@@ -23,10 +23,10 @@ def test_resume_point():
 
 
 def test_sse_framing():
-    assert streams.sse_event('{"a":1}', "token", "1-0") == 'id: 1-0\nevent: token\ndata: {"a":1}\n\n'
-    assert streams.sse_event("a\nb") == "data: a\ndata: b\n\n"
-    assert streams.sse_data({"t": "é\u2028"}) == 'data: {"t":"é\u2028"}\n\n'
-    assert streams.PING == ": ping\n\n"
+    assert sse.sse_event('{"a":1}', "token", "1-0") == 'id: 1-0\nevent: token\ndata: {"a":1}\n\n'
+    assert sse.sse_event("a\nb") == "data: a\ndata: b\n\n"
+    assert sse.sse_data({"t": "é\u2028"}) == 'data: {"t":"é\u2028"}\n\n'
+    assert sse.PING == ": ping\n\n"
 
 
 async def _collect(redis_url, job_id, after, write=None, heartbeat_s=0.05):

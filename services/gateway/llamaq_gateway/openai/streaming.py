@@ -15,6 +15,7 @@ from .. import streams
 from ..errors import JobFailed, JobNotFound, error_body
 from ..event_hub import SubscriberTooSlow
 from ..jobs import JobService
+from ..sse import sse_data
 from .logprobs import chat_logprobs, text_logprobs
 from .render import Rendering, _created, completion_id, finish_reasons, usage
 from .requests import CHAT, Kind
@@ -52,7 +53,7 @@ class ChunkBuilder:
                       "total_tokens": prompt + self.completion_tokens}
         if self.include_usage:
             chunk["usage"] = usage_  # null on every chunk but the last, as OpenAI does
-        return streams.sse_data(chunk)
+        return sse_data(chunk)
 
     def keepalive(self) -> str:
         """What a silence of HEARTBEAT_S sends (a job still queued, say): a chunk with no choices, as the usage chunk
@@ -61,7 +62,7 @@ class ChunkBuilder:
         chunk = {**self.base, "choices": []}
         if self.include_usage:
             chunk["usage"] = None
-        return streams.sse_data(chunk)
+        return sse_data(chunk)
 
     def _choice(
         self, text: str | None, reason: str | None, role: bool = False, logprobs: dict[str, Any] | None = None,
@@ -130,7 +131,7 @@ class ChunkBuilder:
 
 
 def _stream_error(status_code: int, error_type: str, message: str) -> str:
-    return streams.sse_data(error_body(status_code, error_type, message, openai=True))
+    return sse_data(error_body(status_code, error_type, message, openai=True))
 
 
 async def stream_completion(

@@ -25,6 +25,7 @@ from .. import streams
 from ..errors import JobNotFound
 from ..event_hub import SubscriberTooSlow
 from ..jobs import JobService
+from ..sse import PING, sse_event
 from . import render
 from .store import StoredResponse, load
 
@@ -151,7 +152,7 @@ class EventBuilder:
 
 
 def sse(event: dict[str, Any]) -> str:
-    return streams.sse_event(json.dumps(event, ensure_ascii=False, separators=(",", ":")), event=event["type"])
+    return sse_event(json.dumps(event, ensure_ascii=False, separators=(",", ":")), event=event["type"])
 
 
 async def response_events(
@@ -163,7 +164,7 @@ async def response_events(
     try:
         async for entry in streams.read_events(jobs.hub, stored.id, heartbeat_s=heartbeat_s):
             if entry is None:
-                yield streams.PING
+                yield PING
                 continue
             if entry.event == EVENT_STATUS:
                 events = builder.status(entry.payload())
