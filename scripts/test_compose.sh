@@ -327,6 +327,15 @@ done
 [[ $status == succeeded ]] || fail "job $job_id ended $status: $JOB"
 [[ $(json_field output.text <<<"$JOB") == *Paris* ]] || fail "job $job_id did not answer Paris: $JOB"
 
+log "POST /v1/files, then GET /v1/files/{id}/content: the Batch API's files volume (FILES_DIR) is the gateway's to write"
+UPLOAD_LINE='{"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "hi"}]}}'
+UPLOAD=$(curl -sS -X POST "$BASE_URL/v1/files" -F purpose=batch -F "file=@-;filename=in.jsonl" -w '\n%{http_code}' \
+    <<<"$UPLOAD_LINE")
+[[ ${UPLOAD##*$'\n'} == 200 ]] || fail "POST /v1/files answered ${UPLOAD##*$'\n'}: ${UPLOAD%$'\n'*}"
+file_id=$(json_field id <<<"${UPLOAD%$'\n'*}")
+CONTENT=$(curl -sS "$BASE_URL/v1/files/$file_id/content")
+[[ $CONTENT == "$UPLOAD_LINE" ]] || fail "GET /v1/files/$file_id/content gave back other bytes: $CONTENT"
+
 log "GET /metrics: the two jobs counted, the worker's series merged in (it stores them with each heartbeat)"
 # llamaq_engine_*: the scheduler figures only the vLLM engine has, so the worker ran ENGINE=vllm.
 deadline=$(($(date +%s) + 30))
@@ -364,4 +373,5 @@ echo "  worker   $ENGINE_READY"
 echo "  GET  /readyz        -> $READYZ"
 echo "  POST /              -> $LEGACY"
 echo "  POST /v1/jobs       -> 202, GET /v1/jobs/$job_id?wait=30 -> $status: $(json_field output.text <<<"$JOB")"
+echo "  POST /v1/files      -> $file_id, its content read back from the files volume"
 echo "  GET  /metrics       -> $(grep -E '^llamaq_(jobs_finished_total\{status="succeeded"|job_run_seconds_count|workers_alive|engine_kv_cache_usage_ratio)' <<<"$METRICS" | tr '\n' ' ')"
