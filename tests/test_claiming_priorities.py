@@ -42,10 +42,12 @@ def r(lone_redis):
         yield client
 
 
-def make_worker(r: redis.Redis, engine: HoldingEngine) -> BatchWorker:
+def make_worker(r: redis.Redis, engine: HoldingEngine, per_step: int | None = None) -> BatchWorker:
+    """A worker over the fair queue; `per_step`: BATCH_CLAIM_PER_STEP (None: no limit, MAX_BATCH)."""
     queues = [PriorityQueue(name, connection=r, serializer=JSONSerializer)
               for name in keys.queue_names(keys.DEFAULT_QUEUE_NAME)]
-    settings = WorkerSettings(metrics_port=0, max_batch=engine.max_batch, interactive_headroom=engine.headroom)
+    settings = WorkerSettings(metrics_port=0, max_batch=engine.max_batch, interactive_headroom=engine.headroom,
+                              batch_claim_per_step=per_step or engine.max_batch)
     return BatchWorker(queues, queue_class=PriorityQueue, engine=engine, settings=settings,
                        metrics=WorkerMetrics(engine.device_memory, engine.stats), connection=r,
                        serializer=JSONSerializer, log_job_description=False)
@@ -115,6 +117,28 @@ def test_batch_work_waits_while_the_engine_has_no_room(r: redis.Redis, lone_redi
     worker._claim_more()
     assert list(worker.slots) == interactive + batch
     assert [engine.priorities[job_id] for job_id in batch] == [PRIORITY_BATCH] * 2
+
+
+def test_a_backlog_starts_a_few_jobs_per_step_interactive_work_at_once(r: redis.Redis, lone_redis) -> None:
+    url = lone_redis.env["REDIS_URL"]
+    engine = HoldingEngine(max_batch=8, headroom=2)
+    worker = make_worker(r, engine, per_step=3)
+    batch = queue_jobs(url, "batch", 8)
+    worker._claim_more()  # one step's claims: BATCH_CLAIM_PER_STEP of the backlog
+    assert list(worker.slots) == batch[:3]
+    assert all(waiting_in_fair_queue(r, job_id) for job_id in batch[3:])
+
+    interactive = queue_jobs(url, "interactive", 2)
+    worker._claim_more()  # the next step: the interactive jobs are not counted against the backlog's share
+    assert list(worker.slots) == batch[:3] + interactive + batch[3:6]
+    worker._claim_more()
+    assert list(worker.slots) == batch[:3] + interactive + batch[3:6]  # MAX_BATCH reached (interactive jobs count)
+    assert all(waiting_in_fair_queue(r, job_id) for job_id in batch[6:])
+
+
+def test_batch_claims_per_step_auto_is_an_eighth_of_max_batch() -> None:
+    assert [WorkerSettings(metrics_port=0, max_batch=n).batch_claims_per_step for n in (1, 8, 16, 64)] == [1, 1, 2, 8]
+    assert WorkerSettings(metrics_port=0, max_batch=16, batch_claim_per_step=5).batch_claims_per_step == 5
 
 
 def test_a_jobs_priority_is_its_tiers_or_its_rq_queues() -> None:

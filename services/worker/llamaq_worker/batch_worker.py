@@ -7,7 +7,8 @@ any `engines.base.Engine`; the rest lives beside this module:
 
 Interactive first, in the engine too: batch-tier jobs (batch, and work over its key's limits) are claimed only while
 fewer than MAX_BATCH sequences run and the engine has room (few sequences waiting in it, its KV cache below
-BATCH_CLAIM_MAX_KV), so queued batch work waits in the fair queue, fair-shared and cancelable, not in the engine.
+BATCH_CLAIM_MAX_KV), so queued batch work waits in the fair queue, fair-shared and cancelable, not in the engine;
+at most BATCH_CLAIM_PER_STEP of them start per step, so a backlog does not start, prefill and finish in waves.
 Interactive jobs may also take the engine's INTERACTIVE_HEADROOM beyond MAX_BATCH, in place of the batch work it
 holds: one is claimed at once even while batch work fills the batch, and the engine runs it first (it preempts a batch
 sequence, or vLLM schedules it at its next step).
@@ -162,8 +163,11 @@ class BatchWorker(SimpleWorker):
         waiting = min((slot.priority for slot in self.slots.values() if slot.waiting), default=None)
         if waiting is not None and waiting <= PRIORITY_INTERACTIVE:
             return
+        # Batch-tier jobs started together would prefill in one long step and finish together, freeing their slots
+        # in waves: at most BATCH_CLAIM_PER_STEP of them start per step, so their starts and ends stay spread.
+        batch_left = self.settings.batch_claims_per_step
         while not self._stop_requested:
-            room = self._room(batch=waiting is None)
+            room = self._room(batch=waiting is None and batch_left > 0)
             if room is None:
                 return
             popped = self.claimer.pop(interactive_only=not room)
@@ -178,7 +182,9 @@ class BatchWorker(SimpleWorker):
             if not _runs_generate(job):
                 self._refuse(job, queue)
                 continue
-            self._admit(job, queue)
+            slot = self._admit(job, queue)
+            if slot is not None and slot.priority > PRIORITY_INTERACTIVE:
+                batch_left -= 1
 
     def _room(self, batch: bool = True) -> bool | None:
         """What the engine has room for now: any job (True), interactive jobs only (False), or none (None). A
@@ -219,17 +225,19 @@ class BatchWorker(SimpleWorker):
 
         self.until_redis("failing a refused job", fail)
 
-    def _admit(self, job: RQJob, queue: Queue) -> None:
+    def _admit(self, job: RQJob, queue: Queue) -> Slot | None:
+        """The popped job claimed and handed to the engine; its slot, or None when it was not to run."""
         slot = self.claimer.claim(job, queue)
         if slot is None:
-            return
+            return None
         self.slots[job.id] = slot
         ending = self.claimer.admit(job, slot)
         if ending is not None:
             self._end(job.id, ending)
-            return
+            return slot
         logger.info("job %s admitted (%d prompt tokens, batch %d)", job.id, slot.prompt_tokens, len(self.slots),
                     extra={"job_id": job.id, "request_id": slot.request_id})
+        return slot
 
     def _apply_cancels_and_timeouts(self) -> None:
         ids = list(self.slots)

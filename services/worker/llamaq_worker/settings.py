@@ -56,6 +56,10 @@ class WorkerSettings(BaseSettings):
     # cancelable, rather than in the engine.
     batch_claim_max_waiting: int = Field(default=0, ge=0)
     batch_claim_max_kv: float = Field(default=0.9, gt=0, le=1)
+    # Batch-tier jobs started per decoding step at most. A backlog started all at once prefills in one long step (an
+    # interactive job arriving then waits for it) and finishes together, freeing its slots in the same waves; spread
+    # over steps, its starts and ends stay spread. auto: MAX_BATCH // 8, at least 1.
+    batch_claim_per_step: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     # vllm: vLLM's AsyncLLM (paged KV cache, CUDA graphs, its own scheduler); transformers: llamaq's own
     # continuous batching over transformers (CPU development, reference). Test only: "echo" runs no model and
     # answers each job with its last user message; "paced" runs no model and emits max_new_tokens tokens per job
@@ -114,3 +118,10 @@ class WorkerSettings(BaseSettings):
         if self.interactive_headroom == "auto":
             return max(1, self.max_batch // 4)
         return self.interactive_headroom
+
+    @property
+    def batch_claims_per_step(self) -> int:
+        """BATCH_CLAIM_PER_STEP as a number of jobs."""
+        if self.batch_claim_per_step == "auto":
+            return max(1, self.max_batch // 8)
+        return self.batch_claim_per_step
