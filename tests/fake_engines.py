@@ -1,4 +1,4 @@
-"""A model-free engine for tests that run a real BatchWorker against a real Redis (no model, no tokenizer), and jobs
+"""A model-free engine for tests that run a real DecodingWorker against a real Redis (no model, no tokenizer), and jobs
 queued on RQ's own list for a worker run with RQ's plain queue class (how jobs were queued before the fair queue)."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Claiming that knows the engine (BatchWorker._claim_more, the fair queue's pop by tier): with MAX_BATCH batch jobs
+"""Claiming that knows the engine (DecodingWorker._claim_more, the fair queue's pop by tier): with MAX_BATCH batch jobs
 running an interactive job is still claimed, into the engine's headroom, and handed to it with its priority; batch
 work is never claimed beyond MAX_BATCH, nor while the engine says it has no room (sequences waiting in it, its KV
 cache full): it waits in the fair queue instead. Real redis-server, jobs admitted as the gateway admits them, a real
-BatchWorker over the fair queue and a model-free engine."""
+DecodingWorker over the fair queue and a model-free engine."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rq.serializers import JSONSerializer
 from fake_engines import FakeEngine
 from helpers import admit, waiting_in_fair_queue
 from llamaq_protocol import GenerationParams, keys
-from llamaq_worker.batch_worker import BatchWorker
+from llamaq_worker.decoding_loop import DecodingWorker
 from llamaq_worker.claiming import job_priority
 from llamaq_worker.engines.base import PRIORITY_BATCH, PRIORITY_INTERACTIVE, PRIORITY_OVER, EngineStats
 from llamaq_worker.metrics import WorkerMetrics
@@ -42,13 +42,13 @@ def r(lone_redis):
         yield client
 
 
-def make_worker(r: redis.Redis, engine: HoldingEngine, per_step: int | None = None) -> BatchWorker:
+def make_worker(r: redis.Redis, engine: HoldingEngine, per_step: int | None = None) -> DecodingWorker:
     """A worker over the fair queue; `per_step`: BATCH_CLAIM_PER_STEP (None: no limit, MAX_BATCH)."""
     queues = [PriorityQueue(name, connection=r, serializer=JSONSerializer)
               for name in keys.queue_names(keys.DEFAULT_QUEUE_NAME)]
     settings = WorkerSettings(metrics_port=0, max_batch=engine.max_batch, interactive_headroom=engine.headroom,
                               batch_claim_per_step=per_step or engine.max_batch)
-    return BatchWorker(queues, queue_class=PriorityQueue, engine=engine, settings=settings,
+    return DecodingWorker(queues, queue_class=PriorityQueue, engine=engine, settings=settings,
                        metrics=WorkerMetrics(engine.device_memory, engine.stats), connection=r,
                        serializer=JSONSerializer, log_job_description=False)
 

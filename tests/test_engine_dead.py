@@ -19,7 +19,7 @@ from rq.serializers import JSONSerializer
 from fake_engines import FakeEngine, queue_on_rq_list
 from helpers import admit, waiting_in_fair_queue
 from llamaq_protocol import GenerationParams, keys
-from llamaq_worker.batch_worker import BatchWorker
+from llamaq_worker.decoding_loop import DecodingWorker
 from llamaq_worker.engines.base import EngineDead, StepOutput
 from llamaq_worker.metrics import WorkerMetrics
 from llamaq_worker.settings import WorkerSettings
@@ -48,9 +48,9 @@ def r(lone_redis):
         yield client
 
 
-def run_worker(r: redis.Redis, queue: Queue) -> BatchWorker:
+def run_worker(r: redis.Redis, queue: Queue) -> DecodingWorker:
     engine = DyingEngine()
-    worker = BatchWorker(
+    worker = DecodingWorker(
         [queue], engine=engine, settings=WorkerSettings(metrics_port=0), metrics=WorkerMetrics(engine.device_memory),
         connection=r, serializer=JSONSerializer, log_job_description=False,
     )

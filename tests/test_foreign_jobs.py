@@ -1,7 +1,7 @@
 """The trust boundary at the worker: it runs llamaq's job function (keys.GENERATE_FUNC) and nothing else. An RQ job
 with any other function, or whose data does not even deserialize, is failed without running (RQ's failed registry,
 the reason as its exc_string, an error logged), whether the worker pops it idle or while a batch runs. Real
-redis-server, real RQ, a BatchWorker in burst mode."""
+redis-server, real RQ, a DecodingWorker in burst mode."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from rq.serializers import JSONSerializer
 
 from fake_engines import FakeEngine, queue_on_rq_list
 from llamaq_protocol import keys
-from llamaq_worker.batch_worker import BatchWorker
+from llamaq_worker.decoding_loop import DecodingWorker
 from llamaq_worker.engines.base import StepOutput
 from llamaq_worker.metrics import WorkerMetrics
 from llamaq_worker.settings import WorkerSettings
@@ -57,11 +57,11 @@ def test_the_worker_fails_any_job_but_llamaqs_own_without_running_it(r: redis.Re
     ours_second = queue_on_rq_list(r, queue)
 
     engine = OneTokenEngine()
-    worker = BatchWorker(
+    worker = DecodingWorker(
         [queue], engine=engine, settings=WorkerSettings(metrics_port=0), metrics=WorkerMetrics(engine.device_memory),
         connection=r, serializer=JSONSerializer, log_job_description=False,
     )
-    with caplog.at_level(logging.ERROR, logger="llamaq_worker.batch_worker"):
+    with caplog.at_level(logging.ERROR, logger="llamaq_worker.decoding_loop"):
         worker.work(burst=True)
 
     assert not marker_idle.exists() and not marker_batch.exists()

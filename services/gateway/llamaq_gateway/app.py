@@ -27,9 +27,9 @@ from .routers import (
     batch_api, events, generate, health, jobs, legacy, metrics, openai, responses, usage, vllm_compat,
 )
 from .settings import GatewaySettings, get_settings
-from .batches import BatchDriver, BatchService
-from .file_blobs import FileBlobs
-from .files import FileStore
+from .batch_api.batches import BatchDriver, BatchService
+from .batch_api.file_blobs import FileBlobs
+from .batch_api.files import FileStore
 from .sweeper import LostWorkerSweeper
 from .webhooks import WebhookDeliverer
 

@@ -13,10 +13,10 @@ from fastapi import Depends, Header, Request
 
 from llamaq_protocol import keys
 
-from .batches import BatchService
+from .batch_api.batches import BatchService
 from .callers import Caller, Keyring, open_caller, state_headers
 from .errors import InvalidParameter, Unauthorized
-from .files import FileStore
+from .batch_api.files import FileStore
 from .jobs import JobService
 from .limits import StreamSlots
 from .settings import GatewaySettings

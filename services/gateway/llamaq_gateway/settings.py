@@ -87,7 +87,7 @@ class GatewaySettings(BaseSettings):
     # API's output files do not count.
     max_file_storage_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # Where the files' bytes lie (their records are in Redis): a directory every gateway process shares, a volume in
-    # compose and Kubernetes (file_blobs.py says why not Redis).
+    # compose and Kubernetes (batch_api/file_blobs.py says why not Redis).
     files_dir: str = "/data/files"
     max_batch_requests: int = Field(default=50_000, ge=1)
     file_ttl_s: int = Field(default=30 * 24 * 3600, ge=60)

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import redis.asyncio as aioredis
 
-from llamaq_gateway.batches import BatchDriver, BatchInput, BatchService, LineRefused, ended_line, line_job_id
+from llamaq_gateway.batch_api.batches import BatchDriver, BatchInput, BatchService, LineRefused, ended_line, line_job_id
 from llamaq_gateway.errors import NotFound
-from llamaq_gateway.file_blobs import SWEEP_GRACE_S, FileBlobs
-from llamaq_gateway.files import FileStore
+from llamaq_gateway.batch_api.file_blobs import SWEEP_GRACE_S, FileBlobs
+from llamaq_gateway.batch_api.files import FileStore
 from llamaq_gateway.settings import GatewaySettings
 from llamaq_protocol import keys
 from llamaq_protocol.models import utc_now
@@ -198,7 +198,7 @@ def test_a_driver_whose_lock_lapsed_cannot_drop_what_its_successor_has_not_colle
 
 def test_a_batch_whose_notices_were_lost_is_reconciled_from_its_jobs_and_ends(store, redis_url, monkeypatch,
                                                                               tmp_path) -> None:
-    import llamaq_gateway.batches as batches
+    import llamaq_gateway.batch_api.batches as batches
 
     batch_id = "batch_" + "d" * 24
     _ended_batch_jobs(store, batch_id, 3)

@@ -67,7 +67,7 @@ def owner_jobs(owner: str) -> str:
 
 
 def file(file_id: str) -> str:
-    """A Batch API file's record (a hash); its bytes lie in the gateway's FILES_DIR (file_blobs.py)."""
+    """A Batch API file's record (a hash); its bytes lie in the gateway's FILES_DIR (batch_api/file_blobs.py)."""
     return f"{PREFIX}:file:{file_id}"
 
 

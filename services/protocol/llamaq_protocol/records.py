@@ -26,8 +26,8 @@ TokenWrite = tuple[str, int, int, str, Sequence[str], int]
 # it (its record's `webhook_events`): a member "<job id>:<event>" of the webhooks-due sorted set, due now (score
 # 0). ZADD NX: a script run twice queues it once. The gateway's deliverers send it (gateway webhooks.py).
 # With `batch_ended_key` (the scripts that end a job), a job of a Batch API batch (its record's `batch`) is also
-# appended there as "<batch id> <job id>" for the gateway's batch driver (gateway batches.py); a script run twice
-# appends it twice, which the driver's writes by line number absorb.
+# appended there as "<batch id> <job id>" for the gateway's batch driver (gateway batch_api/batches.py); a script
+# run twice appends it twice, which the driver's writes by line number absorb.
 NOTIFY_LUA = """
 local function notify(due_key, job_key, job_id, event, batch_ended_key)
   local fields = redis.call('HMGET', job_key, 'webhook_events', 'batch')

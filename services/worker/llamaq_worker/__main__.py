@@ -13,7 +13,7 @@ from llamaq_protocol import WorkerInfo, keys, utc_now
 from llamaq_protocol.models import CAPABILITY_TOOLS
 from llamaq_protocol.logs import configure_logging
 
-from .batch_worker import BatchWorker
+from .decoding_loop import DecodingWorker
 from .engines import Engine, build_engine
 from .hardware import resolve_dtype
 from .metrics import WorkerMetrics
@@ -90,7 +90,7 @@ def serve(settings: WorkerSettings, engine: Engine, dtype: str) -> int:
     # Interactive first: a batch job is claimed only when no interactive one is queued.
     queues = [PriorityQueue(queue_name, connection=connection, serializer=JSONSerializer)
               for queue_name in keys.queue_names(settings.queue_name)]
-    worker = BatchWorker(
+    worker = DecodingWorker(
         queues, queue_class=PriorityQueue, engine=engine, settings=settings, metrics=metrics, connection=connection,
         serializer=JSONSerializer, tool_parser=tool_parser,
         name=settings.worker_name, log_job_description=False,

@@ -39,7 +39,7 @@ from .slots import Choice, Ending, Slot, seq_id
 from .tool_calls import ToolCallStream, forced_tool_schema
 
 if TYPE_CHECKING:
-    from .batch_worker import BatchWorker
+    from .decoding_loop import DecodingWorker
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def job_priority(tier: bytes | str | None, queue: Queue) -> int:
 
 
 class Claimer:
-    def __init__(self, worker: BatchWorker) -> None:
+    def __init__(self, worker: DecodingWorker) -> None:
         self.worker = worker
         self._claim = worker.connection.register_script(CLAIM_SCRIPT)
         self._return = worker.connection.register_script(RETURN_SCRIPT)

@@ -45,7 +45,7 @@ class WorkerMetrics:
         self.prompt_tokens = Counter("llamaq_prompt_tokens", "Prompt tokens of admitted jobs", registry=r)
         self.batch_size = Histogram("llamaq_batch_size", "Sequences in the batch at each decoding step",
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.jobs_in_batch = Gauge("llamaq_worker_jobs_running", "Jobs in this worker's batch now", registry=r)
+        self.jobs_running = Gauge("llamaq_worker_jobs_running", "Jobs in this worker's batch now", registry=r)
         used = Gauge("llamaq_gpu_memory_used_bytes", "GPU memory held by tensors (0 on a CPU worker)", registry=r)
         reserved = Gauge("llamaq_gpu_memory_reserved_bytes", "GPU memory reserved by torch's allocator (0 on a CPU "
                          "worker)", registry=r)

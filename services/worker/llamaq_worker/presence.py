@@ -27,7 +27,7 @@ def model_mapping(card_fields: dict, tokenizer_json: str) -> dict[str, str]:
 
 
 def batch_stall_s(worker) -> float:
-    """Seconds the worker's batch loop has held jobs without starting a new step (`progress_at`, stamped by the
+    """Seconds the worker's decoding loop has held jobs without starting a new step (`progress_at`, stamped by the
     loop each step); 0 while it holds none."""
     if not worker.slots:
         return 0.0
@@ -78,7 +78,7 @@ class Heartbeat(threading.Thread):
         self.stalled = False
 
     def watch(self, stalled_for: Callable[[], float], stall_s: float) -> None:
-        """Beat only while `stalled_for()` (seconds the batch loop has held jobs without progress; 0 when it holds
+        """Beat only while `stalled_for()` (seconds the decoding loop has held jobs without progress; 0 when it holds
         none) stays within `stall_s`."""
         self._stall_s = stall_s
         self._stalled_for = stalled_for

@@ -20,13 +20,13 @@ from .publishing import REDIS_DOWN
 from .slots import Ending, Slot
 
 if TYPE_CHECKING:
-    from .batch_worker import BatchWorker
+    from .decoding_loop import DecodingWorker
 
 logger = logging.getLogger(__name__)
 
 
 class RQBookkeeping:
-    def __init__(self, worker: BatchWorker) -> None:
+    def __init__(self, worker: DecodingWorker) -> None:
         self.worker = worker
         self._heartbeat_at = 0.0
 

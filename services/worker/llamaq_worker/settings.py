@@ -103,7 +103,7 @@ class WorkerSettings(BaseSettings):
     # How long a running batch waits for Redis to come back (decoding paused, tokens held) before the worker
     # exits non-zero and leaves its jobs to the lost-worker sweep.
     redis_outage_tolerance_s: float = Field(default=120, gt=0)
-    # Seconds the batch loop may hold jobs without finishing a decoding step (a hung engine.step()) before the
+    # Seconds the decoding loop may hold jobs without finishing a decoding step (a hung engine.step()) before the
     # worker's heartbeat stops and its healthcheck fails, so the gateway's lost-worker sweep re-queues its jobs. Well
     # above the slowest real step, and above REDIS_OUTAGE_TOLERANCE_S (a batch waiting for Redis makes no steps).
     step_stall_s: float = Field(default=300, gt=0)

@@ -1,4 +1,4 @@
-"""Only the engines that run a model import torch: the batch loop, claiming, publishing and the engines package
+"""Only the engines that run a model import torch: the decoding loop, claiming, publishing and the engines package
 itself (its interface) do not, whichever engine runs."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 TORCH_FREE = [
-    "llamaq_worker.batch_worker",
+    "llamaq_worker.decoding_loop",
     "llamaq_worker.claiming",
     "llamaq_worker.publishing",
     "llamaq_worker.slots",

@@ -5,10 +5,10 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 from fastapi.responses import Response
 
-from ..batches import BatchRequest
+from ..batch_api.batches import BatchRequest
 from ..deps import BatchesDep, CallerDep, FilesDep, OwnerDep, SettingsDep
 from ..errors import InvalidParameter, OpenAIRoute
-from ..files import PURPOSE_BATCH, check_batch_input
+from ..batch_api.files import PURPOSE_BATCH, check_batch_input
 from ..schemas import error_responses
 
 # OpenAIRoute: errors carry OpenAI's `param` and type, as on the other OpenAI routes.

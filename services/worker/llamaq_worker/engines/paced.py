@@ -9,7 +9,7 @@ sequence; a sequence added between two ticks gets its first token at the next on
 for every running sequence, as one of vLLM's steps does, rather than a few sequences each on a schedule of its
 own. A `step` returns what has come due since the last one, several tokens of a sequence joined into one
 `StepOutput` when the loop fell behind (the rate is kept); when nothing is due it sleeps until the next tick (at
-most MAX_SLEEP_S), so the batch loop does not spin. The last token ends with "length"; a canceled sequence
+most MAX_SLEEP_S), so the decoding loop does not spin. The last token ends with "length"; a canceled sequence
 ends with "canceled" at the next step. It has the `Engine` interface (`engines.base`) and loads only the
 tokenizer.
 

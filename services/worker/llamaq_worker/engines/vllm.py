@@ -59,7 +59,7 @@ from .base import (
 
 logger = logging.getLogger(__name__)
 
-# How long `step()` waits for vLLM's next outputs before returning none, so that the batch loop still looks at
+# How long `step()` waits for vLLM's next outputs before returning none, so that the decoding loop still looks at
 # cancels, timeouts and new jobs while vLLM is busy (a long prefill on a CPU).
 STEP_WAIT_S = 0.05
 # How often an idle engine is checked for a dead EngineCore.

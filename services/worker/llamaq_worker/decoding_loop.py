@@ -1,4 +1,4 @@
-"""An RQ worker that runs many jobs in one continuous batch: the loop.
+"""The worker's decoding loop: an RQ worker that runs many jobs in one continuous batch.
 
 RQ pops one job id at a time, so batching lives here: `execute_job` admits the popped job, then keeps claiming
 more with non-blocking dequeues between decoding steps while the engine has free slots. Between steps it applies
@@ -74,11 +74,11 @@ def _runs_generate(job: RQJob) -> bool:
     return _func_name(job) == keys.GENERATE_FUNC
 
 
-# Most time RQ's pubsub teardown may take when the worker stops (see BatchWorker.unsubscribe).
+# Most time RQ's pubsub teardown may take when the worker stops (see DecodingWorker.unsubscribe).
 UNSUBSCRIBE_WAIT_S = 5.0
 
 
-class BatchWorker(SimpleWorker):
+class DecodingWorker(SimpleWorker):
     # RQ's idle loop retries a lost Redis with growing pauses up to this (its default, 60 s, would leave a worker
     # idle for up to a minute after Redis is back).
     max_connection_wait_time = 5.0
@@ -86,7 +86,7 @@ class BatchWorker(SimpleWorker):
     # already calls both).
     _state_written: str | None = None
     _plain_heartbeat_at = float("-inf")
-    # Monotonic time the batch loop last started a step: the heartbeat stops once it is STEP_STALL_S old while the
+    # Monotonic time the decoding loop last started a step: the heartbeat stops once it is STEP_STALL_S old while the
     # loop holds jobs (presence.batch_stall_s).
     progress_at = float("inf")
 
@@ -107,19 +107,19 @@ class BatchWorker(SimpleWorker):
         )
         self.bookkeeping = RQBookkeeping(self)
         self._reclaim = self.connection.register_script(RECLAIM_SCRIPT)
-        self._in_batch = False
+        self._decoding = False
         self._drain_deadline = float("inf")
         # Set by SIGTERM/SIGINT; the process exits 0 only after such a stop, with no job abandoned.
         self.shutdown_signalled = False
         # Set when the worker must exit non-zero (Redis away too long, the engine dead).
         self.gave_up = False
 
-    # ---- the batch loop --------------------------------------------------------------------------------------
+    # ---- the decoding loop --------------------------------------------------------------------------------------
 
     def execute_job(self, job: RQJob, queue: Queue):
         if not _runs_generate(job):
             return self._refuse(job, queue)
-        self._in_batch = True
+        self._decoding = True
         self.progress_at = time.monotonic()
         try:
             self._admit(job, queue)
@@ -132,7 +132,7 @@ class BatchWorker(SimpleWorker):
                 self._claim_more()
                 self._apply_cancels_and_timeouts()
                 self.metrics.batch_size.observe(len(self.slots))
-                self.metrics.jobs_in_batch.set(len(self.slots))
+                self.metrics.jobs_running.set(len(self.slots))
                 outputs = self.engine.step()
                 for job_id, (ending, outcome) in self.publisher.publish(outputs).items():
                     self._end(job_id, ending, outcome)
@@ -147,8 +147,8 @@ class BatchWorker(SimpleWorker):
             self._give_back_all(engine_dead=exc)
             raise
         finally:
-            self._in_batch = False
-            self.metrics.jobs_in_batch.set(len(self.slots))
+            self._decoding = False
+            self.metrics.jobs_running.set(len(self.slots))
         self.set_state(WorkerStatus.IDLE)
 
     def _start_waiting_choices(self) -> None:
@@ -355,7 +355,7 @@ class BatchWorker(SimpleWorker):
     def _shutdown(self):
         """Warm shutdown. RQ raises StopRequested at once when the worker is not BUSY, which would break a batch
         that is between two jobs' bookkeeping; inside a batch, stop claiming and let the batch drain instead."""
-        if not self._in_batch:
+        if not self._decoding:
             return super()._shutdown()
         self._stop_requested = True
         self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s

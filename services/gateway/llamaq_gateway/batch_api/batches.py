@@ -37,12 +37,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from llamaq_protocol import JobStatus, Priority, keys, utc_now
 from llamaq_protocol.records import CANCEL_SCRIPT, end_keys, job_from_record
 
-from .errors import InvalidParameter, LlamaqError, NotFound, error_body
-from .callers import Caller, batch_caller
+from ..errors import InvalidParameter, LlamaqError, NotFound, error_body
+from ..callers import Caller, batch_caller
 from .files import PURPOSE_BATCH, PURPOSE_BATCH_OUTPUT, FileStore, owner_page, stored_file_commands
-from .jobs import JobService
-from .openai import CHAT, TEXT, ChatCompletionRequest, CompletionRequest, Rendering, completion, prepare
-from .settings import GatewaySettings
+from ..jobs import JobService
+from ..openai import CHAT, TEXT, ChatCompletionRequest, CompletionRequest, Rendering, completion, prepare
+from ..settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
 

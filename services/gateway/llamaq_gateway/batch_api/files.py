@@ -19,8 +19,8 @@ import redis.exceptions
 from llamaq_protocol import keys
 
 from .file_blobs import INDEX_SUFFIX, FileBlobs, request_lines
-from .errors import InvalidParameter, NotFound, PayloadTooLarge, StorageQuotaExceeded
-from .job_list import cursor_start
+from ..errors import InvalidParameter, NotFound, PayloadTooLarge, StorageQuotaExceeded
+from ..job_list import cursor_start
 
 # OpenAI's purposes: clients upload `batch`; batches write `batch_output` (both their output and error file).
 PURPOSE_BATCH = "batch"
