@@ -53,6 +53,12 @@ def make_worker(r: redis.Redis, engine: HoldingEngine, per_step: int | None = No
                        serializer=JSONSerializer, log_job_description=False)
 
 
+def claim_at_next_step(worker: DecodingWorker) -> None:
+    """What the decoding loop claims between two engine steps."""
+    worker.engine.stats.steps += 1
+    worker._claim_more()
+
+
 def queue_jobs(url: str, priority: str, n: int) -> list[str]:
     return [admit(url, GenerationParams(prompt="hi", max_new_tokens=8), priority) for _ in range(n)]
 
@@ -62,13 +68,13 @@ def test_interactive_work_takes_the_headroom_batch_work_stops_at_max_batch(r: re
     engine = HoldingEngine(max_batch=2, headroom=1)
     worker = make_worker(r, engine)
     batch = queue_jobs(url, "batch", 3)
-    worker._claim_more()
+    claim_at_next_step(worker)
     # MAX_BATCH batch jobs claimed; the third waits in the fair queue though the headroom is free.
     assert list(worker.slots) == batch[:2]
     assert waiting_in_fair_queue(r, batch[2]) and r.hget(keys.job(batch[2]), "status") == b"queued"
 
     interactive = queue_jobs(url, "interactive", 2)
-    worker._claim_more()
+    claim_at_next_step(worker)
     # One interactive job at once, into the headroom, with its priority; the next finds no room.
     assert list(worker.slots) == batch[:2] + interactive[:1]
     assert engine.priorities == {batch[0]: PRIORITY_BATCH, batch[1]: PRIORITY_BATCH,
@@ -87,11 +93,11 @@ def test_interactive_work_takes_the_headroom_batch_work_stops_at_max_batch(r: re
         worker.slots.pop(job_id)
 
     end(batch[0])
-    worker._claim_more()
+    claim_at_next_step(worker)
     assert list(worker.slots) == [batch[1], interactive[0], interactive[1]]
     end(interactive[0])
     end(interactive[1])
-    worker._claim_more()  # room under MAX_BATCH again
+    claim_at_next_step(worker)  # room under MAX_BATCH again
     assert list(worker.slots) == [batch[1], batch[2]]
 
 
@@ -102,19 +108,19 @@ def test_batch_work_waits_while_the_engine_has_no_room(r: redis.Redis, lone_redi
     batch = queue_jobs(url, "batch", 2)
 
     engine.stats.kv_cache_usage = 0.95  # above BATCH_CLAIM_MAX_KV (0.9)
-    worker._claim_more()
+    claim_at_next_step(worker)
     assert not worker.slots
     interactive = queue_jobs(url, "interactive", 1)
-    worker._claim_more()  # interactive work is claimed all the same (the engine decodes it first)
+    claim_at_next_step(worker)  # interactive work is claimed all the same (the engine decodes it first)
     assert list(worker.slots) == interactive
 
     engine.stats.kv_cache_usage, engine.stats.waiting = 0.5, 1  # a sequence waits inside the engine
-    worker._claim_more()
+    claim_at_next_step(worker)
     assert list(worker.slots) == interactive
     assert all(waiting_in_fair_queue(r, job_id) for job_id in batch)
 
     engine.stats.waiting = 0  # room again
-    worker._claim_more()
+    claim_at_next_step(worker)
     assert list(worker.slots) == interactive + batch
     assert [engine.priorities[job_id] for job_id in batch] == [PRIORITY_BATCH] * 2
 
@@ -124,14 +130,16 @@ def test_a_backlog_starts_a_few_jobs_per_step_interactive_work_at_once(r: redis.
     engine = HoldingEngine(max_batch=8, headroom=2)
     worker = make_worker(r, engine, per_step=3)
     batch = queue_jobs(url, "batch", 8)
-    worker._claim_more()  # one step's claims: BATCH_CLAIM_PER_STEP of the backlog
+    claim_at_next_step(worker)  # one step's claims: BATCH_CLAIM_PER_STEP of the backlog
+    assert list(worker.slots) == batch[:3]
+    worker._claim_more()  # the loop again before the engine's next step (vLLM steps apart from it): none more
     assert list(worker.slots) == batch[:3]
     assert all(waiting_in_fair_queue(r, job_id) for job_id in batch[3:])
 
     interactive = queue_jobs(url, "interactive", 2)
-    worker._claim_more()  # the next step: the interactive jobs are not counted against the backlog's share
+    claim_at_next_step(worker)  # the next step: the interactive jobs are not counted against the backlog's share
     assert list(worker.slots) == batch[:3] + interactive + batch[3:6]
-    worker._claim_more()
+    claim_at_next_step(worker)
     assert list(worker.slots) == batch[:3] + interactive + batch[3:6]  # MAX_BATCH reached (interactive jobs count)
     assert all(waiting_in_fair_queue(r, job_id) for job_id in batch[6:])
 

@@ -8,7 +8,8 @@ any `engines.base.Engine`; the rest lives beside this module:
 Interactive first, in the engine too: batch-tier jobs (batch, and work over its key's limits) are claimed only while
 fewer than MAX_BATCH sequences run and the engine has room (few sequences waiting in it, its KV cache below
 BATCH_CLAIM_MAX_KV), so queued batch work waits in the fair queue, fair-shared and cancelable, not in the engine;
-at most BATCH_CLAIM_PER_STEP of them start per step, so a backlog does not start, prefill and finish in waves.
+at most BATCH_CLAIM_PER_STEP of them start per engine step, so a backlog's refill never makes one long prefill step
+that an arriving interactive job must wait out.
 Interactive jobs may also take the engine's INTERACTIVE_HEADROOM beyond MAX_BATCH, in place of the batch work it
 holds: one is claimed at once even while batch work fills the batch, and the engine runs it first (it preempts a batch
 sequence, or vLLM schedules it at its next step).
@@ -108,6 +109,9 @@ class DecodingWorker(SimpleWorker):
         self.bookkeeping = RQBookkeeping(self)
         self._reclaim = self.connection.register_script(RECLAIM_SCRIPT)
         self._decoding = False
+        # Engine steps (the engine's count, else this loop's) and the batch-tier jobs started at the latest one.
+        self._loop_steps = 0
+        self._batch_claims = (-1, 0)
         self._drain_deadline = float("inf")
         # Set by SIGTERM/SIGINT; the process exits 0 only after such a stop, with no job abandoned.
         self.shutdown_signalled = False
@@ -133,6 +137,7 @@ class DecodingWorker(SimpleWorker):
                 self._apply_cancels_and_timeouts()
                 self.metrics.batch_size.observe(len(self.slots))
                 self.metrics.jobs_running.set(len(self.slots))
+                self._loop_steps += 1
                 outputs = self.engine.step()
                 for job_id, (ending, outcome) in self.publisher.publish(outputs).items():
                     self._end(job_id, ending, outcome)
@@ -163,11 +168,8 @@ class DecodingWorker(SimpleWorker):
         waiting = min((slot.priority for slot in self.slots.values() if slot.waiting), default=None)
         if waiting is not None and waiting <= PRIORITY_INTERACTIVE:
             return
-        # Batch-tier jobs started together would prefill in one long step and finish together, freeing their slots
-        # in waves: at most BATCH_CLAIM_PER_STEP of them start per step, so their starts and ends stay spread.
-        batch_left = self.settings.batch_claims_per_step
         while not self._stop_requested:
-            room = self._room(batch=waiting is None and batch_left > 0)
+            room = self._room(batch=waiting is None and self._batch_claims_left() > 0)
             if room is None:
                 return
             popped = self.claimer.pop(interactive_only=not room)
@@ -184,7 +186,19 @@ class DecodingWorker(SimpleWorker):
                 continue
             slot = self._admit(job, queue)
             if slot is not None and slot.priority > PRIORITY_INTERACTIVE:
-                batch_left -= 1
+                step, claimed = self._batch_claims
+                self._batch_claims = (step, claimed + 1)
+
+    def _batch_claims_left(self) -> int:
+        """Batch-tier jobs that may still start at the engine's current step. Jobs started together prefill together:
+        a backlog's refill handed over at once makes one long prefill step, and an interactive job that arrives then
+        waits for it (vLLM steps apart from this loop, and cannot cut a step short), so at most BATCH_CLAIM_PER_STEP
+        start per engine step. Interactive jobs are not counted."""
+        stats = self.engine.stats
+        step = stats.steps if stats is not None else self._loop_steps
+        if step != self._batch_claims[0]:
+            self._batch_claims = (step, 0)
+        return self.settings.batch_claims_per_step - self._batch_claims[1]
 
     def _room(self, batch: bool = True) -> bool | None:
         """What the engine has room for now: any job (True), interactive jobs only (False), or none (None). A

@@ -132,6 +132,9 @@ class EngineStats:
     waiting: int = 0  # sequences handed to the engine, waiting for room in it
     kv_cache_usage: float = 0.0  # share of KV cache blocks in use, 0..1
     preemptions: int = 0  # sequences preempted so far (KV cache full, or a higher priority's), to be recomputed
+    # Steps the engine has taken (vLLM's own scheduler steps, which run apart from the worker's loop; an engine the
+    # worker steps: its step calls).
+    steps: int = 0
     # The same by the preempted sequence's priority (vLLM: counted as the sequence's next output arrives).
     preempted: dict[int, int] = field(default_factory=dict)
 

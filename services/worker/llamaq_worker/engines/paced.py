@@ -163,6 +163,7 @@ class PacedEngine(TokenizerOnlyEngine[_PacedSeq]):
                     seq.decoding = False
                     self.stats.preemptions += 1
                     self.stats.count_preemption(seq.priority)
+            self.stats.steps += 1
             self.stats.running = min(len(due), self.max_batch)
             self.stats.waiting = len(due) - self.stats.running
 

@@ -141,7 +141,8 @@ class _StatsRecorder(StatLoggerBase):
         self.stats = stats
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
-        if scheduler_stats is not None:
+        if scheduler_stats is not None:  # one per scheduler step
+            self.stats.steps += 1
             self.stats.running = scheduler_stats.num_running_reqs
             self.stats.waiting = scheduler_stats.num_waiting_reqs
             self.stats.kv_cache_usage = scheduler_stats.kv_cache_usage

@@ -364,6 +364,7 @@ class TransformersEngine(SequenceSlots[_Seq]):
             if self._running:
                 self._decode(outputs)
         self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
+        self.stats.steps += 1
         return outputs.result()
 
     @staticmethod
