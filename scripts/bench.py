@@ -30,204 +30,25 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import re
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchkit import (  # noqa: E402
+    PROMPTS, ROOT, Baseline, BenchFlag, ForeignLoad, RunStats, git_revision, loadavg, machine_line, percentile,
+    run_load, small_model, start_stack, update_doc, wait_for_quiet,
+)
 
-
-def services_path(tree: Path) -> str:
-    """PYTHONPATH that makes a copy of the tree's services win over the installed (editable) ones."""
-    return os.pathsep.join(str(tree / "services" / s) for s in ("protocol", "gateway", "worker"))
-
-
-def snapshot_worktree(prefix: str = "llamaq-tree-") -> Path:
-    """This work tree as it is now (tracked and untracked files, not the ignored ones), copied to a temporary folder:
-    others may edit the tree meanwhile, and every stack and measurement of one run must see the same code."""
-    import shutil
-
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.split(b"\0")
-    dest = Path(tempfile.mkdtemp(prefix=prefix))
-    for name in filter(None, (n.decode() for n in listed)):
-        src = ROOT / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    return dest
-SCRIPTS = ROOT / "scripts"
-DOC = ROOT / "docs" / "benchmarks.md"
-BENCH_FLAG = Path("/tmp/BENCH_RUNNING")
-
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain in two sentences why the sky is blue.",
-    "Give me three tips for learning a new language.",
-    "What is 17 times 23? Show your working.",
-    "Summarize the plot of Romeo and Juliet in one paragraph.",
-    "List five fruits that are red.",
-    "How does a bicycle stay upright?",
-]
+WRITER = "scripts/bench.py"
 SUITE_CLIENTS = [1, 4, 8, 16, 32]
 
 
-# ---- one run ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    ok: bool
-    latency_s: float = 0.0
-    ttft_s: float | None = None
-    completion_tokens: int = 0
-    error: str = ""
-
-
-@dataclass
-class RunStats:
-    target: str
-    clients: int
-    requests: int
-    max_new_tokens: int
-    wall_s: float
-    errors: int
-    completion_tokens: int
-    tokens_per_s: float
-    requests_per_s: float
-    latency_p50_s: float
-    latency_p95_s: float
-    ttft_p50_s: float
-    ttft_p95_s: float
-    ttft_is_latency: bool
-    first_error: str = ""
-    # share of the machine's CPU used during the run by processes not started by this benchmark
-    foreign_cpu_pct: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return float("nan")
-    data = sorted(values)
-    pos = (len(data) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
-
-
-async def _sse_lines(response: httpx.Response):
-    # Split at line ends only: aiter_lines (str.splitlines) also splits at U+2028 and its kin, which the JSON of a
-    # token's text may hold unescaped (tests/helpers.py reads the stream the same way).
-    pending = ""
-    async for text in response.aiter_text():
-        *complete, pending = (pending + text).split("\n")
-        for line in complete:
-            yield line.removesuffix("\r")
-    if pending:
-        yield pending.removesuffix("\r")
-
-
-async def _sse_events(response: httpx.Response):
-    event, data = "message", []
-    async for line in _sse_lines(response):
-        if line == "":
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-
-
-async def one_llamaq(client: httpx.AsyncClient, prompt: str, max_new_tokens: int) -> Result:
-    start = time.perf_counter()
-    body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0}
-    resp = await client.post("/v1/jobs", json=body)
-    if resp.status_code != 202:
-        return Result(False, error=f"submit {resp.status_code}: {resp.text[:200]}")
-    job_id = resp.json()["id"]
-    ttft = None
-    async with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
-        if stream.status_code != 200:
-            return Result(False, error=f"events {stream.status_code}")
-        async for event, data in _sse_events(stream):
-            if event == "token" and ttft is None:
-                ttft = time.perf_counter() - start
-            elif event == "done":
-                latency = time.perf_counter() - start
-                job = json.loads(data)
-                if job.get("status") != "succeeded":
-                    return Result(False, latency, ttft, error=f"job {job.get('status')}: {job.get('error')}")
-                tokens = job["output"]["usage"]["completion_tokens"]
-                return Result(True, latency, ttft if ttft is not None else latency, tokens)
-    return Result(False, time.perf_counter() - start, ttft, error="event stream ended without done")
-
-
-async def one_original(client: httpx.AsyncClient, prompt: str, max_new_tokens: int) -> Result:
-    start = time.perf_counter()
-    resp = await client.post("/", json={"prompt": prompt, "max_new_tokens": max_new_tokens})
-    latency = time.perf_counter() - start
-    if resp.status_code != 200:
-        return Result(False, latency, error=f"{resp.status_code}: {resp.text[:200]}")
-    answer = resp.json()
-    if "completion_tokens" not in answer:
-        return Result(False, latency, error="no completion_tokens field: is this scripts/baseline_server.py?")
-    return Result(True, latency, latency, int(answer["completion_tokens"]))
-
-
-async def run_load(target: str, url: str, clients: int, requests: int, max_new_tokens: int,
-                   warmup: int = 1, timeout_s: float = 900) -> RunStats:
-    one = one_llamaq if target == "llamaq" else one_original
-    limits = httpx.Limits(max_connections=clients * 2 + 4, max_keepalive_connections=clients * 2 + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
-        for i in range(warmup):
-            warm = await one(client, PROMPTS[i % len(PROMPTS)], max_new_tokens)
-            if not warm.ok:
-                raise RuntimeError(f"warm-up request failed: {warm.error}")
-        next_index = 0
-        results: list[Result] = []
-
-        async def worker() -> None:
-            nonlocal next_index
-            while next_index < requests:
-                i = next_index
-                next_index += 1
-                try:
-                    results.append(await one(client, PROMPTS[i % len(PROMPTS)], max_new_tokens))
-                except httpx.HTTPError as exc:
-                    results.append(Result(False, error=f"{type(exc).__name__}: {exc}"))
-
-        with ForeignLoad() as load:
-            start = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(clients)))
-            wall = time.perf_counter() - start
-    good = [r for r in results if r.ok]
-    bad = [r for r in results if not r.ok]
-    tokens = sum(r.completion_tokens for r in good)
-    latencies = [r.latency_s for r in good]
-    ttfts = [r.ttft_s for r in good if r.ttft_s is not None]
-    return RunStats(
-        target=target, clients=clients, requests=requests, max_new_tokens=max_new_tokens, wall_s=wall,
-        errors=len(bad), completion_tokens=tokens, tokens_per_s=tokens / wall, requests_per_s=len(good) / wall,
-        latency_p50_s=percentile(latencies, 50), latency_p95_s=percentile(latencies, 95),
-        ttft_p50_s=percentile(ttfts, 50), ttft_p95_s=percentile(ttfts, 95),
-        ttft_is_latency=target == "original", first_error=bad[0].error if bad else "",
-        foreign_cpu_pct=round(load.foreign_pct, 1),
-    )
+# ---- output ----------------------------------------------------------------------------------------------------
 
 
 TABLE_HEADER = (
@@ -248,217 +69,6 @@ def table_row(s: RunStats) -> str:
 TTFT_NOTE = "¹ the original server does not stream: its time to first token is its whole latency."
 LOAD_NOTE = ("² share of the machine's CPU used during the run by processes this benchmark did not start (other "
              "containers on this kernel, read from /proc/stat).")
-
-
-# ---- machine and load ------------------------------------------------------------------------------------------
-
-
-def loadavg() -> tuple[float, float, float]:
-    return os.getloadavg()
-
-
-def _proc_stat_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat (counts every container on this kernel)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    total = sum(fields[:8])  # guest time is already inside user
-    return total - idle, total
-
-
-def _own_jiffies() -> int:
-    """CPU jiffies used by this process and every live descendant (the servers it started)."""
-    parent: dict[int, int] = {}
-    used: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        rest = stat[stat.rindex(")") + 2:].split()
-        parent[int(entry.name)] = int(rest[1])
-        used[int(entry.name)] = int(rest[11]) + int(rest[12])  # utime + stime
-    ours = {os.getpid()}
-    grew = True
-    while grew:
-        grew = False
-        for pid, ppid in parent.items():
-            if ppid in ours and pid not in ours:
-                ours.add(pid)
-                grew = True
-    return sum(used.get(pid, 0) for pid in ours)
-
-
-class ForeignLoad:
-    """Share of the machine's CPU used by processes that are not this benchmark's, over an interval.
-
-    Other containers on this kernel do not show in `ps` here, but their CPU time is in /proc/stat."""
-
-    def __enter__(self):
-        self.busy0, self.total0 = _proc_stat_jiffies()
-        self.own0 = _own_jiffies()
-        return self
-
-    def __exit__(self, *exc):
-        busy, total = _proc_stat_jiffies()
-        own = _own_jiffies()
-        span = max(1, total - self.total0)
-        self.machine_pct = 100 * (busy - self.busy0) / span
-        # descendants that exited meanwhile drop out of `own`: clamp at zero rather than over-count others
-        self.foreign_pct = max(0.0, 100 * ((busy - self.busy0) - max(0, own - self.own0)) / span)
-
-
-def foreign_load_now(seconds: float = 5) -> float:
-    with ForeignLoad() as probe:
-        time.sleep(seconds)
-    return probe.foreign_pct
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def wait_for_quiet(max_wait_s: float, threshold_pct: float) -> float:
-    """Wait (up to max_wait_s) until other processes use under threshold_pct of the machine's CPU and nobody
-    else holds /tmp/BENCH_RUNNING. Returns the last foreign-CPU reading."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        foreign_flag = BENCH_FLAG.exists() and BENCH_FLAG.read_text().strip() != str(os.getpid())
-        foreign = foreign_load_now()
-        if foreign < threshold_pct and not foreign_flag:
-            return foreign
-        if time.monotonic() > deadline:
-            print(f"machine still busy after {max_wait_s:.0f} s (other processes {foreign:.0f}% CPU); "
-                  "measuring anyway, load recorded", file=sys.stderr)
-            return foreign
-        print(f"waiting for a quiet machine: other processes use {foreign:.0f}% of the CPU"
-              + (f"; {BENCH_FLAG} is held by another run" if foreign_flag else ""), file=sys.stderr)
-        time.sleep(10)
-
-
-class BenchFlag:
-    """/tmp/BENCH_RUNNING while measuring, so others hold off."""
-
-    def __enter__(self):
-        BENCH_FLAG.write_text(str(os.getpid()))
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            if BENCH_FLAG.read_text().strip() == str(os.getpid()):
-                BENCH_FLAG.unlink()
-        except OSError:
-            pass
-
-
-def machine_line() -> str:
-    import importlib.metadata as md
-
-    versions = []
-    for pkg in ("torch", "transformers"):
-        try:
-            versions.append(f"{pkg} {md.version(pkg)}")
-        except md.PackageNotFoundError:
-            pass
-    return f"{os.cpu_count()} CPU cores ({cpu_model()}), no GPU; Python {platform.python_version()}, " + ", ".join(
-        versions)
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return rev + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-# ---- starting things -------------------------------------------------------------------------------------------
-
-
-def small_model() -> str:
-    sys.path.insert(0, str(SCRIPTS))
-    from prepare_small_model import prepare
-
-    return str(prepare())
-
-
-def start_stack(env_overrides: dict[str, str]):
-    sys.path.insert(0, str(SCRIPTS))
-    from devstack import Stack
-    from nginx_local import free_port
-
-    env = dict(os.environ)
-    env.pop("API_KEYS", None)
-    env.update(LOG_LEVEL="INFO", **env_overrides)
-    workdir = Path(tempfile.mkdtemp(prefix="llamaq-bench-"))
-    stack = Stack(env, free_port(), workdir)
-    try:
-        stack.start(wait_ready_s=300)
-    except BaseException:
-        stack.stop()
-        raise
-    print(f"stack up on {stack.url} (logs in {workdir})", file=sys.stderr)
-    return stack
-
-
-class Baseline:
-    """scripts/baseline_server.py under one uvicorn process on a free loopback port."""
-
-    def __init__(self, model: str, dtype: str, device: str = "cpu"):
-        sys.path.insert(0, str(SCRIPTS))
-        from devstack import wait_for_port
-        from nginx_local import free_port
-
-        self.port = free_port()
-        env = dict(os.environ, MODEL_PATH=model, DEVICE=device, DTYPE=dtype)
-        self.log = tempfile.NamedTemporaryFile(prefix="llamaq-baseline-", suffix=".log", delete=False)  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(SCRIPTS), "baseline_server:app",
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        wait_for_port(self.port, self.proc, 300, "baseline server")
-        print(f"baseline up on {self.url} (log {self.log.name})", file=sys.stderr)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-# ---- docs/benchmarks.md ----------------------------------------------------------------------------------------
-
-
-def update_doc(section: str, content: str, path: Path = DOC, writer: str = "scripts/bench.py") -> None:
-    """Replace what lies between `<!-- BEGIN section -->` and `<!-- END section -->` (appended if missing)."""
-    begin, end = f"<!-- BEGIN {section} (written by {writer}) -->", f"<!-- END {section} -->"
-    block = f"{begin}\n{content.rstrip()}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: block, text)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    print(f"updated section {section!r} of {path}", file=sys.stderr)
 
 
 def print_run(stats: RunStats) -> None:
@@ -559,7 +169,7 @@ waiting for a quiet machine (at most {args.attempts} tries; the least disturbed 
 
 Model: `{os.path.relpath(model, ROOT)}` (SmolLM2-135M-Instruct, Llama architecture) on the CPU in
 **{args.dtype}**; greedy decoding, `max_new_tokens` {args.max_new_tokens}, prompts cycled from the fixed set of
-{len(PROMPTS)} in `scripts/bench.py`; closed loop, requests per run = {requests_rule}, {args.warmup} warm-up
+{len(PROMPTS)} in `scripts/benchkit/load.py`; closed loop, requests per run = {requests_rule}, {args.warmup} warm-up
 request(s) before each run. llamaq: the whole local stack (`scripts/devstack.py`: redis-server, the worker with
 `MAX_BATCH={args.max_batch}`, gunicorn with 2 gateway workers, nginx) on the same 2 cores as the load generator;
 original: `scripts/baseline_server.py` under one uvicorn process. The two are never up at the same time.
@@ -579,7 +189,7 @@ original: `scripts/baseline_server.py` under one uvicorn process. The two are ne
 {jsonl}
 ```
 </details>"""
-    update_doc(suite_section(args), content)
+    update_doc(suite_section(args), content, writer=WRITER)
 
 
 def queue_hop(args) -> int:
@@ -639,7 +249,7 @@ nginx, then {n} straight to the gateway's port, each after 10 warm-up requests, 
 Each request split by the job's own timestamps (the gateway sets `created_at` just before enqueueing, the
 worker's claim and finish scripts set `started_at` and `finished_at`; one host, one clock):
 
-{chr(10).join(split)}""")
+{chr(10).join(split)}""", writer=WRITER)
     return 0
 
 

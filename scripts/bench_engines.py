@@ -25,20 +25,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import (  # noqa: E402
-    BenchFlag, ForeignLoad, git_revision, machine_line, small_model, start_stack, update_doc,
-    wait_for_quiet,
+from benchkit import (  # noqa: E402
+    ROOT, SERVED_NAME, TOOL_TEMPLATE, BenchFlag, ForeignLoad, VllmServe, git_revision, machine_line, small_model,
+    start_stack, update_doc, wait_for_quiet,
 )
-from devstack import wait_for_port  # noqa: E402
-from nginx_local import free_port  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-SERVED_NAME = "SmolLM2-135M-Instruct"
+# Its sections have carried this writer's name since it was split out of bench.py: a rerun finds its section by it.
+WRITER = "scripts/bench.py"
 # Prompts per run at each concurrency: enough for several rounds of the closed loop.
 PROMPTS = {1: 8, 16: 48, 64: 128}
 
@@ -58,53 +55,10 @@ VARIANTS = {
                                         "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA}}},
     "tools": {"tools": [LOOKUP_TOOL], "tool_choice": "required", "parallel_tool_calls": False},
 }
-# Tools need a template that renders them (SmolLM2's ignores them): the tests' Llama-3.1-style ChatML one, which
-# renders a conversation without tools exactly as the model's own does.
-TOOL_TEMPLATE = ROOT / "tests" / "clients" / "chatml_tools.jinja"
 
 
 def prompts_for(concurrency: int) -> int:
     return PROMPTS.get(concurrency, max(16, 2 * concurrency))
-
-
-class VllmServe:
-    """vLLM's own OpenAI server (`vllm serve`), with the engine options llamaq's worker uses here."""
-
-    def __init__(self, model: str, args):
-        self.port = free_port()
-        self.log = tempfile.NamedTemporaryFile(prefix="vllm-serve-", suffix=".log", delete=False)  # noqa: SIM115
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(self.port),
-                "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
-                "--max-num-seqs", str(args.max_batch), "--disable-log-stats"]
-        if args.eager:
-            argv.append("--enforce-eager")
-        argv += ["--chat-template", str(TOOL_TEMPLATE)]
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.kv_cache_gib))
-        self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        wait_for_port(self.port, self.proc, 900, "vllm serve")
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:  # the port opens before the engine is ready
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        print(f"vllm serve up on {self.url} (log {self.log.name})", file=sys.stderr)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, 15)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait()
 
 
 class Llamaq:
@@ -271,7 +225,7 @@ def main() -> int:
     ])
     print(text)
     if not args.no_doc:
-        update_doc(args.section, text)
+        update_doc(args.section, text, writer=WRITER)
     return 0
 
 

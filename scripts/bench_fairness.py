@@ -43,10 +43,11 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import (DOC, BenchFlag, ForeignLoad, git_revision, machine_line, percentile, services_path,  # noqa: E402
-                   small_model, snapshot_worktree, update_doc, wait_for_quiet)
+from benchkit import (  # noqa: E402
+    DOC, ROOT, BenchFlag, ForeignLoad, git_revision, machine_line, percentile, services_path, small_model,
+    snapshot_worktree, update_doc, wait_for_quiet,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY_A, KEY_B = "fairness-bench-key-a", "fairness-bench-key-b"
 QUEUE = "llamaq"
 TERMINAL = {b"succeeded", b"failed", b"canceled"}

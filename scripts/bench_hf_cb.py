@@ -4,9 +4,9 @@ until done).
 
     .venv/bin/python scripts/bench_hf_cb.py [--dtype bfloat16] [--sequences 16] [--max-new-tokens 64]
 
-Same prompts as scripts/bench.py (chat template, default system prompt), greedy, the same token cap. Each way runs
-once untimed (warm-up), then `--repeats` timed runs; the best is reported as completion tokens/s (tokens
-generated, EOS included, / wall time). Why it exists: docs/benchmarks.md, "Why our own batching loop".
+Same prompts as scripts/bench.py (benchkit's PROMPTS; chat template, default system prompt), greedy, the same
+token cap. Each way runs once untimed (warm-up), then `--repeats` timed runs; the best is reported as completion
+tokens/s (tokens generated, EOS included, / wall time). Why it exists: docs/benchmarks.md, "Why our own batching loop".
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import PROMPTS, ForeignLoad, small_model  # noqa: E402
+from benchkit import PROMPTS, ForeignLoad, small_model  # noqa: E402
 
 
 def main() -> int:

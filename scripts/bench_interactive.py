@@ -9,8 +9,8 @@ CPU):
   llamaq          the whole stack through nginx with ENGINE=vllm, the backlog sent as batch-priority jobs
                   (`POST /v1/generate` with `"priority": "batch"`: the OpenAI routes are always interactive), the
                   interactive requests as ordinary OpenAI chat streams.
-Both `vllm serve`s are started with bench_engines.py's VllmServe (vLLM's server module called directly: the CPU
-build's console script fails); the stack with bench.py's start_stack. All three: the small model in --dtype, vLLM
+Both `vllm serve`s are started with benchkit's VllmServe (vLLM's server module called directly: the CPU
+build's console script fails); the stack with benchkit's start_stack. All three: the small model in --dtype, vLLM
 eager, `--max-num-seqs` = MAX_BATCH, the same max model len, KV cache size and chat template.
 
 The load, the same on each (prompts drawn from a fixed seed): --backlog requests of --backlog-tokens completion
@@ -40,23 +40,18 @@ import json
 import random
 import re
 import shlex
-import subprocess
 import sys
 import time
-import types
 from datetime import datetime, timezone
 from pathlib import Path
-from unittest import mock
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_engines  # noqa: E402
-from bench import (  # noqa: E402
-    BenchFlag, ForeignLoad, _sse_lines, git_revision, machine_line, percentile, small_model, start_stack, update_doc,
-    wait_for_quiet,
+from benchkit import (  # noqa: E402
+    TOOL_TEMPLATE, BenchFlag, ForeignLoad, VllmServe, git_revision, machine_line, percentile, small_model, sse_lines,
+    start_stack, update_doc, wait_for_quiet,
 )
-from bench_engines import TOOL_TEMPLATE, VllmServe  # noqa: E402
 
 WRITER = "scripts/bench_interactive.py"
 LABELS = {
@@ -78,16 +73,10 @@ def prompts(rng: random.Random, n: int, words: int, kind: str) -> list[str]:
 
 
 class PriorityVllmServe(VllmServe):
-    """bench_engines.VllmServe with `--scheduling-policy priority` added to its command line (seen only by that
-    module's Popen while the server starts)."""
+    """benchkit's VllmServe with `--scheduling-policy priority` at the end of its command line."""
 
     def __init__(self, model: str, args):
-        def popen(argv, *rest, **kwargs):
-            return subprocess.Popen([*argv, "--scheduling-policy", "priority"], *rest, **kwargs)
-
-        shim = types.SimpleNamespace(**{**vars(subprocess), "Popen": popen})
-        with mock.patch.object(bench_engines, "subprocess", shim):
-            super().__init__(model, args)
+        super().__init__(model, args, extra_argv=["--scheduling-policy", "priority"])
 
 
 class Llamaq:
@@ -158,7 +147,7 @@ class Load:
         async with self.client.stream("POST", "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"interactive stream: {r.status_code} {(await r.aread())[:300]!r}")
-            async for line in _sse_lines(r):
+            async for line in sse_lines(r):
                 if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                     continue
                 chunk = json.loads(line[5:])

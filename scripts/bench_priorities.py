@@ -25,8 +25,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import (BenchFlag, ForeignLoad, git_revision, machine_line, percentile, small_model,  # noqa: E402
-                   start_stack, update_doc, wait_for_quiet)
+from benchkit import (  # noqa: E402
+    BenchFlag, ForeignLoad, git_revision, machine_line, percentile, small_model, start_stack, update_doc,
+    wait_for_quiet,
+)
 
 BACKLOG_TOKENS = 16
 PROBE_TOKENS = 16

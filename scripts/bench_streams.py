@@ -43,12 +43,13 @@ import httpx
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BenchFlag, ForeignLoad, cpu_model  # noqa: E402
+from benchkit import (  # noqa: E402
+    BenchFlag, ForeignLoad, cpu_model, histogram_percentile, small_model, start_stack,
+)
 from devstack import Stack  # noqa: E402
 from nginx_local import free_port  # noqa: E402
 from sse_load import http_get, sse_get  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 NOFILE = 65536
 
 
@@ -219,39 +220,16 @@ def run_load(port: int, plan: list[tuple[str, str, str]], processes: int, rate: 
     return merged
 
 
-def histogram_percentile(counts: Counter, q: float) -> float | None:
-    """The `q` quantile (0 to 1) of a histogram of whole milliseconds ({value: count}, what the load processes send
-    back instead of every delay), by nearest rank: a value that was measured. Not bench.py's `percentile`, which
-    interpolates over a list and takes `q` in per cent; kept so, the relay's figures stay comparable with those
-    recorded in docs/benchmarks.md."""
-    total = sum(counts.values())
-    if not total:
-        return None
-    target, seen = q * total, 0
-    for value in sorted(counts):
-        seen += counts[value]
-        if seen >= target:
-            return value
-    return max(counts)
-
-
 # ---- the stack -------------------------------------------------------------------------------------------------
 
 
-def start_stack(max_batch: int, tokens_per_s: float, extra: dict[str, str]) -> Stack:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from prepare_small_model import prepare
-
-    env = dict(os.environ)
-    env.update(
-        MODEL_PATH=str(prepare()), ENGINE="paced", PACED_TOKENS_PER_S=str(tokens_per_s), MAX_BATCH=str(max_batch),
-        DEVICE="cpu", DTYPE="float32", WEB_CONCURRENCY="2", LOG_LEVEL="WARNING", MAX_QUEUE="20000",
-        RESULT_TTL_S="600",
-    )
-    env.update(extra)
-    stack = Stack(env, free_port(), Path(tempfile.mkdtemp(prefix="llamaq-bench-streams-")))
-    stack.start(wait_ready_s=180)
-    return stack
+def paced_stack(max_batch: int, tokens_per_s: float, extra: dict[str, str]) -> Stack:
+    """The stack with `ENGINE=paced` (no model: each sequence gets its tokens at `tokens_per_s`), `extra` over it."""
+    return start_stack({
+        "MODEL_PATH": small_model(), "ENGINE": "paced", "PACED_TOKENS_PER_S": str(tokens_per_s),
+        "MAX_BATCH": str(max_batch), "DEVICE": "cpu", "DTYPE": "float32", "WEB_CONCURRENCY": "2",
+        "LOG_LEVEL": "WARNING", "MAX_QUEUE": "20000", "RESULT_TTL_S": "600", **extra,
+    })
 
 
 def gateway_redis_clients(store: redis.Redis) -> dict[str, int]:
@@ -278,7 +256,7 @@ def sources(count: int) -> list[str]:
 
 def mode_streams(args) -> dict:
     extra = {"MAX_STREAMS_PER_CLIENT": str(args.max_streams_per_client)} if args.max_streams_per_client else {}
-    stack = start_stack(max(args.jobs, 8), args.tokens_per_s, extra)
+    stack = paced_stack(max(args.jobs, 8), args.tokens_per_s, extra)
     try:
         store = redis.Redis.from_url(stack.env["REDIS_URL"])
         groups = stack_processes(stack)
@@ -357,7 +335,7 @@ def mode_streams(args) -> dict:
 
 
 def mode_relay(args) -> dict:
-    stack = start_stack(args.sequences, args.tokens_per_s, {})
+    stack = paced_stack(args.sequences, args.tokens_per_s, {})
     try:
         groups = stack_processes(stack)
         jobs = submit(stack.url, args.sequences, args.tokens)

@@ -78,7 +78,7 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench import ForeignLoad, git_revision, services_path, snapshot_worktree, update_doc  # noqa: E402
+from benchkit import ForeignLoad, git_revision, services_path, snapshot_worktree, update_doc  # noqa: E402
 
 DOC = ROOT / "docs" / "reliability.md"
 SECTION = "chaos-soak"
