@@ -95,6 +95,12 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def worker_metrics_urls(self) -> list[str]:
+        """Each worker's own GET /metrics (METRICS_PORT), one target each as Prometheus scrapes them: the worker
+        series are there only, not in the gateway's /metrics. This stack runs one worker."""
+        return [f"http://127.0.0.1:{self.worker_metrics_port}/metrics"]
+
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab") if self.log_dir else None  # noqa: SIM115
         proc = subprocess.Popen(argv, env={**self.env, **(env or {})}, stdout=log,
@@ -301,6 +307,8 @@ def run(redis_dir: Path) -> int:
         stack.wait_ready(600)
         logger.info("ready: curl -X POST %s -H 'Content-Type: application/json' -d '{\"prompt\": \"你好\"}'",
                     stack.url)
+        logger.info("metrics: %s/metrics (gateway, queue), %s (the worker's own)", stack.url,
+                    " ".join(stack.worker_metrics_urls))
         supervisor = Supervisor(stack)
         while not stopping:
             supervisor.check()

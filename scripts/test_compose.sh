@@ -336,17 +336,33 @@ file_id=$(json_field id <<<"${UPLOAD%$'\n'*}")
 CONTENT=$(curl -sS "$BASE_URL/v1/files/$file_id/content")
 [[ $CONTENT == "$UPLOAD_LINE" ]] || fail "GET /v1/files/$file_id/content gave back other bytes: $CONTENT"
 
-log "GET /metrics: the two jobs counted, the worker's series merged in (it stores them with each heartbeat)"
+# The worker's own GET /metrics on its METRICS_PORT (not published: read from inside its container), the endpoint
+# Prometheus scrapes for every worker series.
+worker_metrics() {
+    local id
+    id=$(podman ps -q --filter "label=com.docker.compose.project=$PROJECT" \
+        --filter "label=com.docker.compose.service=worker" | head -n 1)
+    [[ -n $id ]] || return 1
+    podman exec "$id" python -c 'import os, sys, urllib.request
+url = "http://127.0.0.1:%s/metrics" % os.environ["METRICS_PORT"]
+sys.stdout.write(urllib.request.urlopen(url, timeout=10).read().decode())'
+}
+
+log "GET /metrics: the two jobs counted; the worker's series on its own METRICS_PORT, not in the gateway's"
 # llamaq_engine_*: the scheduler figures only the vLLM engine has, so the worker ran ENGINE=vllm.
 deadline=$(($(date +%s) + 30))
-until METRICS=$(curl -sS "$BASE_URL/metrics") \
+until METRICS=$(curl -sS "$BASE_URL/metrics") && WORKER_METRICS=$(worker_metrics) \
     && grep -qE '^llamaq_jobs_finished_total\{status="succeeded"\} [2-9]' <<<"$METRICS" \
-    && grep -qE '^llamaq_job_run_seconds_count\{worker="[^"]+"\} [2-9]' <<<"$METRICS" \
-    && grep -qE '^llamaq_engine_kv_cache_usage_ratio\{worker="[^"]+"\} ' <<<"$METRICS"; do
+    && grep -qE '^llamaq_job_run_seconds_count [2-9]' <<<"$WORKER_METRICS" \
+    && grep -qE '^llamaq_engine_kv_cache_usage_ratio ' <<<"$WORKER_METRICS"; do
     (($(date +%s) < deadline)) \
-        || fail "GET /metrics lacks the jobs' or vLLM's series: $(grep -E '^llamaq_(jobs_finished|job_run|engine)' <<<"$METRICS")"
+        || fail "GET /metrics lacks the jobs' or vLLM's series: $(grep -E '^llamaq_jobs_finished' <<<"$METRICS") \
+$(grep -E '^llamaq_(job_run|engine)' <<<"${WORKER_METRICS:-}")"
     sleep 1
 done
+if grep -E '^llamaq_(job_run_seconds|generated_tokens|engine)_' <<<"$METRICS"; then
+    fail "the gateway's /metrics carries the worker's series (above): Prometheus scrapes them from the worker"
+fi
 
 # Every healthcheck docker-compose.yml declares must pass (nothing waits on nginx's or the worker's otherwise).
 project_states() {
@@ -374,4 +390,5 @@ echo "  GET  /readyz        -> $READYZ"
 echo "  POST /              -> $LEGACY"
 echo "  POST /v1/jobs       -> 202, GET /v1/jobs/$job_id?wait=30 -> $status: $(json_field output.text <<<"$JOB")"
 echo "  POST /v1/files      -> $file_id, its content read back from the files volume"
-echo "  GET  /metrics       -> $(grep -E '^llamaq_(jobs_finished_total\{status="succeeded"|job_run_seconds_count|workers_alive|engine_kv_cache_usage_ratio)' <<<"$METRICS" | tr '\n' ' ')"
+echo "  GET  /metrics       -> $(grep -E '^llamaq_(jobs_finished_total\{status="succeeded"|workers_alive)' <<<"$METRICS" | tr '\n' ' ')"
+echo "  worker :METRICS_PORT/metrics -> $(grep -E '^llamaq_(job_run_seconds_count|engine_kv_cache_usage_ratio)' <<<"$WORKER_METRICS" | tr '\n' ' ')"

@@ -1,4 +1,5 @@
-"""Helpers shared by the integration tests: waiting for a condition, reading Server-Sent Events, a long job."""
+"""Helpers shared by the integration tests: waiting for a condition, reading Server-Sent Events, a long job, the
+workers' metrics."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 T = TypeVar("T")
 
@@ -51,6 +53,19 @@ def wait_for_job_status(client, job_id: str, wanted: str, timeout_s: float) -> d
         lambda job: job["status"] == wanted, timeout_s, f"job {job_id} to be {wanted}",
         observe=lambda: client.get(f"/v1/jobs/{job_id}").json(), interval_s=0.1,
     )
+
+
+def worker_metric(stack, name: str, **labels: str) -> float:
+    """Sample `name` (e.g. `llamaq_worker_preemptions_total`) with `labels`, summed over the stack's workers, each read
+    from its own METRICS_PORT as Prometheus scrapes them (the gateway's /metrics has no worker series)."""
+    total = 0.0
+    for url in stack.worker_metrics_urls:
+        response = httpx.get(url, timeout=10)
+        response.raise_for_status()
+        total += sum(sample.value for family in text_string_to_metric_families(response.text)
+                     for sample in family.samples
+                     if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+    return total
 
 
 def read_sse(response: httpx.Response, token_limit: int | None = None) -> list[dict[str, str]]:

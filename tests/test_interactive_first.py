@@ -5,21 +5,16 @@ they give alone (greedy, float32)."""
 
 from __future__ import annotations
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from helpers import wait_for_job_status
+from helpers import wait_for_job_status, worker_metric
 
 BATCH_PROMPTS = ["Write a long story about a lighthouse keeper.", "Describe the history of bread in detail.",
                  "Explain how rivers shape valleys.", "List facts about the moon, one per line."]
 BATCH_TOKENS = 48
 
 
-def preemptions(client, priority: str) -> float:
-    """llamaq_worker_preemptions_total{priority} over every worker, as the gateway's /metrics merges them."""
-    return sum(sample.value
-               for family in text_string_to_metric_families(client.get("/metrics").text)
-               if family.name == "llamaq_worker_preemptions"
-               for sample in family.samples if sample.labels.get("priority") == priority)
+def preemptions(stack, priority: str) -> float:
+    """llamaq_worker_preemptions_total{priority} over every worker, each read from its own METRICS_PORT."""
+    return worker_metric(stack, "llamaq_worker_preemptions_total", priority=priority)
 
 
 def test_an_interactive_job_overtakes_a_full_batch_whose_text_stays_the_same(stack, client) -> None:
@@ -34,7 +29,7 @@ def test_an_interactive_job_overtakes_a_full_batch_whose_text_stays_the_same(sta
     batch = [client.post("/v1/jobs", json={**one, "priority": "batch"}).json() for one in body]
     for job in batch:  # every MAX_BATCH slot held by batch work
         wait_for_job_status(client, job["id"], "running", 120)
-    before = preemptions(client, "batch")
+    before = preemptions(stack, "batch")
     interactive = client.post("/v1/generate", json={"prompt": "Say hi.", "max_new_tokens": 4, "temperature": 0,
                                                     "wait_s": 240}).json()
     done = [wait_for_job_status(client, job["id"], "succeeded", 240) for job in batch]
@@ -47,4 +42,4 @@ def test_an_interactive_job_overtakes_a_full_batch_whose_text_stays_the_same(sta
     assert interactive["finished_at"] < min(job["finished_at"] for job in done), (interactive, done)
     if stack.env.get("ENGINE", "transformers") == "transformers":
         # MAX_BATCH sequences decode at once: the interactive one took a batch sequence's place.
-        assert preemptions(client, "batch") > before
+        assert preemptions(stack, "batch") > before

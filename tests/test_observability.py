@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -18,11 +19,15 @@ JOBS = 4
 SECRET_PROMPT = "Spell the word zanzibarquux backwards"
 
 
-def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+# Sample name -> (labels, value) of each sample by that name.
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def scrape(url: str) -> Samples:
     response = httpx.get(url, timeout=10)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    samples: dict[str, list] = defaultdict(list)
+    samples: Samples = defaultdict(list)
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
             samples[sample.name].append((sample.labels, sample.value))
@@ -39,15 +44,28 @@ def queued_and_running(samples) -> tuple[float, float]:
     return total(samples, "llamaq_queue_depth"), total(samples, "llamaq_jobs_running")
 
 
+@dataclass
+class Observed:
+    """Samples before and after the jobs: the gateway's /metrics (the queue as Redis holds it, its HTTP series) and
+    the worker's own (METRICS_PORT: its jobs, tokens and batches), each a (before, after) pair."""
+
+    gateway: tuple[Samples, Samples]
+    worker: tuple[Samples, Samples]
+    request_id: str
+    job_id: str
+
+
 @pytest.fixture(scope="module")
-def observed(stack):
+def observed(stack) -> Observed:
     """Metrics before and after JOBS jobs sent through nginx, one of them with a request id of ours."""
-    # Jobs of earlier tests may still be queued or running on the shared stack: start from an idle one, once the
-    # worker's series in Redis are at least one heartbeat newer than its last job.
+    gateway = f"{stack.url}/metrics"
+    (worker,) = stack.worker_metrics_urls
+    # Jobs of earlier tests may still be queued or running on the shared stack: start from an idle one, and give the
+    # worker a moment to count the last one's run time (observed just after its record ends).
     wait_until(lambda counts: counts == (0, 0), 300, "the stack to go idle (jobs queued, jobs running)",
-               observe=lambda: queued_and_running(scrape(f"{stack.url}/metrics")), interval_s=0.5)
-    time.sleep(2 * float(stack.env.get("HEARTBEAT_S", "2")))
-    before = scrape(f"{stack.url}/metrics")
+               observe=lambda: queued_and_running(scrape(gateway)), interval_s=0.5)
+    time.sleep(1)
+    gateway_before, worker_before = scrape(gateway), scrape(worker)
     request_id = f"obs-{uuid.uuid4().hex}"
     with httpx.Client(base_url=stack.url, timeout=120) as client:
         for i in range(JOBS):
@@ -59,49 +77,41 @@ def observed(stack):
                 first_job = job_id
             done = client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
             assert done["status"] == "succeeded", done
-    # Worker series reach the gateway with the next heartbeat (every HEARTBEAT_S).
-    after = poll(lambda: scrape(f"{stack.url}/metrics"),
-                 lambda after: delta(before, after, "llamaq_job_run_seconds_count") >= JOBS, 15, interval_s=0.5)
-    return before, after, request_id, first_job
+    worker_after = poll(lambda: scrape(worker),
+                        lambda after: delta((worker_before, after), "llamaq_job_run_seconds_count") >= JOBS, 15,
+                        interval_s=0.5)
+    # Jobs by final status are counted by the script that ends each, before its waiter hears of it.
+    return Observed((gateway_before, scrape(gateway)), (worker_before, worker_after), request_id, first_job)
 
 
-def delta(before, after, name: str, **labels: str) -> float:
-    """How much `name` grew, over the workers alive now (a worker an earlier test replaced may still be listed
-    in `before`, until its heartbeat goes stale); series without a worker label are the gateway's."""
-    assert name in after, f"{name} missing from /metrics"
-    workers = {sample_labels.get("worker") for sample_labels, _ in after[name]}
-
-    def summed(samples) -> float:
-        return sum(value for sample_labels, value in samples.get(name, [])
-                   if sample_labels.get("worker") in workers
-                   and all(sample_labels.get(k) == v for k, v in labels.items()))
-
-    return summed(after) - summed(before)
+def delta(pair: tuple[Samples, Samples], name: str, **labels: str) -> float:
+    """How much `name` grew from one scrape of an endpoint to the next."""
+    before, after = pair
+    return total(after, name, **labels) - (total(before, name, **labels) if name in before else 0)
 
 
 def test_job_metrics_counted_every_job(observed):
-    before, after, _, _ = observed
-    assert delta(before, after, "llamaq_jobs_finished_total", status="succeeded") == JOBS
+    assert delta(observed.gateway, "llamaq_jobs_finished_total", status="succeeded") == JOBS
     for histogram in ("llamaq_job_queue_wait_seconds", "llamaq_job_run_seconds",
                       "llamaq_time_to_first_token_seconds"):
-        assert delta(before, after, f"{histogram}_count") == JOBS, histogram
-        assert delta(before, after, f"{histogram}_sum") > 0, histogram
+        assert delta(observed.worker, f"{histogram}_count") == JOBS, histogram
+        assert delta(observed.worker, f"{histogram}_sum") > 0, histogram
         # Cumulative buckets: +Inf holds every observation.
-        assert delta(before, after, f"{histogram}_bucket", le="+Inf") == JOBS, histogram
-    tokens = delta(before, after, "llamaq_generated_tokens_total")
+        assert delta(observed.worker, f"{histogram}_bucket", le="+Inf") == JOBS, histogram
+    tokens = delta(observed.worker, "llamaq_generated_tokens_total")
     assert JOBS <= tokens <= JOBS * 4
-    assert delta(before, after, "llamaq_prompt_tokens_total") > JOBS * 5
-    assert delta(before, after, "llamaq_batch_size_count") >= tokens / 2  # one observation a decoding step
+    assert delta(observed.worker, "llamaq_prompt_tokens_total") > JOBS * 5
+    assert delta(observed.worker, "llamaq_batch_size_count") >= tokens / 2  # one observation a decoding step
 
 
 def test_queue_and_worker_gauges(observed, stack):
-    _, after, _, _ = observed
+    _, after = observed.gateway
     assert total(after, "llamaq_queue_depth", queue=stack.env.get("QUEUE_NAME", "llamaq")) == 0
     assert total(after, "llamaq_jobs_running") == 0
     assert total(after, "llamaq_workers_alive") == 1
     # On this CPU worker: present, and zero.
-    gpu = after["llamaq_gpu_memory_used_bytes"]
-    assert len(gpu) == 1 and gpu[0][0]["worker"] and gpu[0][1] == 0
+    gpu = observed.worker[1]["llamaq_gpu_memory_used_bytes"]
+    assert len(gpu) == 1 and gpu[0][1] == 0
 
 
 def test_http_metrics_are_summed_over_gunicorn_processes(stack):
@@ -117,10 +127,13 @@ def test_http_metrics_are_summed_over_gunicorn_processes(stack):
     assert total(durations, "llamaq_http_request_duration_seconds_count", route="/healthz") >= 10
 
 
-def test_the_worker_serves_its_own_metrics(observed, stack):
-    own = scrape(f"http://127.0.0.1:{stack.worker_metrics_port}/metrics")
+def test_worker_series_are_on_its_own_endpoint_not_the_gateways(observed):
+    """One way out for a worker's series: its METRICS_PORT, which Prometheus scrapes (each counted once)."""
+    own, gateway = observed.worker[1], observed.gateway[1]
     assert total(own, "llamaq_generated_tokens_total") > 0
     assert "llamaq_batch_size_bucket" in own
+    assert not set(own) & set(gateway), sorted(set(own) & set(gateway))
+    assert not [labels for samples in gateway.values() for labels, _ in samples if "worker" in labels]
 
 
 def _json_lines(text: str) -> list[dict]:
@@ -132,7 +145,7 @@ def _json_lines(text: str) -> list[dict]:
 
 
 def test_one_request_id_in_nginx_gateway_and_worker_logs(observed, stack):
-    _, _, request_id, job_id = observed
+    request_id, job_id = observed.request_id, observed.job_id
     nginx = [e for e in _json_lines(stack.nginx.read_access_log()) if e.get("request_id") == request_id]
     assert nginx and nginx[0]["status"] == 202
     gateway = [e for e in _json_lines((stack.workdir / "gateway.log").read_text()) if e.get("request_id") == request_id]

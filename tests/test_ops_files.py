@@ -26,14 +26,17 @@ GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "llamaq.json"
 CORE = {"nginx", "gateway", "redis", "model-download", "worker"}
 OPS = {"rq-dashboard", "prometheus", "grafana"}
-# What the gateway's /metrics and the workers' expose (histograms also as _bucket, _sum, _count).
-METRICS = {
-    "llamaq_queue_depth", "llamaq_jobs_running", "llamaq_workers_alive", "llamaq_jobs_finished_total",
+# What the gateway's /metrics exposes: the queue as Redis holds it (the same on every gateway replica), and its own
+# HTTP series (each replica's own); and what each worker's own METRICS_PORT exposes, the one place its series are
+# (histograms also as _bucket, _sum, _count).
+QUEUE_METRICS = {"llamaq_queue_depth", "llamaq_jobs_running", "llamaq_workers_alive", "llamaq_jobs_finished_total"}
+HTTP_METRICS = {"llamaq_http_requests_total", "llamaq_http_request_duration_seconds"}
+WORKER_METRICS = {
     "llamaq_job_queue_wait_seconds", "llamaq_job_run_seconds", "llamaq_time_to_first_token_seconds",
     "llamaq_generated_tokens_total", "llamaq_prompt_tokens_total", "llamaq_batch_size",
     "llamaq_gpu_memory_used_bytes", "llamaq_gpu_memory_reserved_bytes",
-    "llamaq_http_requests_total", "llamaq_http_request_duration_seconds",
 }
+METRICS = QUEUE_METRICS | HTTP_METRICS | WORKER_METRICS
 HISTOGRAMS = {"llamaq_job_queue_wait_seconds", "llamaq_job_run_seconds", "llamaq_time_to_first_token_seconds",
               "llamaq_batch_size", "llamaq_http_request_duration_seconds"}
 
@@ -249,6 +252,21 @@ def test_dashboard_uses_only_real_metrics() -> None:
         "llamaq_time_to_first_token_seconds", "llamaq_generated_tokens_total", "llamaq_batch_size",
         "llamaq_workers_alive", "llamaq_gpu_memory_used_bytes",
     } <= used
+
+
+def test_dashboard_counts_each_series_once() -> None:
+    """Each worker is its own scrape target and the only one with its series: summed as they are, with no `worker`
+    label to de-duplicate by (per worker: by `instance`). The queue's series are the same on every gateway replica
+    scraped: each query takes one (`max`)."""
+    for expr in _dashboard_exprs():
+        names = {_base_name(n) for n in _metric_names(expr)}
+        assert not re.search(r"\bworker\b", expr), expr
+        if names & WORKER_METRICS:
+            assert names <= WORKER_METRICS and "max" not in expr, expr
+        if names & QUEUE_METRICS:
+            assert names <= QUEUE_METRICS and expr.startswith("max"), expr
+        if names & HTTP_METRICS:
+            assert names <= HTTP_METRICS and "max" not in expr, expr
 
 
 def test_dashboard_latency_quantiles() -> None:

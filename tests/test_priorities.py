@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import running_stack, stack_environment
-from helpers import wait_for_job_status, wait_until, waiting_in_fair_queue
+from helpers import wait_for_job_status, wait_until, waiting_in_fair_queue, worker_metric
 from llamaq_gateway.app import create_app
 from llamaq_gateway.settings import GatewaySettings
 from llamaq_protocol import keys
@@ -119,21 +119,18 @@ def test_a_lost_workers_batch_job_goes_back_onto_the_batch_queue(paced_stack, cl
     client.delete(f"/v1/jobs/{job['id']}")
 
 
-def batch_preemptions(client) -> float:
-    """llamaq_worker_preemptions_total{priority="batch"} over every worker, as the gateway's /metrics merges them."""
-    return sum(sample.value
-               for family in text_string_to_metric_families(client.get("/metrics").text)
-               if family.name == "llamaq_worker_preemptions"
-               for sample in family.samples if sample.labels.get("priority") == "batch")
+def batch_preemptions(stack) -> float:
+    """llamaq_worker_preemptions_total{priority="batch"} over every worker, each read from its own METRICS_PORT."""
+    return worker_metric(stack, "llamaq_worker_preemptions_total", priority="batch")
 
 
-def test_an_interactive_job_takes_the_slot_of_the_batch_job_holding_it(client) -> None:
+def test_an_interactive_job_takes_the_slot_of_the_batch_job_holding_it(paced_stack, client) -> None:
     """MAX_BATCH 1 and its interactive headroom (1): an interactive job sent while a batch job holds the one slot is
     claimed at once and decoded in its place (the batch job preempted, then resumed), and the batch job still gets
     every token."""
     batch = client.post("/v1/jobs", json={**BATCH_JOB, "max_new_tokens": 150}).json()  # 3 s of the slot
     wait_for_job_status(client, batch["id"], "running", 30)
-    before = batch_preemptions(client)
+    before = batch_preemptions(paced_stack)
     answer = client.post("/", json={"prompt": "a person waiting", "max_new_tokens": 5})
     assert answer.status_code == 200, answer.text
     interactive = client.get(f"/v1/jobs/{answer.json()['id']}").json()
@@ -141,4 +138,4 @@ def test_an_interactive_job_takes_the_slot_of_the_batch_job_holding_it(client) -
     assert done["status"] == "succeeded" and done["output"]["usage"]["completion_tokens"] == 150, done
     # Not behind the batch job: started and finished while it ran.
     assert interactive["finished_at"] < done["finished_at"], (interactive, done)
-    wait_until(lambda: batch_preemptions(client) > before, 15, "the batch job's preemption in /metrics")
+    wait_until(lambda: batch_preemptions(paced_stack) > before, 15, "the batch job's preemption in its metrics")

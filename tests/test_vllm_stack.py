@@ -12,6 +12,7 @@ import os
 import signal
 import time
 
+import httpx
 import psutil
 import pytest
 
@@ -97,10 +98,12 @@ def stack():
 def test_the_worker_runs_vllm_and_exports_its_scheduler_state(stack, client):
     assert "vLLM engine ready" in worker_log_text(stack)
     assert client.post("/", json={"prompt": "Hi"}).status_code == 200
-    metrics = client.get("/metrics").text
+    # On the worker's own METRICS_PORT, where Prometheus scrapes it; not in the gateway's /metrics.
+    (own_url,) = stack.worker_metrics_urls
+    own, gateway_text = httpx.get(own_url, timeout=10).text, client.get("/metrics").text
     for series in ("llamaq_engine_kv_cache_usage_ratio", "llamaq_engine_requests_waiting",
                    "llamaq_engine_preemptions_total"):
-        assert series in metrics
+        assert series in own and series not in gateway_text
 
 
 def test_seed_reproduces_sampled_text_and_stop_strings_cut(client):

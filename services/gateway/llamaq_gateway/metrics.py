@@ -1,11 +1,16 @@
 """Prometheus metrics for `GET /metrics`.
 
-Three sources, one exposition:
+Two sources, one exposition:
 - this gateway's HTTP series, summed over every gunicorn process (prometheus-client's multiprocess mode: each
   process writes its values under PROMETHEUS_MULTIPROC_DIR, which gunicorn_conf prepares);
 - the queue as Redis holds it, read at scrape time: queue depth, running jobs, live workers, jobs by final
-  status (counted by the job-state scripts, so every worker's and the sweeper's outcomes are in it);
-- every live worker's own series (it stores its exposition with each heartbeat), under a `worker` label.
+  status (counted by the job-state scripts, so every worker's and the sweeper's outcomes are in it), each key's
+  usage.
+
+The workers' series are not here: Prometheus scrapes each worker's own METRICS_PORT (llamaq_worker.metrics), so
+each is counted once. The queue's series, read from the one Redis, are the same on every gateway replica scraped:
+queries over them take one (`max by (queue) (llamaq_queue_depth)`, `max(llamaq_workers_alive)`), while the HTTP
+series are each replica's own and add up (`sum`).
 """
 
 from __future__ import annotations
@@ -15,8 +20,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import multiprocess
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from llamaq_protocol import JobStatus, keys
 
@@ -46,8 +50,6 @@ class ClusterState:
     jobs_running: int
     finished: dict[str, int]
     workers_alive: int
-    # worker name -> its exposition text
-    worker_metrics: dict[str, str] = field(default_factory=dict)
     # account (a key's name, or "anonymous") -> its usage hash (requests, prompt_tokens, completion_tokens)
     usage: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -65,24 +67,22 @@ class ClusterState:
                 pipe.llen(tier + ":depth")
             pipe.scard(keys.RUNNING)
             pipe.hgetall(keys.STATS)
-            pipe.zrangebyscore(keys.WORKERS, jobs.fresh_since(), "+inf")
+            pipe.zcount(keys.WORKERS, jobs.fresh_since(), "+inf")
             for account in accounts:
                 pipe.hgetall(keys.usage(account))
             replies = await pipe.execute()
         depths, rest = replies[:len(tiers)], replies[len(tiers):]
-        running, stats, workers, usages = rest[0], rest[1], rest[2], rest[3:]
-        names = [name.decode() for name in workers]
-        texts = await aio.mget([keys.worker_metrics(name) for name in names]) if names else []
+        running, stats, workers_alive, usages = rest[0], rest[1], rest[2], rest[3:]
         return cls(
             queue_depths={name: int(depth or 0) for name, depth in zip(tiers.values(), depths)},
             usage={account: {k.decode(): int(v) for k, v in found.items()} for account, found in zip(accounts, usages)},
             jobs_running=running,
             finished={k.decode(): int(v) for k, v in stats.items()},
-            workers_alive=len(names),
-            worker_metrics={name: text.decode() for name, text in zip(names, texts) if text},
+            workers_alive=workers_alive,
         )
 
     def collect(self):
+        # Read from the one Redis: every gateway replica shows the same values (queries take one, `max by (queue)`).
         depth = GaugeMetricFamily("llamaq_queue_depth", "Jobs waiting in the queue", labels=["queue"])
         for name, waiting in self.queue_depths.items():
             depth.add_metric([name], waiting)
@@ -99,18 +99,6 @@ class ClusterState:
             for account, used in sorted(self.usage.items()):
                 family.add_metric([account], used.get(field_name, 0))
             yield family
-        yield from _merge_workers(self.worker_metrics)
-
-
-def _merge_workers(texts: dict[str, str]):
-    """Each worker's families, merged by name (a family may appear only once), each sample labelled by worker."""
-    merged: dict[str, Metric] = {}
-    for worker, text in sorted(texts.items()):
-        for family in text_string_to_metric_families(text):
-            target = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
-            for sample in family.samples:
-                target.add_sample(sample.name, {"worker": worker, **sample.labels}, sample.value)
-    yield from merged.values()
 
 
 def _process_registry() -> CollectorRegistry:

@@ -40,11 +40,6 @@ BATCH_JOBS_ENDED = f"{PREFIX}:batches:ended"
 BATCH_DRIVER_LOCK = f"{PREFIX}:batches:lock"
 
 
-def worker_metrics(name: str) -> str:
-    """A worker's own Prometheus exposition, refreshed with its heartbeat, merged into the gateway's /metrics."""
-    return f"{PREFIX}:metrics:{name}"
-
-
 def job(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 

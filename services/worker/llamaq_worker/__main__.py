@@ -56,7 +56,7 @@ def serve(settings: WorkerSettings, engine: Engine, dtype: str) -> int:
         try:
             metrics.serve(settings.metrics_port)
             logger.info("metrics on :%d/metrics", settings.metrics_port)
-        except OSError as exc:  # a second worker on the same host; its series still reach the gateway's /metrics
+        except OSError as exc:  # a second worker on the same host: give each its own METRICS_PORT
             logger.warning("metrics port %d unavailable (%s); serving none", settings.metrics_port, exc)
 
     connection = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
@@ -81,7 +81,7 @@ def serve(settings: WorkerSettings, engine: Engine, dtype: str) -> int:
         max_batch=settings.max_batch, pid=os.getpid(), started_at=utc_now(),
     )
     # Each beat also publishes the model card again if Redis has lost it.
-    heartbeat = Heartbeat(settings.redis_url, info, settings.heartbeat_s, model, metrics.exposition)
+    heartbeat = Heartbeat(settings.redis_url, info, settings.heartbeat_s, model)
     heartbeat.beat()
     heartbeat.start()
     logger.info("model %s ready; serving queues %s as %s", name, ", ".join(keys.queue_names(settings.queue_name)),

@@ -1,8 +1,9 @@
 """The worker's Prometheus metrics.
 
-They live in this process's own registry and leave it two ways: served on METRICS_PORT (Prometheus scrapes
-each worker, e.g. one pod each) and written to Redis with every heartbeat, from where the gateway's /metrics
-merges every live worker's series under a `worker` label (one scrape target behind nginx).
+They live in this process's own registry and leave it one way: served on METRICS_PORT, where Prometheus scrapes
+each worker as a target of its own (a compose service each, a pod each in Kubernetes), as vLLM's production stack
+scrapes each engine. They are not in the gateway's /metrics: each series is counted once, by the one worker that
+has it, and a query sums over the workers' targets with no label of ours to de-duplicate by.
 """
 
 from __future__ import annotations
@@ -10,15 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from prometheus_client import (
-    CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest, start_http_server,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from .engines.base import PRIORITY_NAMES, EngineStats
 
-# Counters without their `_created` twins: half the series, and the gateway's merge stays simple.
+# Counters without their `_created` twins: half the series.
 disable_created_metrics()
 
 # Latencies on CPU run to minutes, on a GPU to milliseconds.
@@ -82,9 +81,6 @@ class WorkerMetrics:
 
         r.register(Preemptions())
         r.register(PreemptionsByPriority())
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
 
     def serve(self, port: int) -> None:
         """A daemon thread answering GET /metrics on `port` (threads only: the worker never forks)."""

@@ -62,15 +62,12 @@ class Heartbeat(threading.Thread):
         info: WorkerInfo,
         interval_s: float,
         model: dict[str, str] | None = None,
-        metrics: Callable[[], bytes] | None = None,
     ):
         super().__init__(name="llamaq-heartbeat", daemon=True)
         self._client = redis.Redis.from_url(redis_url, socket_timeout=5)
         self._info = info
         self._interval_s = interval_s
         self._model = model
-        # This worker's Prometheus exposition, stored with each beat for the gateway's /metrics.
-        self._metrics = metrics
         self._stopped = threading.Event()
         # Seconds the decoding loop has held jobs without progress (see `watch`); None: not watched.
         self._stalled_for: Callable[[], float] | None = None
@@ -104,13 +101,13 @@ class Heartbeat(threading.Thread):
         return True
 
     def beat(self) -> None:
+        # (Workers before issue 24 also stored their Prometheus text with each beat, `llamaq:metrics:<name>`, under
+        # this TTL: one left behind by such a worker expires by itself. Metrics leave a worker on METRICS_PORT only.)
         ttl_s = max(60, int(self._interval_s * 10))
         with self._client.pipeline(transaction=False) as pipe:
             pipe.hset(keys.worker(self._info.name), mapping=self._info.model_dump(mode="json"))
             pipe.expire(keys.worker(self._info.name), ttl_s)
             pipe.zadd(keys.WORKERS, {self._info.name: time.time()})
-            if self._metrics is not None:
-                pipe.set(keys.worker_metrics(self._info.name), self._metrics(), ex=ttl_s)
             if self._model is not None:
                 pipe.exists(keys.model(self._info.model))
             replies = pipe.execute()
@@ -139,7 +136,7 @@ class Heartbeat(threading.Thread):
         try:
             with self._client.pipeline(transaction=False) as pipe:
                 pipe.zrem(keys.WORKERS, self._info.name)
-                pipe.delete(keys.worker(self._info.name), keys.worker_metrics(self._info.name))
+                pipe.delete(keys.worker(self._info.name))
                 pipe.execute()
         except redis.RedisError:
             pass  # its hash expires, and the gateway's sweeper drops its stale entry from the workers set

@@ -32,8 +32,8 @@ class WorkerSettings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     # Log each job's messages (off: prompts are the users' data).
     log_prompts: bool = False
-    # Prometheus metrics of this worker on GET :METRICS_PORT/metrics; 0 serves none (the gateway's /metrics
-    # still shows them, via Redis).
+    # Prometheus metrics of this worker on GET :METRICS_PORT/metrics, the only place they are (Prometheus scrapes
+    # each worker); 0 serves none.
     metrics_port: int = Field(default=9100, ge=0, le=65535)
 
     model_id: str = DEFAULT_MODEL_ID

@@ -1,4 +1,4 @@
-"""`GET /metrics`: Prometheus text for the gateway, the queue and every live worker."""
+"""`GET /metrics`: Prometheus text for the gateway and the queue (each worker serves its own on METRICS_PORT)."""
 
 from fastapi import APIRouter, Request, Response
 
