@@ -1,4 +1,5 @@
-"""The one error shape, `{"error": {"type", "message", "code"}}`, mapped in one place from domain exceptions.
+"""The one error shape, `{"error": {"type", "message", "code"}}`, mapped in one place from domain exceptions, and
+the error responses each route documents in its OpenAPI schema (`error_responses`).
 
 On the OpenAI-compatible routes (those of class OpenAIRoute) the same body also carries OpenAI's `param` (the
 offending field or null), and a request OpenAI would call invalid (bad or unsupported field, malformed JSON) has
@@ -8,6 +9,7 @@ OpenAI's type `invalid_request_error`, so the body reads right to both API.md cl
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis.exceptions
 from fastapi import FastAPI, Request
@@ -249,3 +251,35 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     # Any other exception is logged and answered with a 500 by app.RequestContext, while the request id is set.
+
+
+# ---- the error responses routes document (OpenAPI) ---------------------------------------------------------------
+
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+_ERRORS: dict[int, str] = {
+    400: "malformed JSON, or a request the model cannot run (prompt too long for its context, ...)",
+    401: "API_KEYS is set and the `Authorization: Bearer` key is missing or wrong",
+    404: "no such job, or one another key created",
+    413: "body over 1 MiB (answered by nginx)",
+    414: "request line (path and query) over nginx's 8 KiB header buffer (answered by nginx)",
+    422: "unknown field, wrong type or out-of-range value",
+    429: "queue full (MAX_QUEUE), this client over its request rate (nginx) or holding MAX_STREAMS_PER_CLIENT "
+         "open streams and waits already; nothing was queued",
+    503: "Redis unreachable, or no worker with its model loaded",
+    504: "the job is still queued or running; poll GET /v1/jobs/{id}",
+}
+# Every route behind nginx: its request-line limit and its rate limit.
+COMMON_ERRORS = (414, 429)
+
+
+def error_responses(*codes: int, auth: bool = True) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses (plus COMMON_ERRORS, and 401 when the route takes keys), all in
+    the one error shape. Giving 422 here also replaces FastAPI's default 422 schema, which is not ours."""
+    wanted = sorted({*codes, *COMMON_ERRORS, *((401,) if auth else ())})
+    responses: dict[int | str, dict[str, Any]] = {}
+    for code in wanted:
+        entry: dict[str, Any] = {"model": ErrorBody, "description": _ERRORS[code]}
+        if code in (429, 503):
+            entry["headers"] = _RETRY_AFTER
+        responses[code] = entry
+    return responses

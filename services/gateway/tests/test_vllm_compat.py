@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 from llamaq_gateway.app import create_app
 from llamaq_gateway.jobs import MODEL_CARD_CACHE_S
-from llamaq_gateway.routers.vllm_compat import VLLM_DIALECT
 from llamaq_gateway.settings import GatewaySettings
+from llamaq_gateway.vllm_compat import VLLM_DIALECT
 from llamaq_protocol import keys
 
 CONVERSATION = [

@@ -3,6 +3,10 @@
 The Lua scripts are the only writers of `status`, so a job moves queued -> running -> terminal exactly
 once even when the gateway cancels while a worker claims. Each side runs them with its own client. The scripts
 that end a job also count it in the stats hash (jobs by final status, for /metrics), in the same atomic step.
+
+Every Lua script that touches a job's record or the fair queue is here, built from the same parts (NOTIFY_LUA,
+FAIR_LUA), whichever service runs it; the others, each run by one service only (the Batch API's driver lock and batch
+status, the webhook lease), live beside the code that runs them.
 """
 
 from __future__ import annotations

@@ -30,9 +30,9 @@ import logging
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from llamaq_protocol import JobStatus, Priority, keys, utc_now
 from llamaq_protocol.records import CANCEL_SCRIPT, end_keys, job_from_record
@@ -40,6 +40,7 @@ from llamaq_protocol.records import CANCEL_SCRIPT, end_keys, job_from_record
 from ..errors import InvalidParameter, LlamaqError, NotFound, error_body
 from ..callers import Caller, batch_caller
 from .files import PURPOSE_BATCH, PURPOSE_BATCH_OUTPUT, FileStore, owner_page, stored_file_commands
+from .requests import BatchRequest
 from ..jobs import JobService
 from ..openai import CHAT, TEXT, ChatCompletionRequest, CompletionRequest, Rendering, completion, prepare
 from ..settings import GatewaySettings
@@ -97,27 +98,6 @@ if status == 'validating' or status == 'in_progress' then
 end
 return 1
 """
-
-
-class BatchRequest(BaseModel):
-    """`POST /v1/batches`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    input_file_id: str = Field(max_length=64)
-    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
-    completion_window: Literal["24h"]
-    # OpenAI's bounds: 16 pairs, keys up to 64 characters, values up to 512.
-    metadata: dict[str, Any] | None = Field(default=None, max_length=16)
-
-    def checked_metadata(self) -> dict[str, str] | None:
-        if self.metadata is None:
-            return None
-        for key, value in self.metadata.items():
-            if not isinstance(value, str) or len(key) > 64 or len(value) > 512:
-                raise InvalidParameter("metadata: at most 16 string values, keys up to 64 and values up to 512 "
-                                       "characters", param="metadata")
-        return self.metadata
 
 
 def new_batch_id() -> str:

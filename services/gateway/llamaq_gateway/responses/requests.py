@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..schemas import WebhookFields
+from ..job_api.requests import WebhookFields
 
 
 class TextConfig(BaseModel):

@@ -5,11 +5,10 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 from fastapi.responses import Response
 
-from ..batch_api.batches import BatchRequest
-from ..deps import BatchesDep, CallerDep, FilesDep, OwnerDep, SettingsDep
-from ..errors import InvalidParameter, OpenAIRoute
 from ..batch_api.files import PURPOSE_BATCH, check_batch_input
-from ..schemas import error_responses
+from ..batch_api.requests import BatchRequest
+from ..deps import BatchesDep, CallerDep, FilesDep, OwnerDep, SettingsDep
+from ..errors import InvalidParameter, OpenAIRoute, error_responses
 
 # OpenAIRoute: errors carry OpenAI's `param` and type, as on the other OpenAI routes.
 router = APIRouter(tags=["batch"], route_class=OpenAIRoute)

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Header, Query, Response
 
 from .. import streams
 from ..deps import JobsDep, OwnerDep, StreamSlotsDep
-from ..schemas import JobId, error_responses
+from ..errors import error_responses
+from ..job_api import JobId
 
 # Documented, not enforced by FastAPI: a malformed id gets the API's own 400 (streams.resume_point).
 _EVENT_ID = {"pattern": streams.EVENT_ID_PATTERN.pattern}

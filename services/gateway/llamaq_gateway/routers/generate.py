@@ -6,7 +6,8 @@ from fastapi.responses import JSONResponse
 from llamaq_protocol import Job
 
 from ..deps import CallerDep, DeadlineDep, IdempotencyKeyDep, JobsDep, RequestIdDep, StreamSlotsDep
-from ..schemas import GenerateRequest, error_responses
+from ..errors import error_responses
+from ..job_api import GenerateRequest
 from ..webhooks import check_submission
 
 router = APIRouter(tags=["jobs"])

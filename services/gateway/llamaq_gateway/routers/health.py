@@ -2,9 +2,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from ..deps import JobsDep
-from ..errors import error_response
+from ..errors import error_response, error_responses
 from ..jobs import JobService
-from ..schemas import error_responses
 
 router = APIRouter(tags=["health"])
 

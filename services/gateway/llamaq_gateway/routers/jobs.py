@@ -8,8 +8,9 @@ from llamaq_protocol import Job, JobStatus
 
 from ..deps import (CallerDep, DeadlineDep, IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep,
                     StreamSlotsDep)
+from ..errors import error_responses
+from ..job_api import JobId, JobRequest
 from ..job_list import MAX_LIMIT, list_jobs
-from ..schemas import JobId, JobRequest, error_responses
 from ..webhooks import check_submission
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

@@ -7,8 +7,8 @@ from fastapi import APIRouter
 from llamaq_protocol import GenerationParams, JobStatus
 
 from ..deps import CallerDep, DeadlineDep, IdempotencyKeyDep, JobsDep, RequestIdDep, SettingsDep, StreamSlotsDep
-from ..errors import JobFailed, WaitTimeout
-from ..schemas import LegacyResponse, error_responses
+from ..errors import JobFailed, WaitTimeout, error_responses
+from ..job_api import LegacyResponse
 
 router = APIRouter(tags=["original"])
 

@@ -4,11 +4,10 @@ from fastapi import APIRouter, Request, Response
 
 from ..deps import (CallerDep, DeadlineDep, IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep,
                     StreamSlotsDep)
-from ..errors import OpenAIRoute
+from ..errors import OpenAIRoute, error_responses
 from ..openai import (
     CHAT, TEXT, ChatCompletionRequest, CompletionRequest, check_model, model_object, models_list, respond,
 )
-from ..schemas import error_responses
 
 # OpenAIRoute: these routes' errors carry OpenAI's `param` and type.
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)

@@ -6,10 +6,9 @@ from fastapi import APIRouter, Path, Query, Request, Response
 
 from ..deps import (CallerDep, DeadlineDep, IdempotencyKeyDep, JobsDep, OwnerDep, RequestIdDep, SettingsDep,
                     StreamSlotsDep)
-from ..errors import OpenAIRoute
+from ..errors import OpenAIRoute, error_responses
 from ..responses import service
 from ..responses.requests import ResponsesRequest
-from ..schemas import error_responses
 
 # OpenAIRoute: errors in OpenAI's shape, with its `param`.
 router = APIRouter(prefix="/v1/responses", tags=["responses"], route_class=OpenAIRoute)

@@ -4,7 +4,7 @@ address's)."""
 from fastapi import APIRouter
 
 from ..deps import CallerDep, JobsDep
-from ..schemas import error_responses
+from ..errors import error_responses
 
 router = APIRouter(tags=["usage"])
 

@@ -1,47 +1,18 @@
-"""HTTP-only request and response bodies, and the error responses each route documents in its OpenAPI schema;
-the wire models live in llamaq_protocol."""
+"""The job API's request and response bodies (`POST /v1/jobs`, `/v1/generate`, `POST /`) and its job id path
+parameter; the job and its parameters themselves are llamaq_protocol's (the worker reads them too)."""
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import Path
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from llamaq_protocol import ErrorBody, GenerationParams, Priority
+from llamaq_protocol import GenerationParams, Priority
 
-from .jobs import JOB_ID_PATTERN
-from .webhooks import DEFAULT_EVENTS, record_fields
+from ..jobs import JOB_ID_PATTERN
+from ..webhooks import DEFAULT_EVENTS, record_fields
 
 # A job id as the schema describes it; anything else is simply not found (404), so the pattern is documentation.
 JobId = Annotated[str, Path(description="the job's id", json_schema_extra={"pattern": JOB_ID_PATTERN.pattern})]
-
-_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
-_ERRORS: dict[int, str] = {
-    400: "malformed JSON, or a request the model cannot run (prompt too long for its context, ...)",
-    401: "API_KEYS is set and the `Authorization: Bearer` key is missing or wrong",
-    404: "no such job, or one another key created",
-    413: "body over 1 MiB (answered by nginx)",
-    414: "request line (path and query) over nginx's 8 KiB header buffer (answered by nginx)",
-    422: "unknown field, wrong type or out-of-range value",
-    429: "queue full (MAX_QUEUE), this client over its request rate (nginx) or holding MAX_STREAMS_PER_CLIENT "
-         "open streams and waits already; nothing was queued",
-    503: "Redis unreachable, or no worker with its model loaded",
-    504: "the job is still queued or running; poll GET /v1/jobs/{id}",
-}
-# Every route behind nginx: its request-line limit and its rate limit.
-COMMON_ERRORS = (414, 429)
-
-
-def error_responses(*codes: int, auth: bool = True) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for these error statuses (plus COMMON_ERRORS, and 401 when the route takes keys), all in
-    the one error shape. Giving 422 here also replaces FastAPI's default 422 schema, which is not ours."""
-    wanted = sorted({*codes, *COMMON_ERRORS, *((401,) if auth else ())})
-    responses: dict[int | str, dict[str, Any]] = {}
-    for code in wanted:
-        entry: dict[str, Any] = {"model": ErrorBody, "description": _ERRORS[code]}
-        if code in (429, 503):
-            entry["headers"] = _RETRY_AFTER
-        responses[code] = entry
-    return responses
 
 
 class WebhookFields(BaseModel):
