@@ -388,7 +388,7 @@ def mode_publish(args) -> dict:
             for i in range(args.sequences):
                 job = f"pub{i:04d}"
                 client.hset(keys.job(job), mapping={"status": "running", "worker": "bench"})
-                slots[job] = Slot(rq_job=None, queue=None, execution=None, request_id=None, prompt_tokens=10,
+                slots[job] = Slot(rq_job=None, queue=None, rq_execution=None, request_id=None, prompt_tokens=10,
                                   max_new_tokens=1_000_000, deadline=float("inf"))
             publisher = Publisher(client, "bench", slots, settings=WorkerSettings(),
                                   metrics=WorkerMetrics(lambda: (0, 0)), until_redis=RedisRetry(30, lambda: 0),

@@ -23,6 +23,7 @@ from llamaq_protocol.records import (
     CANCEL_SCRIPT, CLAIM_SCRIPT, FINISH_SCRIPT, TOKENS_SCRIPT, claim_keys, end_keys, tokens_call,
 )
 from llamaq_worker.priority_queues import PriorityQueue
+from llamaq_worker.rq_adapter import intermediate_key
 from private_redis import emptied, private_redis
 
 PROMPT_TOKENS = 10
@@ -67,7 +68,7 @@ class Harness:
             return None
         job, queue = popped
         assert self.r.eval(CLAIM_SCRIPT, 4, *claim_keys(job.id), "t1", worker, job.id) == b"claimed"
-        self.r.lrem(queue.intermediate_queue_key, 1, job.id)
+        self.r.lrem(intermediate_key(queue), 1, job.id)
         return job.id
 
     def generate(self, job_id, tokens, worker="w:1"):
@@ -302,7 +303,7 @@ def test_a_popped_job_waits_on_its_queues_intermediate_list_until_claimed(fq):
     job, queue = PriorityQueue.dequeue_any(fq.queues, None, connection=fq.r, serializer=JSONSerializer)
     assert (job.id, queue.name) == (job_id, "llamaq:batch")
     # Until the worker claims it, a popped id sits there (the sweep's net should the worker die first).
-    assert fq.r.lrange(queue.intermediate_queue_key, 0, -1) == [job_id.encode()]
+    assert fq.r.lrange(intermediate_key(queue), 0, -1) == [job_id.encode()]
     assert fq.r.llen(queue.key) == 0  # RQ's own list is not where jobs wait
 
 
@@ -328,4 +329,4 @@ def test_a_job_whose_rq_record_expired_is_skipped(fq):
     fq.r.delete(f"rq:job:{gone}")
     job, queue = PriorityQueue.dequeue_any(fq.queues, None, connection=fq.r, serializer=JSONSerializer)
     assert job.id == here
-    assert fq.r.lrange(queue.intermediate_queue_key, 0, -1) == [here.encode()]
+    assert fq.r.lrange(intermediate_key(queue), 0, -1) == [here.encode()]

@@ -21,6 +21,7 @@ from llamaq_protocol import keys
 from llamaq_worker.decoding_loop import DecodingWorker
 from llamaq_worker.engines.base import StepOutput
 from llamaq_worker.metrics import WorkerMetrics
+from llamaq_worker.rq_adapter import intermediate_key
 from llamaq_worker.settings import WorkerSettings
 from private_redis import emptied
 
@@ -77,5 +78,5 @@ def test_the_worker_fails_any_job_but_llamaqs_own_without_running_it(r: redis.Re
         exc = job.latest_result().exc_string
         assert exc.startswith("refused without running") and keys.GENERATE_FUNC in exc and func in exc, exc
         assert any(job_id in rec.getMessage() and rec.levelno == logging.ERROR for rec in caplog.records), job_id
-    assert queue.get_job_ids() == [] and r.llen(queue.intermediate_queue_key) == 0
+    assert queue.get_job_ids() == [] and r.llen(intermediate_key(queue)) == 0
     assert int(r.hget(worker.key, "failed_job_count")) == 3  # `rq info`'s count of the worker's failures

@@ -35,6 +35,7 @@ from .errors import (
     RateLimited,
 )
 from .prompt_tokens import PromptCounter
+from .rq_adapter import enqueue_commands, intermediate_key
 from .settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ class JobService:
         record = {**new_record(created_at, request_id, owner, priority), **(webhook or {}), **(record_extra or {}),
                   "account": caller.account, "prompt_tokens": str(prompt_tokens), "cost": str(cost),
                   "resumable": "1" if params.resumable() else "0",
-                  "fq_hold": queue.intermediate_queue_key}
+                  "fq_hold": intermediate_key(queue)}
         if deadline is not None:
             record["deadline"] = f"{deadline:.3f}"
         base = self.settings.queue_name
@@ -315,9 +316,8 @@ class JobService:
         """RQ's commands for enqueueing the job (its job hash, the queue's registration, the push), collected by
         RQ itself in a pipeline that is never executed: RQ's client is synchronous, and this way a submission
         needs no worker thread and no second connection, and RQ's records stay RQ's own."""
-        collector = self.sync.pipeline(transaction=True)
-        collector.multi()
-        queue.enqueue_call(
+        return enqueue_commands(
+            self.sync, queue,
             func=keys.GENERATE_FUNC,
             args=(payload.model_dump(mode="json"),),
             timeout=self.settings.job_timeout_s,
@@ -326,11 +326,7 @@ class JobService:
             job_id=payload.job_id,
             # RQ shows the description in `rq info` and logs: never the prompt.
             description=f"llamaq.generate {payload.job_id}",
-            pipeline=collector,
         )
-        commands = [args for args, _options in collector.command_stack]
-        collector.reset()
-        return commands
 
     async def queued(self, priority: Priority) -> int:
         """How many jobs of this priority wait (in its fair queue tier)."""

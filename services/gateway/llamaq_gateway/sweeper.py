@@ -35,6 +35,7 @@ from llamaq_protocol import JobError, Priority, keys, utc_now
 from llamaq_protocol.records import CANCEL_SCRIPT, RECLAIM_SCRIPT, RETURN_SCRIPT, end_keys, reclaim_keys
 
 from .jobs import JobService
+from .rq_adapter import intermediate_key
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class LostWorkerSweeper:
 
     async def _rescue_stranded_from(self, queue: Queue, seen: list[str]) -> list[str]:
         aio = self.jobs.aio
-        stranded = [j.decode() for j in await aio.lrange(queue.intermediate_queue_key, 0, -1)]
+        stranded = [j.decode() for j in await aio.lrange(intermediate_key(queue), 0, -1)]
         seen += stranded
         current = time.monotonic()
         rescued: list[str] = []
@@ -167,7 +168,7 @@ class LostWorkerSweeper:
             first_seen = self._stranded_since.setdefault(job_id, current)
             if current - first_seen < self.settings.worker_stale_s:
                 continue
-            moved = await self._return_script(keys=[queue.intermediate_queue_key, keys.job(job_id)], args=[job_id])
+            moved = await self._return_script(keys=[intermediate_key(queue), keys.job(job_id)], args=[job_id])
             if not moved:
                 continue
             self._stranded_since.pop(job_id, None)

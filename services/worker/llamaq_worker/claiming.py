@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
+import redis
 from pydantic import ValidationError
 from rq import Queue
-from rq.executions import Execution
 from rq.job import Job as RQJob
-from rq.utils import as_text, now
-from rq.worker import WorkerStatus
 
 from llamaq_protocol import FinishReason, GenerationParams, JobError, JobPayload, JobStatus, utc_now
 from llamaq_protocol import keys
@@ -27,19 +25,19 @@ from .engines.base import (
     PRIORITY_BATCH,
     PRIORITY_INTERACTIVE,
     PRIORITY_NAMES,
+    Engine,
     EngineDead,
     SamplingParams,
     StructuredOutputs,
     text_token_ids,
 )
-from .metrics import seconds_since
+from .metrics import WorkerMetrics, seconds_since
 from .priority_queues import PriorityQueue
-from .publishing import REDIS_DOWN
+from .publishing import REDIS_DOWN, RedisRetry
+from .rq_adapter import RQOps, intermediate_key, rq_now
+from .settings import WorkerSettings
 from .slots import Choice, Ending, Slot, seq_id
 from .tool_calls import ToolCallStream, forced_tool_schema
-
-if TYPE_CHECKING:
-    from .decoding_loop import DecodingWorker
 
 logger = logging.getLogger(__name__)
 
@@ -115,110 +113,110 @@ def job_priority(tier: bytes | str | None, queue: Queue) -> int:
     """A claimed job's engine priority: its fair-queue tier's (the record's `fq_tier`, a tier's key prefix), or, for
     a job queued on RQ's own lists (no tier), its RQ queue's."""
     if tier:
-        name = as_text(tier).rsplit(":", 1)[-1]
+        name = (tier.decode() if isinstance(tier, bytes) else tier).rsplit(":", 1)[-1]
         if name in PRIORITIES:
             return PRIORITIES[name]
     return PRIORITY_BATCH if queue.name.endswith(keys.BATCH_QUEUE_SUFFIX) else PRIORITY_INTERACTIVE
 
 
 class Claimer:
-    def __init__(self, worker: DecodingWorker) -> None:
-        self.worker = worker
-        self._claim = worker.connection.register_script(CLAIM_SCRIPT)
-        self._return = worker.connection.register_script(RETURN_SCRIPT)
+    """Claims and admits jobs for one worker. `connection` and `worker_name`: the worker's; `rq`: RQ's operations on
+    its behalf (its queues, their pop, a job's start in RQ); `until_redis`: its retry of Redis calls through an
+    outage; `tool_parser`: vLLM's tool parser class for tool_choice "auto" (None: no tool calling);
+    `stop_generating(job_id, slot)`: the decoding loop's cancel of a running job's sequences."""
+
+    def __init__(self, connection: redis.Redis, worker_name: str, rq: RQOps, *, engine: Engine,
+                 settings: WorkerSettings, metrics: WorkerMetrics, until_redis: RedisRetry,
+                 tool_parser: type | None, stop_generating: Callable[[str, Slot], None]) -> None:
+        self.connection = connection
+        self.worker_name = worker_name
+        self.rq = rq
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.until_redis = until_redis
+        self.tool_parser = tool_parser
+        self.stop_generating = stop_generating
+        self._claim = connection.register_script(CLAIM_SCRIPT)
+        self._return = connection.register_script(RETURN_SCRIPT)
 
     def pop(self, interactive_only: bool = False) -> tuple[RQJob, Queue] | None:
         """The next queued job, without waiting; None when there is none (or Redis is away: the publishing that
         follows waits for it). `interactive_only`: from the interactive tier alone (the engine has room for nothing
         else)."""
-        worker = self.worker
-        queues, only = worker._ordered_queues, {}
+        queues, only = self.rq.queues, {}
         if interactive_only:
-            if issubclass(worker.queue_class, PriorityQueue):
+            if issubclass(self.rq.queue_class, PriorityQueue):
                 only = {"tiers": ("interactive",)}
             else:  # RQ's own lists (no fair queue): the interactive queue's
                 queues = [q for q in queues if not q.name.endswith(keys.BATCH_QUEUE_SUFFIX)]
         try:
-            return worker.queue_class.dequeue_any(
-                queues, None, connection=worker.connection, job_class=worker.job_class,
-                serializer=worker.serializer, **only,
-            )
+            return self.rq.pop(queues, **only)
         except REDIS_DOWN:
             return None
 
     def push_back(self, job: RQJob, queue: Queue) -> None:
         """A popped job back at the front of its client's list, for a later claim."""
-        self._return(keys=[queue.intermediate_queue_key, keys.job(job.id)], args=[job.id])
+        self._return(keys=[intermediate_key(queue), keys.job(job.id)], args=[job.id])
 
     def claim(self, job: RQJob, queue: Queue) -> Slot | None:
         """The popped job made this worker's, in its record and RQ's, as a new Slot; None if its record says it is
         not to run (canceled while queued, or expired): then its RQ job is closed without running."""
-        worker = self.worker
         # The job is popped: from here on Redis is waited for rather than the job dropped.
-        claimed = worker.until_redis(
+        claimed = self.until_redis(
             "claiming a job", self._claim,
             keys=claim_keys(job.id),
-            args=[utc_now().isoformat(), worker.name, job.id],
+            args=[utc_now().isoformat(), self.worker_name, job.id],
         )
         if claimed not in (b"claimed", b"resumed"):
             logger.info("skipping job %s: record is %s", job.id, claimed.decode())
 
             def close() -> None:
-                with worker.connection.pipeline() as pipe:
-                    pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+                with self.connection.pipeline() as pipe:
+                    pipe.lrem(intermediate_key(queue), 1, job.id)
                     job.cancel(pipeline=pipe)
                     pipe.execute()
 
-            worker.until_redis("closing a skipped job", close)
+            self.until_redis("closing a skipped job", close)
             return None
 
-        tier = worker.until_redis("starting a job", self._start_in_rq, job, queue)
-        job.started_at = now()
-        timeout = job.timeout if job.timeout and job.timeout > 0 else worker.queue_class.DEFAULT_TIMEOUT
+        execution, tier = self.until_redis("starting a job", self._start_in_rq, job, queue)
+        job.started_at = rq_now()
+        timeout = job.timeout if job.timeout and job.timeout > 0 else self.rq.default_timeout
         slot = Slot(
-            rq_job=job, queue=queue, execution=worker.execution, request_id=None, prompt_tokens=0,
+            rq_job=job, queue=queue, rq_execution=execution, request_id=None, prompt_tokens=0,
             max_new_tokens=0, deadline=time.monotonic() + timeout, waited_s=seconds_since(job.enqueued_at),
             resumed=claimed == b"resumed", priority=job_priority(tier, queue),
         )
         if slot.waited_s is not None:
-            worker.metrics.queue_wait.labels(priority=PRIORITY_NAMES[slot.priority]).observe(slot.waited_s)
+            self.metrics.queue_wait.labels(priority=PRIORITY_NAMES[slot.priority]).observe(slot.waited_s)
         return slot
 
-    def _start_in_rq(self, job: RQJob, queue: Queue) -> bytes | None:
-        """What RQ's `prepare_execution` and `prepare_job_execution` write (rq 2.x), in one transaction instead of
-        two, before the job's first step: its execution record and place in the started registry, the worker busy
-        on it, the job started, and the job out of the intermediate queue. Returns the job's fair-queue tier (its
-        record's `fq_tier`, read in the same round trip), None for a job queued on RQ's own lists."""
-        worker = self.worker
-        heartbeat_ttl = worker.get_heartbeat_ttl(job)
-        with worker.connection.pipeline() as pipe:
-            worker.execution = Execution.create(job, heartbeat_ttl, pipeline=pipe, worker_name=worker.name)
-            worker.set_state(WorkerStatus.BUSY, pipeline=pipe)
-            worker.set_current_job_id(job.id, pipeline=pipe)
-            worker.set_current_job_working_time(0, pipeline=pipe)
-            worker.heartbeat(heartbeat_ttl, pipeline=pipe)
-            job.heartbeat(now(), heartbeat_ttl, pipeline=pipe)
-            job.prepare_for_execution(worker.name, pipeline=pipe)
+    def _start_in_rq(self, job: RQJob, queue: Queue) -> tuple[object, bytes | None]:
+        """The job started in RQ before its first step (rq_adapter.RQOps.start_execution: what RQ's own start
+        writes, in one transaction, the job off its intermediate list too). Returns its execution, and its fair-queue
+        tier (its record's `fq_tier`, read in the same round trip), None for a job queued on RQ's own lists."""
+        with self.connection.pipeline() as pipe:
             # Every pop moves the id onto its queue's intermediate list (priority_queues, or RQ with one queue).
-            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            execution = self.rq.start_execution(job, queue, pipe)
             pipe.hget(keys.job(job.id), "fq_tier")
-            return pipe.execute()[-1]
+            return execution, pipe.execute()[-1]
 
     def admit(self, job: RQJob, slot: Slot) -> Ending | None:
         """The claimed job's payload validated, its prompt encoded and checked, and its sequence added to the
         engine; or, when it cannot run, the Ending it fails with (a bad job never takes the worker down)."""
-        worker, engine = self.worker, self.worker.engine
+        engine = self.engine
         try:
             payload = JobPayload.model_validate(job.args[0] if job.args else None)
             slot.request_id = payload.request_id
             params = payload.params
-            if worker.settings.log_prompts:
+            if self.settings.log_prompts:
                 prompt = params.chat_messages() if params.templated else params.prompt or params.prompt_token_ids
                 logger.info("job %s prompt", job.id, extra={"job_id": job.id, "request_id": slot.request_id,
                                                             "messages": json.dumps(prompt)})
             prompt_ids = prompt_token_ids(engine, params)
             slot.prompt_tokens = len(prompt_ids)
-            worker.metrics.prompt_tokens.inc(len(prompt_ids))
+            self.metrics.prompt_tokens.inc(len(prompt_ids))
             slot.max_new_tokens = params.max_new_tokens
             if len(prompt_ids) + params.max_new_tokens > engine.context_length:
                 raise JobRefused(
@@ -232,7 +230,7 @@ class Claimer:
                 if params.logprobs is not None:
                     choice.logprobs = []
                 if params.tools and params.effective_tool_choice() != "none":
-                    choice.tool_calls = ToolCallStream(params, worker.tool_parser, engine.tokenizer)
+                    choice.tool_calls = ToolCallStream(params, self.tool_parser, engine.tokenizer)
             if slot.resumed and params.resumable():
                 made = self.resume(job.id, slot)
                 left = params.max_new_tokens - slot.choices[0].completion_tokens
@@ -269,12 +267,12 @@ class Claimer:
         where its token events end: its text, tokens and logprobs so far in the slot's one choice, the next event
         numbered after them; returns the ids of the tokens made, which follow the prompt as the engine's."""
         def read() -> tuple[list, bytes | None]:
-            with self.worker.connection.pipeline(transaction=False) as pipe:
+            with self.connection.pipeline(transaction=False) as pipe:
                 pipe.xrange(keys.events(job_id))
                 pipe.hget(keys.job(job_id), "token_events")
                 return pipe.execute()
 
-        events, written = self.worker.until_redis("resuming a job", read)
+        events, written = self.until_redis("resuming a job", read)
         # The next event is numbered after those written (TOKENS_SCRIPT counts them in the record).
         slot.token_events = int(written or 0)
         choice, made = slot.choices[0], []
@@ -297,11 +295,11 @@ class Claimer:
         the job is stopped: it then ends failed with that error."""
         choice = slot.choices[index]
         try:
-            self.worker.engine.add(seq_id(job_id, index), prompt_ids, sampling, priority=slot.priority)
+            self.engine.add(seq_id(job_id, index), prompt_ids, sampling, priority=slot.priority)
             choice.started = True
         except EngineDead:
             raise
         except Exception as exc:
             logger.exception("choice %d of job %s could not start", index, job_id)
             choice.error = f"{'invalid_request' if isinstance(exc, ValueError) else 'internal_error'}: {exc}"
-            self.worker.stop_generating(job_id, slot)
+            self.stop_generating(job_id, slot)

@@ -17,7 +17,9 @@ sequence, or vLLM schedules it at its next step).
 - `claiming`: where a job is claimed and admitted (its record, RQ's start, payload, prompt, sampling parameters);
 - `publishing`: where tokens are written (token events, finishes, lost jobs) and Redis outages waited out;
 - `slots`: a running job (`Slot`) and how it ended (`Ending`);
-- `rq_bookkeeping`: RQ's registries, results and heartbeats, so `rq info` shows the truth.
+- `rq_bookkeeping`: RQ's registries, results and heartbeats, so `rq info` shows the truth;
+- `rq_adapter`: the only module that knows RQ's internals (`RQWorker`, this class's base, names RQ's private worker
+  state; `RQOps` does what the batch does in RQ on the worker's behalf).
 
 Redis may go away while a batch runs: every write the batch needs is retried until Redis answers again, for up
 to REDIS_OUTAGE_TOLERANCE_S, with decoding paused meanwhile (the job-state scripts are idempotent; RQ's own
@@ -40,13 +42,8 @@ import time
 
 import redis.exceptions
 from rq import Queue
-from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.job import Job as RQJob
-from rq.job import JobStatus as RQJobStatus
-from rq.registry import FailedJobRegistry
-from rq.results import Result
-from rq.utils import now as rq_now
-from rq.worker import SimpleWorker, WorkerStatus
+from rq.worker import WorkerStatus
 
 from llamaq_protocol import JobError, keys, utc_now
 from llamaq_protocol.records import RECLAIM_SCRIPT, reclaim_keys
@@ -55,6 +52,7 @@ from .claiming import Claimer
 from .engines.base import PRIORITY_BATCH, PRIORITY_INTERACTIVE, Engine, EngineDead
 from .metrics import WorkerMetrics
 from .publishing import REDIS_DOWN, REDIS_RETRY_MAX_S, Publisher, RedisOutageTooLong, RedisRetry
+from .rq_adapter import RQOps, RQWorker
 from .rq_bookkeeping import RQBookkeeping
 from .settings import WorkerSettings
 from .slots import Ending, Slot
@@ -79,7 +77,7 @@ def _runs_generate(job: RQJob) -> bool:
 UNSUBSCRIBE_WAIT_S = 5.0
 
 
-class DecodingWorker(SimpleWorker):
+class DecodingWorker(RQWorker):
     # RQ's idle loop retries a lost Redis with growing pauses up to this (its default, 60 s, would leave a worker
     # idle for up to a minute after Redis is back).
     max_connection_wait_time = 5.0
@@ -101,12 +99,18 @@ class DecodingWorker(SimpleWorker):
         self.metrics = metrics
         self.slots: dict[str, Slot] = {}
         self.until_redis = RedisRetry(settings.redis_outage_tolerance_s, lambda: len(self.slots))
-        self.claimer = Claimer(self)
+        # What the batch does in RQ on this worker's behalf (rq_adapter): claiming and the bookkeeping get this, not
+        # the worker.
+        self.rq = RQOps(self)
+        self.claimer = Claimer(
+            self.connection, self.name, self.rq, engine=engine, settings=settings, metrics=metrics,
+            until_redis=self.until_redis, tool_parser=tool_parser, stop_generating=self.stop_generating,
+        )
         self.publisher = Publisher(
             self.connection, self.name, self.slots, settings=settings, metrics=metrics, until_redis=self.until_redis,
             stop_generating=self.stop_generating,
         )
-        self.bookkeeping = RQBookkeeping(self)
+        self.bookkeeping = RQBookkeeping(self.rq, self.slots, settings=settings, until_redis=self.until_redis)
         self._reclaim = self.connection.register_script(RECLAIM_SCRIPT)
         self._decoding = False
         # Engine steps (the engine's count, else this loop's) and the batch-tier jobs started at the latest one.
@@ -129,7 +133,7 @@ class DecodingWorker(SimpleWorker):
             self._admit(job, queue)
             while self.slots:
                 self.progress_at = time.monotonic()
-                if self._stop_requested and time.monotonic() >= self._drain_deadline:
+                if self.stop_requested and time.monotonic() >= self._drain_deadline:
                     self._give_back_all(engine_dead=None)
                     break
                 self._start_waiting_choices()
@@ -168,7 +172,7 @@ class DecodingWorker(SimpleWorker):
         waiting = min((slot.priority for slot in self.slots.values() if slot.waiting), default=None)
         if waiting is not None and waiting <= PRIORITY_INTERACTIVE:
             return
-        while not self._stop_requested:
+        while not self.stop_requested:
             room = self._room(batch=waiting is None and self._batch_claims_left() > 0)
             if room is None:
                 return
@@ -224,20 +228,7 @@ class DecodingWorker(SimpleWorker):
                   f"{func!r}")
         logger.error("job %s refused without running it: its function %r is not llamaq's %s (queued by someone "
                      "who can write to Redis?)", job.id, func, keys.GENERATE_FUNC, extra={"job_id": job.id})
-
-        def fail() -> None:
-            with self.connection.pipeline() as pipe:
-                for each in self._ordered_queues:
-                    pipe.lrem(each.intermediate_queue_key, 0, job.id)
-                job.ended_at = rq_now()
-                job.set_status(RQJobStatus.FAILED, pipeline=pipe)
-                FailedJobRegistry(queue=queue).add(job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
-                Result.create_failure(job, job.failure_ttl or DEFAULT_FAILURE_TTL, reason, worker_name=self.name,
-                                      pipeline=pipe)
-                self.increment_failed_job_count(pipe)
-                pipe.execute()
-
-        self.until_redis("failing a refused job", fail)
+        self.until_redis("failing a refused job", self.rq.fail_without_running, job, queue, reason)
 
     def _admit(self, job: RQJob, queue: Queue) -> Slot | None:
         """The popped job claimed and handed to the engine; its slot, or None when it was not to run."""
@@ -310,13 +301,13 @@ class DecodingWorker(SimpleWorker):
             self._state_written = state
             return super().set_state(state, pipeline=pipeline)
         if state == self._state_written:
-            self._state = state
+            self.set_local_state(state)
             return
         try:
             super().set_state(state)
             self._state_written = state
         except REDIS_DOWN:
-            self._state = state  # display only in Redis; the local state is what RQ's shutdown reads
+            self.set_local_state(state)  # display only in Redis; the local state is what RQ's warm stop reads
 
     def heartbeat(self, timeout: int | None = None, pipeline=None):
         if pipeline is not None:
@@ -366,12 +357,12 @@ class DecodingWorker(SimpleWorker):
         self.shutdown_signalled = True
         super().request_stop(signum, frame)
 
-    def _shutdown(self):
+    def warm_stop(self):
         """Warm shutdown. RQ raises StopRequested at once when the worker is not BUSY, which would break a batch
         that is between two jobs' bookkeeping; inside a batch, stop claiming and let the batch drain instead."""
         if not self._decoding:
-            return super()._shutdown()
-        self._stop_requested = True
+            return super().warm_stop()
+        self.stop_requested = True
         self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
         logger.warning("stop requested: claiming no more jobs; %d running job(s) get %.0f s to finish, then go "
                        "back to the queue", len(self.slots), self.settings.drain_timeout_s)
@@ -393,7 +384,7 @@ class DecodingWorker(SimpleWorker):
                 for sequence in slot.running_sequences(job_id):
                     self.engine.cancel(sequence)
             # RQ's execution closed first, so a worker that takes the job back at once is not disturbed by it.
-            self.execution = slot.execution
+            self.rq.show_execution(slot.rq_execution)
             self.until_redis("handing a job back", self.bookkeeping.close_execution, slot.rq_job)
             outcome = self.until_redis(
                 "handing a job back", self._reclaim,
@@ -407,4 +398,4 @@ class DecodingWorker(SimpleWorker):
                            "worker_lost: the engine died")
             logger.warning("job %s handed back (%s) after %d tokens: %s", job_id, outcome, slot.completion_tokens,
                            why, extra={"job_id": job_id, "request_id": slot.request_id})
-        self.execution = None
+        self.rq.show_execution(None)

@@ -21,10 +21,11 @@ from collections.abc import Sequence
 
 from rq import Queue
 from rq.exceptions import DequeueTimeout, NoSuchJobError
-from rq.utils import as_text
 
 from llamaq_protocol import keys
 from llamaq_protocol.records import POP_SCRIPT
+
+from .rq_adapter import intermediate_key
 
 # Longest an idle worker blocks on the wake lists before it tries the pop again.
 WAKE_POLL_S = 0.5
@@ -56,12 +57,12 @@ class PriorityQueue(Queue):
                     raise DequeueTimeout(timeout, [q.key for q in queues])
                 connection.blpop([tier + ":wake" for tier in tiers], min(remaining, WAKE_POLL_S))
                 continue
-            job_id = as_text(job_id)
+            job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
             try:
                 job = job_cls.fetch(job_id, connection=connection, serializer=serializer)
             except NoSuchJobError:
                 # Its RQ record expired meanwhile: nothing to run (its own record ends with it).
                 for queue in queues:
-                    connection.lrem(queue.intermediate_queue_key, 1, job_id)
+                    connection.lrem(intermediate_key(queue), 1, job_id)
                 continue
             return job, by_name.get(job.origin, queues[0])

@@ -81,7 +81,8 @@ class Slot:
 
     rq_job: RQJob
     queue: Queue
-    execution: object
+    # RQ's record of this run of the job (rq_adapter.RQOps.start_execution), shown in the worker's as RQ acts on it.
+    rq_execution: object
     request_id: str | None
     prompt_tokens: int
     max_new_tokens: int

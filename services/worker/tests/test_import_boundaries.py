@@ -12,6 +12,7 @@ TORCH_FREE = [
     "llamaq_worker.publishing",
     "llamaq_worker.slots",
     "llamaq_worker.rq_bookkeeping",
+    "llamaq_worker.rq_adapter",
     "llamaq_worker.engines",
     "llamaq_worker.engines.base",
     "llamaq_worker.engines.text",
