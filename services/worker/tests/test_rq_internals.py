@@ -11,10 +11,9 @@ RQ upgrade is that one file's change. Read from the source (ast), not run:
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
-import rq
+from rq_internals import attributes_used, offences, rq_private_names
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llamaq_worker"
 ADAPTER = PACKAGE / "rq_adapter.py"
@@ -33,91 +32,32 @@ PUBLIC_IMPORTS: dict[str, set[str] | None] = {
 }
 
 
-def rq_private_names() -> set[str]:
-    """Every private name RQ's classes define (methods, class attributes) or set on themselves (`self._x = ...`)."""
-    names: set[str] = set()
-    for path in Path(rq.__file__).parent.rglob("*.py"):
-        for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)):
-            for node in ast.walk(cls):
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    names.add(node.name)
-                elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
-                    names.add(node.attr)
-            for statement in cls.body:  # class attributes
-                if isinstance(statement, (ast.Assign, ast.AnnAssign)):
-                    targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
-                    names |= {target.id for target in targets if isinstance(target, ast.Name)}
-    return {name for name in names if name.startswith("_") and not name.startswith("__") and len(name) > 1}
-
-
-def worker_modules() -> dict[Path, ast.Module]:
-    return {path: ast.parse(path.read_text()) for path in sorted(PACKAGE.rglob("*.py")) if path != ADAPTER}
-
-
-def base_names(cls: ast.ClassDef) -> set[str]:
-    return {base.id if isinstance(base, ast.Name) else base.attr
-            for base in cls.bases if isinstance(base, (ast.Name, ast.Attribute))}
-
-
-def rq_derived(modules: dict[Path, ast.Module]) -> set[str]:
-    """The package's classes that derive from one of RQ's (imported from rq, or rq_adapter's RQWorker), by name."""
-    derived = {"RQWorker"}
-    for tree in modules.values():
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "rq":
-                derived |= {alias.asname or alias.name for alias in node.names}
-    classes = [n for tree in modules.values() for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
-    while True:
-        more = {cls.name for cls in classes if base_names(cls) & derived} - derived
-        if not more:
-            return derived
-        derived |= more
-
-
-def own_attribute(node: ast.Attribute, owner: ast.ClassDef | None, derived: set[str]) -> bool:
-    """`self.x` in a class of the package's own that does not derive from RQ's."""
-    return (owner is not None and owner.name not in derived and isinstance(node.value, ast.Name)
-            and node.value.id in ("self", "cls"))
-
-
-def offences() -> list[str]:
-    private = rq_private_names()
-    modules = worker_modules()
-    derived = rq_derived(modules)
-    found: list[str] = []
-
-    def visit(node: ast.AST, path: Path, owner: ast.ClassDef | None) -> None:
-        where = f"{path.relative_to(PACKAGE.parent)}:{getattr(node, 'lineno', '?')}"
-        if isinstance(node, ast.Attribute):
-            if node.attr in INTERNAL or (node.attr in private and not own_attribute(node, owner, derived)):
-                found.append(f"{where}: .{node.attr}")
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            if owner is not None and owner.name in derived and node.name in private:
-                found.append(f"{where}: overrides RQ's {node.name}")
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "rq" and node.level == 0:
-            allowed = PUBLIC_IMPORTS.get(node.module, set())
-            for alias in node.names:
-                if allowed is not None and alias.name not in allowed:
-                    found.append(f"{where}: from {node.module} import {alias.name}")
-        elif isinstance(node, ast.Import):
-            found.extend(f"{where}: import {alias.name}" for alias in node.names if alias.name.split(".")[0] == "rq")
-        inner = node if isinstance(node, ast.ClassDef) else owner
-        for child in ast.iter_child_nodes(node):
-            visit(child, path, inner)
-
-    for path, tree in modules.items():
-        visit(tree, path, None)
-    return found
-
-
 def test_only_the_adapter_touches_rq_internals() -> None:
-    assert offences() == [], "RQ's internals belong in llamaq_worker/rq_adapter.py"
+    found = offences(PACKAGE, ADAPTER, INTERNAL, PUBLIC_IMPORTS)
+    assert found == [], "RQ's internals belong in llamaq_worker/rq_adapter.py"
 
 
 def test_the_scan_sees_what_the_adapter_does() -> None:
     """The adapter itself would fail the scan: the names it relies on are among those looked for."""
     private = rq_private_names()
     assert {"_ordered_queues", "_stop_requested", "_state", "_result", "_status", "_shutdown"} <= private
-    used = {node.attr for node in ast.walk(ast.parse(ADAPTER.read_text())) if isinstance(node, ast.Attribute)}
+    used = attributes_used(ADAPTER)
     assert {"_ordered_queues", "_stop_requested", "_state", "_result", "_status", "execution",
             "handle_job_success", "intermediate_queue_key"} <= used & (private | INTERNAL)
+
+
+def test_the_scan_finds_a_module_reaching_past_the_adapter(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "rq_adapter.py").write_text("def stop(worker):\n    worker._stop_requested = True\n")
+    (package / "loop.py").write_text(
+        "from rq.worker import SimpleWorker\n\n\n"
+        "class Loop(SimpleWorker):\n"
+        "    def _shutdown(self):\n        return self._ordered_queues\n\n\n"
+        "class Engine:\n    def stop(self):\n        self._shutdown = True\n"
+    )
+    assert offences(package, package / "rq_adapter.py", INTERNAL, PUBLIC_IMPORTS) == [
+        "pkg/loop.py:1: from rq.worker import SimpleWorker",
+        "pkg/loop.py:5: overrides RQ's _shutdown",
+        "pkg/loop.py:6: ._ordered_queues",
+    ]  # the engine's own `self._shutdown` shares the name only
