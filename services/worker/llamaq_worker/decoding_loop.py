@@ -115,7 +115,7 @@ class DecodingWorker(RQWorker):
         self._decoding = False
         # Engine steps (the engine's count, else this loop's) and the batch-tier jobs started at the latest one.
         self._loop_steps = 0
-        self._batch_claims = (-1, 0)
+        self._claims_step, self._batch_claimed = -1, 0
         self._drain_deadline = float("inf")
         # Set by SIGTERM/SIGINT; the process exits 0 only after such a stop, with no job abandoned.
         self.shutdown_signalled = False
@@ -190,8 +190,7 @@ class DecodingWorker(RQWorker):
                 continue
             slot = self._admit(job, queue)
             if slot is not None and slot.priority > PRIORITY_INTERACTIVE:
-                step, claimed = self._batch_claims
-                self._batch_claims = (step, claimed + 1)
+                self._batch_claimed += 1
 
     def _batch_claims_left(self) -> int:
         """Batch-tier jobs that may still start at the engine's current step. Jobs started together prefill together:
@@ -200,9 +199,9 @@ class DecodingWorker(RQWorker):
         start per engine step. Interactive jobs are not counted."""
         stats = self.engine.stats
         step = stats.steps if stats is not None else self._loop_steps
-        if step != self._batch_claims[0]:
-            self._batch_claims = (step, 0)
-        return self.settings.batch_claims_per_step - self._batch_claims[1]
+        if step != self._claims_step:
+            self._claims_step, self._batch_claimed = step, 0
+        return self.settings.batch_claims_per_step - self._batch_claimed
 
     def _room(self, batch: bool = True) -> bool | None:
         """What the engine has room for now: any job (True), interactive jobs only (False), or none (None). A
@@ -231,7 +230,8 @@ class DecodingWorker(RQWorker):
         self.until_redis("failing a refused job", self.rq.fail_without_running, job, queue, reason)
 
     def _admit(self, job: RQJob, queue: Queue) -> Slot | None:
-        """The popped job claimed and handed to the engine; its slot, or None when it was not to run."""
+        """The popped job claimed and handed to the engine; its slot, or None when it did not reach the engine (its
+        record said not to run it, or it failed at admission)."""
         slot = self.claimer.claim(job, queue)
         if slot is None:
             return None
@@ -239,7 +239,7 @@ class DecodingWorker(RQWorker):
         ending = self.claimer.admit(job, slot)
         if ending is not None:
             self._end(job.id, ending)
-            return slot
+            return None
         logger.info("job %s admitted (%d prompt tokens, batch %d)", job.id, slot.prompt_tokens, len(self.slots),
                     extra={"job_id": job.id, "request_id": slot.request_id})
         return slot
